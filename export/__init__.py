@@ -1,0 +1,1 @@
+"""ONNX export and onnxruntime inference for hypermoe."""

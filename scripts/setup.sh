@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs hypermoe and what it needs into the current Python environment. Idempotent: quick when done.
+# torch first and pinned, so that pip never pulls a multi-GB CUDA build onto a machine without a GPU:
+# where a torch is already importable (a CUDA build on a GPU machine, say) it is kept as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch ${HYPERMOE_TORCH:-2.13.0} (CPU build where the platform offers one)"
+    "$PY" -m pip install --quiet "torch==${HYPERMOE_TORCH:-2.13.0}"
+fi
+echo "setup: installing hypermoe and its test dependencies"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
