@@ -22,7 +22,7 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.npz"
 
 
 def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]]:
-    from ref import layer
+    from ref import semantics as layer
 
     if kind == "layer":
         return layer.param_shapes(cfg)
@@ -41,7 +41,7 @@ def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, 
     dtypes = {np.asarray(v).dtype for v in params.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
         raise ValueError(f"weights must all be float32 or all float64, got {sorted(map(str, dtypes))}")
-    from ref.layer import check_params
+    from ref.semantics import check_params
 
     check_params({k: np.asarray(v) for k, v in params.items()}, shapes, next(iter(dtypes)))
     path = Path(path)
@@ -90,7 +90,7 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
     dtypes = {v.dtype for v in params.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{file}: weights mix dtypes {sorted(map(str, dtypes))}")
-    from ref.layer import check_params
+    from ref.semantics import check_params
 
     try:
         check_params(params, expected_shapes(cfg, kind), next(iter(dtypes)))
