@@ -73,9 +73,15 @@ def param_shapes(cfg: HyperMoEConfig) -> dict[str, tuple[int, ...]]:
     return {**layer_param_shapes(cfg), **hyper_param_shapes(cfg)}
 
 
+def stack_layers(cfg: HyperMoEConfig) -> list[int]:
+    """The layer indices ℓ of a stack that hold a HyperMoE layer: those with cfg.is_moe_block(ℓ)
+    (every ℓ < n_layers when moe_every = 1; the odd ones when moe_every = 2, as the official Switch code)."""
+    return [i for i in range(cfg.n_layers) if cfg.is_moe_block(i)]
+
+
 def stack_param_shapes(cfg: HyperMoEConfig) -> dict[str, tuple[int, ...]]:
-    """A stack of cfg.n_layers layers: `layers.{ℓ}.<name>` for each layer, one shared `hyper.*`."""
-    shapes = {f"layers.{i}.{name}": s for i in range(cfg.n_layers) for name, s in layer_param_shapes(cfg).items()}
+    """A stack: `layers.{ℓ}.<name>` for each ℓ in stack_layers(cfg), one shared `hyper.*`."""
+    shapes = {f"layers.{i}.{name}": s for i in stack_layers(cfg) for name, s in layer_param_shapes(cfg).items()}
     return {**shapes, **hyper_param_shapes(cfg)}
 
 
@@ -379,11 +385,12 @@ def layer(
 
 
 def stack(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, list[LayerResult]]:
-    """cfg.n_layers layers sharing one hypernetwork, layer ℓ with layer embedding ℓ, residual between:
-    h ← h + layer_ℓ(h). Returns the final h (..., S, d) and each layer's result."""
-    check_params(params, stack_param_shapes(cfg), x.dtype if isinstance(x, np.ndarray) else None)
+    """The HyperMoE layers ℓ ∈ stack_layers(cfg) sharing one hypernetwork, layer ℓ with layer embedding
+    ℓ, residual between: h ← h + layer_ℓ(h). Returns the final h (..., S, d) and each layer's result."""
+    check_input(cfg, x)
+    check_params(params, stack_param_shapes(cfg), x.dtype)
     h, results = x, []
-    for i in range(cfg.n_layers):
+    for i in stack_layers(cfg):
         result = layer(cfg, layer_params(params, i), h, i)
         results.append(result)
         h = h + result.output
