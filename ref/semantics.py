@@ -342,11 +342,14 @@ def layer(
     """
     check_input(cfg, x)
     check_params(params, param_shapes(cfg), x.dtype)
-    if not (isinstance(layer_index, (int, np.integer)) and 0 <= layer_index < cfg.n_layers):
+    if isinstance(layer_index, bool) or not (isinstance(layer_index, (int, np.integer)) and 0 <= layer_index < cfg.n_layers):
         raise ValueError(f"layer_index must be an int in [0, n_layers={cfg.n_layers}), got {layer_index!r}")
     lead, d, N = x.shape[:-1], cfg.d_model, cfg.n_experts
     xt = x.reshape(-1, d)  # (T, d)
     T = xt.shape[0]
+    for name, draw in (("jitter", jitter), ("gate_noise", gate_noise)):
+        if draw is not None and not (isinstance(draw, np.ndarray) and np.all(np.isfinite(draw))):
+            raise ValueError(f"{name} must be a finite numpy array (SPEC.md §3.9)")
     if jitter is not None:
         if jitter.shape != x.shape or jitter.dtype != x.dtype:
             raise ValueError(f"jitter must have the input's shape {x.shape} and dtype {x.dtype}, got {jitter.shape} {jitter.dtype}")
