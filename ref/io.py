@@ -88,8 +88,12 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
         raise ValueError(f"{file}: not a readable .npz weights file ({err})") from None
     dtypes = {v.dtype for v in params.values()}
+    if not params:
+        raise ValueError(f"{file}: holds no arrays")
     if len(dtypes) != 1:
         raise ValueError(f"{file}: weights mix dtypes {sorted(map(str, dtypes))}")
+    if next(iter(dtypes)) not in (np.float32, np.float64):
+        raise ValueError(f"{file}: weights must be float32 or float64, got {next(iter(dtypes))}")
     from ref.semantics import check_params
 
     try:
