@@ -1,0 +1,621 @@
+"""Official HyperMoE checkpoints → hypermoe model directories (kind "stack"), and dense GPT-2 MLPs →
+HyperMoE layers (upcycling). docs/convert.md has the full mapping table; in short:
+
+    official GPT-2 variant (per block `h.{ℓ}.mlp.`, one `param_gen.`)      → gate "topk", expert biases, gelu_tanh
+    official Switch variant (per sparse block `{encoder|decoder}.block.{ℓ}.layer.{1|2}.mlp.`,
+        one `{stack}.param_gen.` per stack; one stack per conversion)          → gate "switch", no expert biases, relu
+    dense GPT-2 `h.{ℓ}.mlp.c_fc` / `c_proj` copied into every expert         → fresh router, embeddings, hypernetwork
+
+Layouts. Ours is x @ W with W: (in, out), experts stacked on a leading N axis. GPT-2's Conv1D is already
+x @ W (taken as is); torch nn.Linear stores (out, in) and computes x @ W.T + b (transposed here). The
+generator heads' flat outputs are row-major in both codes (W_down[i, j] = out[i·a + j], W_up[j, i] =
+out[j·d + i]), so a head needs only the nn.Linear transpose, no permutation.
+
+Files are read without executing pickled code: torch checkpoints with torch.load(weights_only=True),
+.npz with np.load(allow_pickle=False). Every official tensor under a HyperMoE layer or the generator is
+either converted or reported in `Converted.unused` with the reason; an unknown tensor there is an error.
+
+Axis legend: d model width, f expert hidden width, N experts, e = d_e expert-embedding width, p = d_p
+process hidden width, h = d_h width of z, l = d_l layer-embedding width, g = d_g generator width,
+a adapter width, L layers sharing the hypernetwork (rows of the layer-embedding table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+import ref
+import ref.io
+from ref.config import ACTIVATIONS, HyperMoEConfig
+
+SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp")
+KIND = "stack"  # every conversion writes a stack: layers.{ℓ}.* for the HyperMoE blocks + hyper.*
+# the layer holding the FFN inside a Switch block: encoder blocks are (self-attn, FF), decoder blocks
+# (self-attn, cross-attn, FF)
+SWITCH_FF_LAYER = {"encoder": 1, "decoder": 2}
+
+# official tensors inside a HyperMoE layer that have no counterpart here, and why (matched on the name
+# relative to the layer's `mlp.` prefix)
+KNOWN_UNUSED = (
+    (re.compile(r"w_noise"), "noisy-gating noise weights (training only); keep_noise / --keep-noise keeps them"),
+    (re.compile(r"(mean|std)"), "constants 0 and 1 of the noisy-gating normal CDF, not learned"),
+    (re.compile(r"adapter_layer\.adapter_(down|up)_manual\.(weight|bias)"),
+     "the official adapter's fallback weights, never used when the HyperExpert is generated"),
+)
+
+
+class Converted(NamedTuple):
+    config: HyperMoEConfig
+    params: dict[str, np.ndarray]  # ref.stack_param_shapes(config) names: layers.{ℓ}.* + hyper.*
+    unused: dict[str, str]  # official tensor of a HyperMoE layer / the generator → why it was not converted
+    ignored: list[str]  # tensors outside the HyperMoE layers (attention, norms, embeddings, dense MLPs, ...)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a state dict without executing code
+# ---------------------------------------------------------------------------------------------
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A flat {name: array} from a torch checkpoint (.bin/.pt/...: torch.load(weights_only=True)) or a .npz.
+
+    A checkpoint that wraps the state dict as {"state_dict": ...} or {"model": ...} is unwrapped.
+    float16 / bfloat16 tensors become float32 (numpy has no bfloat16); the rest keep their dtype.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if not isinstance(archive, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an archive of named arrays")
+                return {name: archive[name] for name in archive.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a readable .npz state dict ({err})") from None
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise ValueError(
+            f"{path}: refused: the file holds objects other than tensors and plain containers, and loading it "
+            f"would execute pickled code (torch.load weights_only=True: {first})") from None
+    except Exception as err:  # torch raises KeyError, RuntimeError, EOFError, ... on files that are no checkpoint
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{path}: not a state dict (a non-empty mapping from names to tensors), got {type(obj).__name__}")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: not a state dict: entry {name!r} is a {type(value).__name__}, not a tensor")
+    out = {}
+    for name, value in obj.items():
+        value = value.detach()
+        if value.dtype in (torch.float16, torch.bfloat16):
+            value = value.float()
+        out[name] = value.numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the three conversions
+# ---------------------------------------------------------------------------------------------
+
+
+def find_blocks(state: Mapping[str, np.ndarray], pattern: str, what: str) -> tuple[str, list[int]]:
+    """(prefix, sorted block indices) of the keys `prefix + pattern`, pattern with one `(\\d+)` group.
+
+    The prefix is any run of dotted names ("", "transformer.", "module.", "model.transformer.", ...);
+    all matches must share it, so two models in one file are an error rather than a silent mix.
+    """
+    regex = re.compile(r"^((?:[^.]+\.)*?)" + pattern + "$")
+    found: dict[str, set[int]] = {}
+    for key in state:
+        m = regex.match(key)
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not found:
+        example = pattern.replace(r"(\d+)", "0").replace("\\", "")
+        raise ValueError(f"no {what} found: no key like {example!r} (optionally behind a prefix such as 'transformer.')")
+    if len(found) > 1:
+        raise ValueError(f"{what} found under several prefixes {sorted(found)}: ambiguous, convert one model at a time")
+    prefix, blocks = next(iter(found.items()))
+    return prefix, sorted(blocks)
+
+
+def anchor(state: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of a tensor the sizes are inferred from."""
+    if key not in state:
+        raise ValueError(f"missing official tensor {key!r} (needed to infer the sizes)")
+    shape = tuple(np.shape(state[key]))
+    if len(shape) != ndim:
+        raise ValueError(f"official tensor {key!r} has shape {shape}, expected {ndim} dims")
+    return shape
+
+
+def check_official(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
+    """ValueError listing every missing, misshapen or non-float official tensor of `expected`."""
+    missing = [key for key in expected if key not in state]
+    if missing:
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise ValueError(f"missing official tensor(s): {', '.join(missing[:10])}{more}")
+    wrong = [f"{key} has shape {tuple(np.shape(state[key]))}, expected {shape}"
+             for key, shape in expected.items() if tuple(np.shape(state[key])) != tuple(shape)]
+    if wrong:
+        raise ValueError("misshapen official tensor(s): " + "; ".join(wrong[:10]))
+    for key in expected:
+        if not np.issubdtype(np.asarray(state[key]).dtype, np.floating):
+            raise ValueError(f"official tensor {key!r} has dtype {np.asarray(state[key]).dtype}, expected floating point")
+
+
+def moe_every_for(sparse: list[int], n_layers: int) -> int:
+    """The moe_every whose HyperMoE blocks {ℓ < L : ℓ % m == m - 1} are exactly `sparse`."""
+    for m in range(1, n_layers + 1):
+        if [i for i in range(n_layers) if i % m == m - 1] == sparse:
+            return m
+    raise ValueError(
+        f"HyperMoE layers in blocks {sparse} of {n_layers}: this pattern is not expressible by moe_every "
+        "(block ℓ is HyperMoE when ℓ % moe_every == moe_every - 1: every block, the odd ones, ...)")
+
+
+def block_count(state: Mapping[str, np.ndarray], prefix: str, blocks_name: str) -> int:
+    """1 + the largest block index among keys `prefix + blocks_name + ".{i}."` (0 when there are none)."""
+    regex = re.compile(re.escape(prefix + blocks_name) + r"\.(\d+)\.")
+    return 1 + max((int(m.group(1)) for key in state if (m := regex.match(key))), default=-1)
+
+
+def find_param_gen(state: Mapping[str, np.ndarray], preferred: str) -> str:
+    """The generator's prefix: `preferred` when its layer_embed exists, else the only `*param_gen.` there is."""
+    if preferred + "layer_embed.weight" in state:
+        return preferred
+    found = sorted(key[: -len("layer_embed.weight")] for key in state if key.endswith("param_gen.layer_embed.weight"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"missing official tensor {preferred + 'layer_embed.weight'!r}: the checkpoint has expert "
+                         "embeddings but no hypernetwork (param_gen)")
+    raise ValueError(f"several hypernetworks {found}: ambiguous, expected {preferred!r}")
+
+
+def linear_t(state: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    """An nn.Linear weight (out, in) in our x @ W layout (in, out)."""
+    return np.ascontiguousarray(np.asarray(state[key]).T)
+
+
+def hyper_expected(gen: str, L: int, d: int, a: int, h: int, l: int, g: int) -> dict[str, tuple[int, ...]]:
+    """The official generator's tensors (`param_gen.`, one per stack) and their shapes (nn.Linear: (out, in))."""
+    return {
+        gen + "layer_embed.weight": (L, l),
+        gen + "decoder.linear1.weight": (g, h + l), gen + "decoder.linear1.bias": (g,),
+        gen + "decoder.weight_up.weight": (a * d, g), gen + "decoder.weight_up.bias": (a * d,),
+        gen + "decoder.weight_down.weight": (d * a, g), gen + "decoder.weight_down.bias": (d * a,),
+        gen + "decoder.bias_up.weight": (d, g), gen + "decoder.bias_up.bias": (d,),
+        gen + "decoder.bias_down.weight": (a, g), gen + "decoder.bias_down.bias": (a,),
+    }
+
+
+def hyper_params(state: Mapping[str, np.ndarray], gen: str) -> dict[str, np.ndarray]:
+    """Our hyper.* from the official generator: nn.Linear weights transposed, biases and tables as is.
+    The flat heads need no permutation: both codes read them row-major ((d, a) for down, (a, d) for up)."""
+    return {
+        "hyper.layer_embed": np.asarray(state[gen + "layer_embed.weight"]),  # (L, l)
+        "hyper.trunk.weight": linear_t(state, gen + "decoder.linear1.weight"),  # (h + l, g): [z ; L_ℓ], z first
+        "hyper.trunk.bias": np.asarray(state[gen + "decoder.linear1.bias"]),
+        "hyper.w_down.weight": linear_t(state, gen + "decoder.weight_down.weight"),  # (g, d·a)
+        "hyper.w_down.bias": np.asarray(state[gen + "decoder.weight_down.bias"]),
+        "hyper.w_up.weight": linear_t(state, gen + "decoder.weight_up.weight"),  # (g, a·d)
+        "hyper.w_up.bias": np.asarray(state[gen + "decoder.weight_up.bias"]),
+        "hyper.b_down.weight": linear_t(state, gen + "decoder.bias_down.weight"),  # (g, a)
+        "hyper.b_down.bias": np.asarray(state[gen + "decoder.bias_down.bias"]),
+        "hyper.b_up.weight": linear_t(state, gen + "decoder.bias_up.weight"),  # (g, d)
+        "hyper.b_up.bias": np.asarray(state[gen + "decoder.bias_up.bias"]),
+    }
+
+
+def embedding_expected(mlp: str, N: int, e: int, p: int, h: int) -> dict[str, tuple[int, ...]]:
+    return {
+        mlp + "n_experts_embedding.weight": (N, e),
+        mlp + "embedding_process.0.weight": (p, e), mlp + "embedding_process.0.bias": (p,),
+        mlp + "embedding_process.2.weight": (h, p), mlp + "embedding_process.2.bias": (h,),
+    }
+
+
+def embedding_params(state: Mapping[str, np.ndarray], mlp: str) -> dict[str, np.ndarray]:
+    """expert_embed and the embedding-process MLP (an nn.Sequential of Linear, ReLU, Linear)."""
+    return {
+        "expert_embed": np.asarray(state[mlp + "n_experts_embedding.weight"]),  # (N, e): nn.Embedding rows
+        "process.w1": linear_t(state, mlp + "embedding_process.0.weight"),  # (e, p)
+        "process.b1": np.asarray(state[mlp + "embedding_process.0.bias"]),
+        "process.w2": linear_t(state, mlp + "embedding_process.2.weight"),  # (p, h)
+        "process.b2": np.asarray(state[mlp + "embedding_process.2.bias"]),
+    }
+
+
+def hyper_sizes(state: Mapping[str, np.ndarray], mlp: str, gen: str, d: int) -> dict[str, int]:
+    """d_e, d_p, d_h (from the first layer's embedding tensors), L, d_l, d_g, a (from the generator)."""
+    _, e = anchor(state, mlp + "n_experts_embedding.weight", 2)
+    p, _ = anchor(state, mlp + "embedding_process.0.weight", 2)
+    h, _ = anchor(state, mlp + "embedding_process.2.weight", 2)
+    L, l = anchor(state, gen + "layer_embed.weight", 2)
+    g, _ = anchor(state, gen + "decoder.linear1.weight", 2)
+    rows, _ = anchor(state, gen + "decoder.weight_down.weight", 2)
+    if rows % d:
+        raise ValueError(f"official tensor {gen + 'decoder.weight_down.weight'!r} has {rows} rows, not a multiple "
+                         f"of d = {d} (rows = d·a)")
+    return dict(d_expert_embed=e, d_process=p, d_hyper=h, n_layers=L, d_layer_embed=l, d_generator=g,
+                d_adapter=rows // d)
+
+
+def leftovers(state: Mapping[str, np.ndarray], used: set[str], owned: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Unconverted tensors: those under an `owned` prefix (a HyperMoE layer or the generator) must be
+    known-unused (reported with the reason) or are an error; the rest are outside the layers (ignored)."""
+    unused, unknown, ignored = {}, [], []
+    for key in state:
+        if key in used:
+            continue
+        owner = next((o for o in owned if key.startswith(o)), None)
+        if owner is None:
+            ignored.append(key)
+            continue
+        reason = next((why for pat, why in KNOWN_UNUSED if pat.fullmatch(key[len(owner):])), None)
+        if reason is None:
+            unknown.append(key)
+        else:
+            unused[key] = reason
+    if unknown:
+        raise ValueError(f"unexpected official tensor(s) inside a HyperMoE layer or the hypernetwork (not part of "
+                         f"this variant's layout, refusing to drop them): {', '.join(sorted(unknown)[:10])}")
+    return unused, sorted(ignored)
+
+
+def finish(cfg: HyperMoEConfig, params: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
+    """Cast to `dtype` (float32 or float64) and check every name and shape against the config."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    params = {name: np.ascontiguousarray(value, dtype=dtype) for name, value in params.items()}
+    ref.check_params(params, ref.stack_param_shapes(cfg), dtype)
+    return params
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The official GPT-2 variant
+# ---------------------------------------------------------------------------------------------
+
+
+def from_official_gpt2(
+    state: Mapping[str, np.ndarray], *, top_k: int = 1, keep_noise: bool = False,
+    activation: str = "gelu_tanh", dtype=np.float32,
+) -> Converted:
+    """The official GPT-2 HyperMoE (every block's `h.{ℓ}.mlp` is a HyperMoE layer; one `param_gen`).
+
+    The checkpoint stores neither k (official: 1) nor the activation (GPT-2's gelu_new = gelu_tanh).
+    keep_noise: keep `w_noise` as router.noise_weight (noisy_gating, for further training); else reported.
+    """
+    check_activation(activation)
+    prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.w_gate", "official GPT-2 HyperMoE blocks")
+    mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
+    d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2)  # used as x @ w_gate: (d, N)
+    _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2)  # Conv1D: (d, f)
+    hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
+    for i in blocks:
+        if (mlp(i) + "n_experts_embedding.weight" in state) != hyper:
+            raise ValueError(f"block {blocks[0]} {'has' if hyper else 'lacks'} expert embeddings but block {i} does "
+                             "not: mixed HyperMoE and plain MoE layers are not supported")
+    sizes, gen = {}, None
+    n_blocks = block_count(state, prefix, "h")
+    if hyper:
+        gen = find_param_gen(state, prefix + "param_gen.")
+        sizes = hyper_sizes(state, mlp(blocks[0]), gen, d)
+        if n_blocks > sizes["n_layers"]:
+            raise ValueError(f"the model has {n_blocks} blocks but {gen}layer_embed.weight only {sizes['n_layers']} rows")
+    else:
+        sizes["n_layers"] = n_blocks
+    cfg = HyperMoEConfig(
+        d_model=d, d_ff=f, n_experts=N, top_k=top_k, gate="topk", expert_bias=True, activation=activation,
+        router_bias=False, noisy_gating=keep_noise, hyper_expert=hyper,
+        moe_every=moe_every_for(blocks, sizes["n_layers"]),
+        n_heads=1,  # model-level fields are not in a stack; 1 divides any d
+        **sizes,
+    )
+
+    expected: dict[str, tuple[int, ...]] = {}
+    for i in blocks:
+        expected[mlp(i) + "w_gate"] = (d, N)
+        if keep_noise:
+            expected[mlp(i) + "w_noise"] = (d, N)
+        for j in range(N):
+            ex = f"{mlp(i)}experts.expert_{j}."
+            expected.update({ex + "c_fc.weight": (d, f), ex + "c_fc.bias": (f,),
+                             ex + "c_proj.weight": (f, d), ex + "c_proj.bias": (d,)})
+        if hyper:
+            expected.update(embedding_expected(mlp(i), N, cfg.d_expert_embed, cfg.d_process, cfg.d_hyper))
+    if hyper:
+        expected.update(hyper_expected(gen, cfg.n_layers, d, cfg.d_adapter, cfg.d_hyper, cfg.d_layer_embed,
+                                       cfg.d_generator))
+    check_official(state, expected)
+
+    params: dict[str, np.ndarray] = {}
+    for i in blocks:
+        experts = [f"{mlp(i)}experts.expert_{j}." for j in range(N)]
+        layer = {
+            "router.weight": np.asarray(state[mlp(i) + "w_gate"]),  # (d, N), already x @ W
+            # GPT-2 Conv1D computes x @ W + b with W: (in, out), our layout: stack as is
+            "experts.w1": np.stack([state[ex + "c_fc.weight"] for ex in experts]),  # (N, d, f)
+            "experts.b1": np.stack([state[ex + "c_fc.bias"] for ex in experts]),  # (N, f)
+            "experts.w2": np.stack([state[ex + "c_proj.weight"] for ex in experts]),  # (N, f, d)
+            "experts.b2": np.stack([state[ex + "c_proj.bias"] for ex in experts]),  # (N, d)
+        }
+        if keep_noise:
+            layer["router.noise_weight"] = np.asarray(state[mlp(i) + "w_noise"])  # (d, N), x @ w_noise
+        if hyper:
+            layer.update(embedding_params(state, mlp(i)))
+        params.update({f"layers.{i}.{name}": value for name, value in layer.items()})
+    if hyper:
+        params.update(hyper_params(state, gen))
+    unused, ignored = leftovers(state, set(expected), [mlp(i) for i in blocks] + ([gen] if gen else []))
+    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official Switch Transformer variant
+# ---------------------------------------------------------------------------------------------
+
+
+def from_official_switch(
+    state: Mapping[str, np.ndarray], *, stack: str, capacity: int | None,
+    activation: str = "relu", dtype=np.float32,
+) -> Converted:
+    """One stack ("encoder" or "decoder") of the official Switch HyperMoE: its sparse blocks
+    `{stack}.block.{ℓ}.layer.{1|2}.mlp` (layer index ℓ = the absolute block index) and `{stack}.param_gen`.
+
+    capacity: the official config's expert_capacity (HF default 64; the checkpoint does not store it),
+    or None for no limit. The activation (HF dense_act_fn, default relu) is not stored either.
+    """
+    if stack not in SWITCH_FF_LAYER:
+        raise ValueError(f"stack must be 'encoder' or 'decoder', got {stack!r}")
+    check_activation(activation)
+    ff = SWITCH_FF_LAYER[stack]
+    prefix, blocks = find_blocks(state, rf"{stack}\.block\.(\d+)\.layer\.{ff}\.mlp\.router\.classifier\.weight",
+                                 f"official Switch HyperMoE blocks in the {stack} stack")
+    mlp = lambda i: f"{prefix}{stack}.block.{i}.layer.{ff}.mlp."  # noqa: E731
+    N, d = anchor(state, mlp(blocks[0]) + "router.classifier.weight", 2)  # nn.Linear: (N, d)
+    f, _ = anchor(state, mlp(blocks[0]) + "experts.expert_0.wi.weight", 2)  # nn.Linear: (f, d)
+    router_bias = mlp(blocks[0]) + "router.classifier.bias" in state  # HF router_bias, default False
+    hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
+    for i in blocks:
+        if (mlp(i) + "n_experts_embedding.weight" in state) != hyper:
+            raise ValueError(f"block {blocks[0]} {'has' if hyper else 'lacks'} expert embeddings but block {i} does "
+                             "not: mixed HyperMoE and plain MoE layers are not supported")
+    sizes, gen = {}, None
+    n_blocks = block_count(state, prefix, f"{stack}.block")
+    if hyper:
+        gen = find_param_gen(state, f"{prefix}{stack}.param_gen.")
+        sizes = hyper_sizes(state, mlp(blocks[0]), gen, d)
+        if n_blocks > sizes["n_layers"]:
+            raise ValueError(f"the {stack} has {n_blocks} blocks but {gen}layer_embed.weight only {sizes['n_layers']} rows")
+    else:
+        sizes["n_layers"] = n_blocks
+    cfg = HyperMoEConfig(
+        d_model=d, d_ff=f, n_experts=N, top_k=1, gate="switch", capacity=capacity, expert_bias=False,
+        activation=activation, router_bias=router_bias, hyper_expert=hyper,
+        moe_every=moe_every_for(blocks, sizes["n_layers"]),
+        n_heads=1,  # model-level fields are not in a stack; 1 divides any d
+        **sizes,
+    )
+
+    expected: dict[str, tuple[int, ...]] = {}
+    for i in blocks:
+        expected[mlp(i) + "router.classifier.weight"] = (N, d)
+        if router_bias:
+            expected[mlp(i) + "router.classifier.bias"] = (N,)
+        for j in range(N):
+            ex = f"{mlp(i)}experts.expert_{j}."
+            expected.update({ex + "wi.weight": (f, d), ex + "wo.weight": (d, f)})
+        if hyper:
+            expected.update(embedding_expected(mlp(i), N, cfg.d_expert_embed, cfg.d_process, cfg.d_hyper))
+    if hyper:
+        expected.update(hyper_expected(gen, cfg.n_layers, d, cfg.d_adapter, cfg.d_hyper, cfg.d_layer_embed,
+                                       cfg.d_generator))
+    check_official(state, expected)
+
+    params: dict[str, np.ndarray] = {}
+    for i in blocks:
+        experts = [f"{mlp(i)}experts.expert_{j}." for j in range(N)]
+        layer = {
+            "router.weight": linear_t(state, mlp(i) + "router.classifier.weight"),  # (d, N)
+            # T5-style experts are bias-free nn.Linear: transpose each, then stack
+            "experts.w1": np.stack([linear_t(state, ex + "wi.weight") for ex in experts]),  # (N, d, f)
+            "experts.w2": np.stack([linear_t(state, ex + "wo.weight") for ex in experts]),  # (N, f, d)
+        }
+        if router_bias:
+            layer["router.bias"] = np.asarray(state[mlp(i) + "router.classifier.bias"])  # (N,)
+        if hyper:
+            layer.update(embedding_params(state, mlp(i)))
+        params.update({f"layers.{i}.{name}": value for name, value in layer.items()})
+    if hyper:
+        params.update(hyper_params(state, gen))
+    unused, ignored = leftovers(state, set(expected), [mlp(i) for i in blocks] + ([gen] if gen else []))
+    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# Upcycling dense GPT-2 MLPs
+# ---------------------------------------------------------------------------------------------
+
+
+def upcycle_gpt2_mlp(
+    state: Mapping[str, np.ndarray], *, n_experts: int, top_k: int, seed: int = 0, moe_every: int = 1,
+    activation: str = "gelu_tanh", dtype=np.float32, **hyper_widths: int,
+) -> Converted:
+    """A HyperMoE stack from a dense GPT-2: block ℓ's MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`, Conv1D, x @ W + b)
+    copied into each of the N experts of layer ℓ, for the blocks cfg.is_moe_block picks (moe_every = 1:
+    all, as the paper's GPT-2 experiments); router, expert embeddings, process MLP and hypernetwork
+    fresh from ref.init_stack(cfg, seed). `hyper_widths`: d_expert_embed, d_process, d_hyper,
+    d_layer_embed, d_generator, d_adapter (default: the official sizes).
+    """
+    check_activation(activation)
+    allowed = {"d_expert_embed", "d_process", "d_hyper", "d_layer_embed", "d_generator", "d_adapter"}
+    unknown = sorted(set(hyper_widths) - allowed)
+    if unknown:
+        raise ValueError(f"unknown hypernetwork width(s) {unknown}; expected some of {sorted(allowed)}")
+    prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.c_fc\.weight", "dense GPT-2 MLPs")
+    mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
+    d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2)  # Conv1D: (d, f)
+    n_layers = max(block_count(state, prefix, "h"), 1)
+    cfg = HyperMoEConfig(
+        d_model=d, d_ff=f, n_experts=n_experts, top_k=top_k, gate="topk", expert_bias=True, activation=activation,
+        n_layers=n_layers, moe_every=moe_every, n_heads=1, **hyper_widths,  # n_heads: 1 divides any d
+    )
+    moe = ref.stack_layers(cfg)
+    if not moe:
+        raise ValueError(f"moe_every = {moe_every} selects no block of the {n_layers} blocks")
+    expected: dict[str, tuple[int, ...]] = {}
+    for i in moe:
+        expected.update({mlp(i) + "c_fc.weight": (d, f), mlp(i) + "c_fc.bias": (f,),
+                         mlp(i) + "c_proj.weight": (f, d), mlp(i) + "c_proj.bias": (d,)})
+    check_official(state, expected)
+
+    params = ref.init_stack(cfg, seed=seed)  # float64; the experts are overwritten below
+    for i in moe:
+        # every expert starts as the dense MLP (N identical copies): (d, f) → (N, d, f), ...
+        for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"), ("b2", "c_proj.bias")):
+            params[f"layers.{i}.experts.{ours}"] = np.repeat(np.asarray(state[mlp(i) + theirs])[None], n_experts, axis=0)
+    dense = re.compile(re.escape(prefix) + r"h\.(\d+)\.mlp\.c_(fc|proj)\.(weight|bias)")
+    unused = {key: f"dense MLP of a block that stays dense (moe_every = {moe_every})"
+              for key in state if key not in expected and dense.fullmatch(key)}
+    ignored = sorted(key for key in state if key not in expected and key not in unused)
+    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point and the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def convert(path: str | os.PathLike, source: str, **options) -> Converted:
+    """Read the state dict at `path` and convert it: source "official-gpt2" → from_official_gpt2,
+    "official-switch" → from_official_switch, "gpt2-mlp" → upcycle_gpt2_mlp; `options` go to that function."""
+    functions = {"official-gpt2": from_official_gpt2, "official-switch": from_official_switch,
+                 "gpt2-mlp": upcycle_gpt2_mlp}
+    if source not in functions:
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+    return functions[source](load_state_dict(path), **options)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert an official HyperMoE checkpoint, or upcycle dense GPT-2 MLPs, to a model directory",
+        description="Reads a state dict (torch .bin/.pt via torch.load(weights_only=True), or .npz; never "
+        "unpickles code) and writes a hypermoe model directory (config.json + weights.npz, kind 'stack'). "
+        "official-gpt2 / official-switch: the official HyperMoE code's checkpoints (docs/convert.md has "
+        "the mapping table); gpt2-mlp: copy each dense GPT-2 MLP into every expert, with a fresh router and "
+        "hypernetwork (upcycling).",
+    )
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
+    p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...) or a .npz")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
+    p.add_argument("--stack", choices=tuple(SWITCH_FF_LAYER), help="official-switch: which stack to convert (required)")
+    p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, the official "
+                   "config's expert_capacity (HF default 64), or 'none' for no limit (required)")
+    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official) and gpt2-mlp (required)")
+    p.add_argument("--keep-noise", action="store_true", help="official-gpt2: keep w_noise as router.noise_weight "
+                   "(noisy gating, for further training)")
+    p.add_argument("--experts", type=int, default=None, help="gpt2-mlp: number of experts N (required)")
+    p.add_argument("--seed", type=int, default=None, help="gpt2-mlp: seed of the fresh parameters (default 0)")
+    p.add_argument("--moe-every", type=int, default=None, help="gpt2-mlp: upcycle block ℓ when "
+                   "ℓ %% moe_every == moe_every - 1 (default 1: every block)")
+    p.add_argument("--d-adapter", type=int, default=None, help="gpt2-mlp: HyperExpert width a (default 64)")
+    p.add_argument("--hyper-width", type=int, default=None, help="gpt2-mlp: d_e = d_p = d_h = d_g (default 128)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="expert activation (default gelu_tanh for GPT-2, relu for Switch)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="weights dtype (default float32)")
+    p.add_argument("--verbose", action="store_true", help="also list the tensors outside the HyperMoE layers")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    per_source = {
+        "official-gpt2": {"top_k", "keep_noise", "activation"},
+        "official-switch": {"stack", "capacity", "activation"},
+        "gpt2-mlp": {"top_k", "experts", "seed", "moe_every", "d_adapter", "hyper_width", "activation"},
+    }[args.source]
+    flags = {"stack": args.stack, "capacity": args.capacity, "top_k": args.top_k, "keep_noise": args.keep_noise or None,
+             "experts": args.experts, "seed": args.seed, "moe_every": args.moe_every, "d_adapter": args.d_adapter,
+             "hyper_width": args.hyper_width, "activation": args.activation}
+    stray = sorted("--" + k.replace("_", "-") for k, v in flags.items() if v is not None and k not in per_source)
+    if stray:
+        raise ValueError(f"{', '.join(stray)} do(es) not apply to --from {args.source}")
+    options: dict = {"dtype": np.dtype(args.dtype)}
+    if args.activation:
+        options["activation"] = args.activation
+    if args.source == "official-gpt2":
+        options.update(top_k=1 if args.top_k is None else args.top_k, keep_noise=args.keep_noise)
+    elif args.source == "official-switch":
+        if args.stack is None or args.capacity is None:
+            raise ValueError("--from official-switch needs --stack encoder|decoder and --capacity C|none (the official "
+                             "config's expert_capacity, HF default 64; the checkpoint does not store it)")
+        capacity = None if args.capacity.lower() == "none" else _positive_int(args.capacity, "--capacity")
+        options.update(stack=args.stack, capacity=capacity)
+    else:
+        if args.experts is None or args.top_k is None:
+            raise ValueError("--from gpt2-mlp needs --experts N and --top-k k")
+        options.update(n_experts=args.experts, top_k=args.top_k, seed=args.seed or 0, moe_every=args.moe_every or 1)
+        if args.d_adapter is not None:
+            options["d_adapter"] = args.d_adapter
+        if args.hyper_width is not None:
+            options.update({k: args.hyper_width for k in ("d_expert_embed", "d_process", "d_hyper", "d_generator")})
+    result = convert(args.state_dict, args.source, **options)
+    out = ref.io.save_dir(args.output, result.config, result.params, KIND)
+
+    cfg = result.config
+    layers = ref.stack_layers(cfg)
+    print(f"converted {args.state_dict} ({args.source}) → {out} (kind {KIND}, {args.dtype})")
+    print(f"config: d={cfg.d_model} f={cfg.d_ff} N={cfg.n_experts} k={cfg.top_k} gate={cfg.gate} "
+          f"capacity={cfg.capacity} activation={cfg.activation} expert_bias={cfg.expert_bias} "
+          f"hyper_expert={cfg.hyper_expert}")
+    if cfg.hyper_expert:
+        print(f"hypernetwork: d_e={cfg.d_expert_embed} d_p={cfg.d_process} d_h={cfg.d_hyper} d_l={cfg.d_layer_embed} "
+              f"d_g={cfg.d_generator} a={cfg.d_adapter}")
+    print(f"HyperMoE layers: {len(layers)} of {cfg.n_layers} blocks {layers} (moe_every={cfg.moe_every}), "
+          f"{sum(v.size for v in result.params.values()):,} parameters")
+    if result.unused:
+        print(f"unused official tensors ({len(result.unused)}):")
+        for key, why in result.unused.items():
+            print(f"  {key}: {why}")
+    print(f"tensors outside the HyperMoE layers, not part of a stack: {len(result.ignored)}"
+          + ("" if args.verbose or not result.ignored else " (--verbose lists them)"))
+    if args.verbose:
+        for key in result.ignored:
+            print(f"  {key}")
+    return 0
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be an int ≥ 1 or 'none', got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"{flag} must be an int ≥ 1 or 'none', got {value}")
+    return value
