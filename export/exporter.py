@@ -1,0 +1,193 @@
+"""Export a HyperMoE layer (or a stack of layers sharing one hypernetwork) to ONNX with the dynamo
+exporter, stamp the config and spec version into the model metadata, and check the file.
+
+    hidden_states (batch, seq, d)  →  output (batch, seq, d)
+                                      [selected_experts (batch, seq, k) int64, gates (batch, seq, k) float32]
+
+Never the legacy TorchScript exporter: it silently bakes routing decisions into the graph (onnx-notes §2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+import ref
+from ref import HyperMoEConfig
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_OPSET = 20  # ≥ 18 (torchlib's own opset); 20 has Gelu, so the activations stay single nodes
+IR_VERSION = 10  # what torch writes; onnxruntime 1.31 rejects onnx 1.23's default of 14
+EXTERNAL_DATA_BYTES = 2 * 2**30  # protobuf's 2 GB limit on one file
+INPUT_NAME = "hidden_states"
+OUTPUT_NAMES = ("output", "selected_experts", "gates")
+META_PREFIX = "hypermoe."
+
+
+class ExportResult(NamedTuple):
+    path: Path
+    kind: str  # "layer" | "stack"
+    flavour: str  # "portable" | "fused"
+    hyper_form: str  # "sets" | "factored" | "none"
+    dtype: str
+    seconds: float
+    bytes: int
+    external_data: bool
+    notes: tuple[str, ...]  # warnings worth printing (e.g. the fused flavour's tie rule)
+
+
+def default_model(seed: int = 0) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
+    """The built-in default: ref.HyperMoEConfig() (official sizes), ref.init(seed) parameters, one layer."""
+    cfg = HyperMoEConfig()
+    return cfg, ref.init(cfg, seed=seed), "layer"
+
+
+def load_source(source: str | os.PathLike | None, seed: int = 0) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str, str]:
+    """(cfg, params, kind, source id) of a saved model directory, or of the built-in default when None."""
+    if source is None:
+        cfg, params, kind = default_model(seed)
+        return cfg, params, kind, f"default:seed={seed}"
+    from ref import io
+
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory (expected config.json + weights.npz)")
+    cfg, params, kind = io.load_dir(path)
+    return cfg, params, kind, str(path.resolve())
+
+
+def check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if not parent.is_dir():
+        raise ValueError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"output path {path} is not writable")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
+    return getattr(torch, name)
+
+
+def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
+                 dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
+                 routing_outputs: bool = False):
+    """The torch module that is exported (export.graph.ExportLayer, or ExportStack for kind "stack")."""
+    from export.graph import ExportLayer, ExportStack
+
+    tdtype = _torch_dtype(dtype)
+    if kind == "layer":
+        return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
+                           hyper_form=hyper_form, routing_outputs=routing_outputs)
+    if kind == "stack":
+        if routing_outputs:
+            raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
+        layers = [ExportLayer(cfg, ref.layer_params(params, i), layer_index=i, dtype=tdtype, flavour=flavour,
+                              hyper_form=hyper_form) for i in ref.stack_layers(cfg)]
+        return ExportStack(layers)
+    raise ValueError(f"cannot export a saved model of kind {kind!r}: only 'layer' and 'stack' are supported "
+                     "(the transformer model has no ONNX export yet)")
+
+
+def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *,
+                 kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
+                 hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
+                 source: str = "") -> ExportResult:
+    """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference."""
+    import onnx
+    import torch
+
+    from export import moe_op
+
+    out_path = Path(out_path)
+    check_writable(out_path)
+    if not isinstance(opset, int) or opset < 18:
+        raise ValueError(f"opset must be an int ≥ 18, got {opset!r}")
+    start = time.perf_counter()
+    module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
+                          hyper_form=hyper_form, routing_outputs=routing_outputs).eval()
+    hyper = module.hyper_form
+    # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
+    sample = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.d_model))).to(_torch_dtype(dtype))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    outputs = list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
+    table = moe_op.translation_table() if flavour == "fused" else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+        program = torch.onnx.export(
+            module, (sample,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs, opset_version=opset,
+            dynamic_shapes={"hidden_states": {0: batch, 1: seq}}, custom_translation_table=table,
+            optimize=True, verbose=False,
+        )
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    notes = [moe_op.TIE_NOTE] if flavour == "fused" else []
+    props = {
+        "config": cfg.to_json().strip(), "spec_version": ref.SPEC_VERSION, "kind": kind,
+        "layer_index": str(layer_index), "flavour": flavour, "hyper_form": hyper, "dtype": dtype,
+        "outputs": ",".join(outputs), "source": source, "notes": json.dumps(notes),
+    }
+    onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
+    size = model.ByteSize()
+    external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
+    try:
+        if external:
+            onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out_path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(out_path))
+    except OSError as err:
+        raise ValueError(f"cannot write {out_path}: {err}") from None
+    check_file(out_path)
+    return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes))
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """onnx.checker (full_check, by path so external data works) and strict shape inference; ValueError on failure."""
+    import onnx
+
+    from export import moe_op
+
+    path = Path(path)
+    moe_op._register_schema()  # the checker needs a schema for com.microsoft::MoE
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred.tmp", check_type=True, strict_mode=True,
+                                               data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ValueError(f"{path}: ONNX check failed: {err}") from None
+    finally:
+        Path(str(path) + ".inferred.tmp").unlink(missing_ok=True)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The hypermoe.* model properties of an exported file (without the prefix). ValueError if not a hypermoe export."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path}: not a readable ONNX file ({type(err).__name__}: {err})") from None
+    meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    if "config" not in meta:
+        raise ValueError(f"{path}: not a hypermoe export (no {META_PREFIX}config metadata)")
+    return meta
+
+
+def metadata_config(meta: Mapping[str, str]) -> HyperMoEConfig:
+    return HyperMoEConfig.from_json(meta["config"])

@@ -1,0 +1,108 @@
+"""The fused flavour's routed experts: a torch custom op `hypermoe_export::moe_experts` that the ONNX
+exporter translates into one onnxruntime contrib node `com.microsoft::MoE` (opset com.microsoft 1).
+
+What MoE computes (onnx-notes §1, measured on the CPU EP): softmax over its `router_probs` input (so it
+is fed raw logits), top-k, optionally renormalised over the k (`normalize_routing_weights`), then
+Σ_k w_k (FC2(act(FC1 x + b1)) + b2), weights laid out [E, out, in].
+
+Where that matches SPEC.md (and where export refuses):
+- gate "topk" → normalize_routing_weights=1; gate "switch" (k = 1) → normalize_routing_weights=0 gives
+  p_{i*} · FFN, exactly the switch gate without capacity.
+- capacity: refused (MoE has no capacity or pass-through of dropped tokens).
+- activation relu / silu / gelu_tanh (ORT's "gelu" is the tanh approximation); exact erf "gelu" refused.
+- experts with or without biases (optional inputs).
+- ties: NOT guaranteed. The CPU MoE kernel picks the HIGHEST index among tied logits, the graph's TopK
+  (which feeds the HyperExpert, `selected_experts` and `gates`) the lowest. On exactly tied router logits
+  the fused output can differ from ref; export records this in the model metadata and warns.
+- dtype: MoE's router input has the activation dtype, so in float16/bfloat16 the MoE op ranks rounded
+  logits while the HyperExpert's TopK ranks float32 ones: near-ties (gap below the half-precision
+  rounding of the logits) may disagree.
+
+onnx has no schema for ORT contrib ops and the exporter needs one, so a minimal OpSchema is registered
+once (onnx.defs.register_schema).
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ref import HyperMoEConfig
+
+DOMAIN = "com.microsoft"
+ORT_ACTIVATION = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}  # ORT "gelu" = tanh approximation
+TIE_NOTE = ("fused MoE node breaks exact router-logit ties toward the HIGHEST expert index (onnxruntime CPU "
+            "kernel) while SPEC.md and the graph's TopK pick the lowest; outputs may differ from ref on exact ties")
+
+
+def check_supported(cfg: HyperMoEConfig) -> None:
+    """ValueError saying why `cfg` cannot use com.microsoft::MoE with SPEC.md's semantics."""
+    if cfg.capacity is not None:
+        raise ValueError("the fused flavour (com.microsoft::MoE) has no expert capacity: config field 'capacity' "
+                         f"is {cfg.capacity}; export the portable flavour instead")
+    if cfg.activation not in ORT_ACTIVATION:
+        raise ValueError(f"the fused flavour supports activations {sorted(ORT_ACTIVATION)}; "
+                         f"{cfg.activation!r} (exact erf GELU) has no com.microsoft::MoE equivalent "
+                         "(its 'gelu' is the tanh approximation); export the portable flavour instead")
+    if cfg.gate == "switch" and cfg.top_k != 1:  # the config already forbids it; kept for clarity
+        raise ValueError("gate 'switch' needs top_k = 1")
+
+
+@torch.library.custom_op("hypermoe_export::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor, b1: torch.Tensor | None,
+                fc2: torch.Tensor, b2: torch.Tensor | None, k: int, activation: str, normalize: int) -> torch.Tensor:
+    """Eager version with com.microsoft::MoE semantics (used for tracing only): x (T, d), logits (T, N),
+    fc1 (N, f, d), fc2 (N, d, f) → (T, d)."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (T, N)
+    weight, idx = torch.topk(probs, k, dim=-1)  # (T, k)
+    if normalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    u = torch.einsum("td,nfd->tnf", x, fc1)  # (T, N, f)
+    if b1 is not None:
+        u = u + b1
+    act = {"relu": torch.relu, "silu": F.silu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[activation]
+    out = torch.einsum("tnf,ndf->tnd", act(u), fc2)  # (T, N, d)
+    if b2 is not None:
+        out = out + b2
+    chosen = torch.gather(out, 1, idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]))  # (T, k, d)
+    return (weight.to(x.dtype).unsqueeze(-1) * chosen).sum(dim=1)
+
+
+@moe_experts.register_fake
+def _(x, logits, fc1, b1, fc2, b2, k, activation, normalize):
+    return torch.empty_like(x)
+
+
+def _register_schema():
+    if onnx.defs.has("MoE", DOMAIN):
+        return onnx.defs.get_schema("MoE", 1, DOMAIN)
+    P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    schema = onnx.defs.OpSchema(
+        "MoE", DOMAIN, 1,
+        inputs=[P("input", "T"), P("router_probs", "T"), P("fc1_experts_weights", "T"),
+                P("fc1_experts_bias", "T", param_option=optional), P("fc2_experts_weights", "T"),
+                P("fc2_experts_bias", "T", param_option=optional)],
+        outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float tensors")],
+        attributes=[A("k", onnx.defs.OpSchema.AttrType.INT, "experts per token"),
+                    A("activation_type", onnx.defs.OpSchema.AttrType.STRING, "relu|gelu|silu|swiglu|identity"),
+                    A("normalize_routing_weights", onnx.defs.OpSchema.AttrType.INT, "renormalise the top-k")],
+    )
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+def translation_table() -> dict:
+    """custom_translation_table entry for torch.onnx.export: hypermoe_export::moe_experts → com.microsoft::MoE."""
+    import onnxscript
+
+    schema = _register_schema()
+    moe = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "MoE", schema)
+
+    def moe_experts_onnx(x, logits, fc1, b1, fc2, b2, k: int, activation: str, normalize: int):
+        return moe(x, logits, fc1, b1, fc2, b2, k=k, activation_type=ORT_ACTIVATION[activation],
+                   normalize_routing_weights=normalize)
+
+    return {torch.ops.hypermoe_export.moe_experts.default: moe_experts_onnx}
