@@ -1,0 +1,457 @@
+"""Build the golden cases from ref/ (float64) and write them with their manifest:
+
+    python -m conformance.generate            # rewrite conformance/cases/ (manifest.json + one .npz per case)
+    python -m conformance.generate --check    # regenerate into a temporary folder, compare with the committed cases
+
+Every expected value comes from importing ref/ (style.md §9); nothing here re-derives the math. The
+inputs and parameters are drawn from np.random.default_rng(seed) and stored, because NumPy guarantees a
+seed's stream only per build (NEP 19): the committed arrays are the cases, the seeds document how they
+were made, and `--check` says whether this platform still reproduces them (bitwise, else within 1e-12).
+
+Tolerances and skip rules (conformance/README.md, "Tolerances") are computed here from each case's own
+magnitudes and written into the manifest, per dtype:
+    u_D      unit roundoff of the dtype under test D (float64 2^-53, float32 2^-24, float16 2^-11,
+             bfloat16 2^-8); u_acc that of the router's accumulation (float32, float64 for D = float64)
+    ε_D      bound on the router-logit error of a conforming implementation (inputs and parameters
+             rounded to D, logits accumulated in float32 at least, SPEC.md §3.1):
+             ε_D = (4 u_D + (d + 2) u_acc) · R + max|b - round_D(b)| + u_acc · max|b| (+ error carried
+             in from earlier layers of a stack), R = max over tokens and experts of Σ_i |x̃_i W_ij| (+ the
+             noisy-gating term). Cases whose router inputs are exact dyadic rationals (the tie cases) have
+             ε_D = 0: every product and partial sum is exact in float32.
+    skip     a case runs in D only if its order margin (the smallest gap between consecutive logits among
+             each token's top k+1, exact ties excluded) exceeds 2 ε_D: then no selection or order can
+             flip (ref.routing_margins); otherwise the case is skipped in D with the reason
+             "routing margin below dtype resolution".
+    values   |actual - expected| ≤ atol + rtol |expected| elementwise, with
+             logits atol 2 ε_D; probs and gates atol 4 ε_D + 8 u_D (softmax moves p_j by ≤ 2 ε_D p_j,
+             renormalisation doubles it; 8 u_D: the softmax's own rounding and a final cast to D);
+             output atol K u_D S + 4 ε_D S (the gate error times the expert outputs), rtol K u_D, S = the case's largest intermediate magnitude
+             (input, any expert FFN output, routed, HyperExpert, output; ≥ 1), K = 64 (measured errors of
+             the float32/float16/bfloat16 torch layer stay below K/8 u_D S on these cases); a stack's
+             layers are each run on the reference's input to that layer (teacher forcing, so that one
+             layer's rounding cannot move the next layer's routing) and its final output, x + Σ outputs,
+             gets the sum of the layers' output atol;
+             aux losses: first-order bounds from the probability error (see `_aux_tolerances`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ref
+from conformance.suite import (
+    AUX_NAMES, CASES_DIR, DTYPES, MANIFEST, MANIFEST_SCHEMA, UNIT_ROUNDOFF, load_manifest, representable, round_to,
+    sha256_file,
+)
+from ref import HyperMoEConfig, tiny_config
+
+SUITE_VERSION = "1.0.0"  # version of the case set; bump when cases are added, removed or changed
+MARGIN = 0.15  # target order margin of random cases: above 2 ε_D for bfloat16 at d ≤ 32 (ε ≈ 0.05)
+K_VALUES = 64  # the output tolerance factor K (see the module docstring)
+
+
+@dataclass(frozen=True)
+class Spec:
+    id: str
+    cfg: HyperMoEConfig
+    shape: tuple[int, ...]  # input (..., S, d)
+    tags: tuple[str, ...]
+    seed: int
+    description: str
+    layer_index: int = 0
+    kind: str = "layer"  # "layer": ref.layer; "stack": ref.stack (layer ℓ uses layer embedding ℓ)
+    router: str = "random"  # "random" | "ties" (dyadic router, exact ties) | "large" (bias offsets) | "near-tie"
+    bias: tuple[float, ...] = ()  # router bias for router="large"
+    jitter: bool = False  # draw input.jitter ~ U[1-ε, 1+ε] (ε = cfg.router_jitter)
+    gate_noise: bool = False  # draw input.gate_noise ~ N(0, 1) (cfg.noisy_gating)
+    extra: dict = field(default_factory=dict)
+
+
+def _specs() -> list[Spec]:
+    t = tiny_config  # d = 16, f = 32, N = 4, k = 2, hypernetwork widths 8, a = 4, L = 2
+    wide = dict(d_model=24, d_ff=40, n_experts=8, d_expert_embed=5, d_process=7, d_hyper=6, d_layer_embed=3,
+                d_generator=9, d_adapter=6, n_layers=3, n_heads=1)
+    return [
+        Spec("topk_k1", t(top_k=1), (2, 5, 16), ("topk", "k1", "layer-index"), 101,
+             "top-1 with 'topk' gates (gate is exactly 1), layer embedding 1", layer_index=1),
+        Spec("topk_k2_bias_relu", t(top_k=2, router_bias=True, activation="relu"), (2, 6, 16),
+             ("topk", "k2", "router-bias", "relu"), 102, "top-2, renormalised gates, router bias, relu experts"),
+        Spec("topk_k3_wide_gelu", t(top_k=3, activation="gelu", **wide), (3, 4, 24),
+             ("topk", "k3", "gelu", "asymmetric-shapes", "layer-index"), 103,
+             "N = 8, k = 3, every width different (d = 24, a = 6), exact gelu, layer embedding 2", layer_index=2),
+        Spec("topk_kN", t(top_k=4, activation="silu"), (7, 16), ("topk", "k=N", "empty-unselected", "silu"), 104,
+             "k = N: nothing unselected, selection embedding 0; all N logits ordered"),
+        Spec("topk_N1", t(n_experts=1, top_k=1), (5, 16), ("topk", "N1", "k=N", "empty-unselected"), 105,
+             "a single expert"),
+        Spec("batch_dims", t(top_k=2), (2, 3, 2, 16), ("topk", "k2", "batch-dims"), 106,
+             "two leading batch dims (tokens flattened)", layer_index=1),
+        Spec("no_hyper", t(top_k=2, hyper_expert=False), (2, 5, 16), ("plain-moe", "k2"), 107,
+             "hyper_expert=False: a plain MoE layer, no hypernetwork parameters"),
+        Spec("switch_basic", t(gate="switch", top_k=1, expert_bias=False, activation="silu"), (2, 5, 16),
+             ("switch", "k1", "no-expert-bias"), 108, "'switch' gate: the unrenormalised top-1 probability"),
+        Spec("switch_capacity", t(gate="switch", top_k=1, capacity=2, activation="relu"), (3, 8, 16),
+             ("switch", "capacity", "drops"), 109,
+             "capacity 2 per sequence of 8 tokens over 4 experts: dropped tokens pass through as g·x"),
+        Spec("tie_topk", t(d_model=8, top_k=2), (2, 6, 8), ("tie", "topk", "k2"), 110,
+             "exact ties (dyadic router, experts 1 and 2 identical router columns, zero tokens): lower index wins",
+             router="ties"),
+        Spec("tie_switch_capacity", t(d_model=8, gate="switch", top_k=1, capacity=2), (2, 8, 8),
+             ("tie", "switch", "capacity", "drops"), 111,
+             "exact ties with capacity: all-zero tokens tie on every expert, pick expert 0 and overflow it",
+             router="ties"),
+        Spec("near_tie", t(top_k=2), (2, 4, 16), ("near-tie", "topk"), 112,
+             "one token with a routing margin of 1e-4: runs in float64/float32, skipped in float16/bfloat16",
+             router="near-tie"),
+        Spec("large_logits", t(top_k=2, router_bias=True), (2, 5, 16), ("large-logits", "softmax-stability", "topk"), 113,
+             "logits ≈ ±1024 (router bias): a softmax without max subtraction overflows; a float16 router rounds "
+             "logits to steps of 1", router="large", bias=(1024.0, 1024.0, 1024.0, -1024.0)),
+        Spec("large_logits_switch", t(gate="switch", top_k=1, router_bias=True), (2, 5, 16),
+             ("large-logits", "softmax-stability", "switch"), 114,
+             "logits ≈ -2048: exp underflows without max subtraction", router="large", bias=(-2048.0,) * 4),
+        Spec("T0", t(top_k=2), (0, 16), ("T0", "empty"), 115, "no tokens"),
+        Spec("T0_capacity", t(gate="switch", top_k=1, capacity=1), (2, 0, 16), ("T0", "empty", "capacity"), 116,
+             "two sequences of length 0 with capacity"),
+        Spec("T1", t(top_k=2), (1, 16), ("T1",), 117, "one token", layer_index=1),
+        Spec("stack3", t(top_k=2, n_layers=3, activation="gelu_tanh"), (2, 4, 16),
+             ("stack", "shared-hypernetwork", "layer-index"), 118,
+             "three layers sharing one hypernetwork, h ← h + layer_ℓ(h) with layer embedding ℓ", kind="stack"),
+        Spec("aux_topk", t(n_experts=8, top_k=2), (4, 8, 16), ("aux", "topk", "k2"), 119,
+             "32 tokens over 8 experts: switch_balance, z_loss, cv_balance"),
+        Spec("aux_switch", t(n_experts=8, gate="switch", top_k=1), (4, 8, 16), ("aux", "switch"), 120,
+             "32 tokens over 8 experts, 'switch' gate: auxiliary losses"),
+        Spec("train_jitter", t(gate="switch", top_k=1, router_jitter=0.2, capacity=3), (2, 6, 16),
+             ("training", "jitter", "switch", "capacity", "drops"), 121,
+             "router jitter given as input (x ⊙ u on the router input only)", jitter=True),
+        Spec("train_noisy_gating", t(top_k=2, noisy_gating=True), (2, 6, 16), ("training", "noisy-gating", "topk"), 122,
+             "noisy gating, ε given as input: logits + ε ⊙ (softplus(x W_noise) + 0.01)", gate_noise=True),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing inputs and running the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _order_gaps(logits: np.ndarray, k: int) -> np.ndarray:
+    """(T, N) logits → (T, m - 1) gaps between consecutive logits among each token's top m = min(k+1, N)."""
+    ordered = -np.sort(-logits, axis=-1)  # (T, N) descending
+    m = min(k + 1, logits.shape[-1])
+    return ordered[:, : m - 1] - ordered[:, 1:m]
+
+
+def _run_ref(spec: Spec, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray]):
+    """[(layer input, LayerResult)] per layer, and the final output."""
+    cfg, x = spec.cfg, inputs["x"]
+    if spec.kind == "stack":
+        out, results = ref.stack(cfg, params, x)
+        h, per_layer = x, []
+        for result in results:
+            per_layer.append((h, result))
+            h = h + result.output
+        return per_layer, out
+    result = ref.layer(cfg, params, x, spec.layer_index, jitter=inputs.get("jitter"), gate_noise=inputs.get("gate_noise"))
+    return [(x, result)], result.output
+
+
+def _layer_params(spec: Spec, params: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
+    return ref.layer_params(params, layer) if spec.kind == "stack" else params
+
+
+def _draw(spec: Spec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    cfg, rng = spec.cfg, np.random.default_rng(spec.seed)
+    d, N = cfg.d_model, cfg.n_experts
+    params = ref.init_stack(cfg, seed=spec.seed) if spec.kind == "stack" else ref.init(cfg, seed=spec.seed)
+    lead = spec.shape[:-1]
+    T = math.prod(lead)
+    if spec.router == "ties":  # multiples of 1/4 in [-1, 1]: products and sums exact in every dtype
+        W = rng.integers(-4, 5, (d, N)) / 4
+        W[:, 2] = W[:, 1]  # experts 1 and 2 always tie
+        params["router.weight"] = W
+        x = rng.integers(-4, 5, (T, d)) / 4
+        x[::3] = 0.0  # all-zero tokens: every logit 0, all N experts tie
+        return params, {"x": x.reshape(spec.shape)}
+    if spec.router == "large":
+        params["router.bias"] = np.array(spec.bias, dtype=np.float64)
+    x = rng.standard_normal((T, d))
+    jitter = rng.uniform(1 - cfg.router_jitter, 1 + cfg.router_jitter, (T, d)) if spec.jitter else None
+    noise = rng.standard_normal((T, N)) if spec.gate_noise else None
+    for _ in range(1000):  # redraw tokens until every layer's order margin ≥ MARGIN
+        inputs = {"x": x.reshape(spec.shape)}
+        if jitter is not None:
+            inputs["jitter"] = jitter.reshape(spec.shape)
+        if noise is not None:
+            inputs["gate_noise"] = noise.reshape(*lead, N)
+        per_layer, _ = _run_ref(spec, params, inputs)
+        bad = np.zeros(T, dtype=bool)
+        for _, result in per_layer:
+            gaps = _order_gaps(result.logits.reshape(T, N), cfg.top_k)
+            bad |= (gaps < MARGIN).any(axis=-1)
+        if not bad.any():
+            break
+        x[bad] = rng.standard_normal((int(bad.sum()), d))
+        if jitter is not None:
+            jitter[bad] = rng.uniform(1 - cfg.router_jitter, 1 + cfg.router_jitter, (int(bad.sum()), d))
+        if noise is not None:
+            noise[bad] = rng.standard_normal((int(bad.sum()), N))
+    else:
+        raise RuntimeError(f"case {spec.id}: could not draw inputs with order margin {MARGIN}")
+    if spec.router == "near-tie":  # move token 0 along w = W_i - W_j until the k-th/(k+1)-th gap is 1e-4
+        k, W = cfg.top_k, params["router.weight"]
+        logits = ref.router_logits(cfg, params, x[:1])[0]
+        order = np.argsort(-logits, kind="stable")
+        w = W[:, order[k - 1]] - W[:, order[k]]
+        x[0] -= (logits[order[k - 1]] - logits[order[k]] - 1e-4) * w / (w @ w)
+        inputs["x"] = x.reshape(spec.shape)
+    return params, inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Margins and tolerances
+# ---------------------------------------------------------------------------------------------
+
+
+def _up2(v: float) -> float:
+    """v rounded up to two significant digits (tolerances stay readable and stable across platforms)."""
+    if v <= 0 or not math.isfinite(v):
+        return float(v)
+    e = math.floor(math.log10(v)) - 1
+    return float(f"{math.ceil(v / 10.0**e - 1e-9)}e{e}")
+
+
+def _router_scale(spec: Spec, lp: dict[str, np.ndarray], h: np.ndarray, inputs: dict[str, np.ndarray]) -> float:
+    """R = max over tokens t and experts j of Σ_i |x̃_ti W_ij| (+ |ε_tj| (Σ_i |x_ti Wn_ij| + 1.01))."""
+    cfg = spec.cfg
+    xt = h.reshape(-1, cfg.d_model)  # (T, d)
+    if xt.shape[0] == 0:
+        return 0.0
+    xj = xt * inputs["jitter"].reshape(xt.shape) if "jitter" in inputs else xt
+    R = np.abs(xj) @ np.abs(lp["router.weight"])  # (T, N)
+    if "gate_noise" in inputs:
+        eps = np.abs(inputs["gate_noise"].reshape(-1, cfg.n_experts))
+        R = R + eps * (np.abs(xt) @ np.abs(lp["router.noise_weight"]) + 1.01)
+    return float(R.max())
+
+
+def _aux_tolerances(cfg: HyperMoEConfig, result, dp: float, u_r: float, K: float) -> dict[str, list[float]]:
+    """First-order bounds on the aux losses given a probability/gate error ≤ dp (selection exact)."""
+    logits = result.logits.reshape(-1, cfg.n_experts)
+    T, N = logits.shape
+    if T == 0:
+        return {f"aux.{n}": [K * u_r, 0.0] for n in AUX_NAMES}
+    lse = np.abs(ref.logsumexp(logits)).max()
+    # switch_balance = N Σ f_i P_i, Σ f_i = k: |Δ| ≤ N k max|ΔP|
+    sb = N * cfg.top_k * dp
+    # z_loss = mean lse², |Δlse| ≤ dp-sized logit error + rounding at |lse|: |Δz| ≤ 2 max|lse| (dp + u_r max|lse|)
+    zl = 2 * lse * (dp + u_r * lse)
+    # cv_balance: importance_i = Σ_t g_ti moves by ≤ T dp each; |Δcv²| ≤ Σ_i |∂cv²/∂imp_i| T dp
+    cv = 0.0
+    if N > 1:
+        selected = result.selected.reshape(T, cfg.top_k)
+        importance = np.zeros(N)
+        np.add.at(importance, selected, result.gates.reshape(T, cfg.top_k))
+        mean, var = importance.mean(), importance.var(ddof=1)
+        grad = 2 * (importance - mean) / ((N - 1) * (mean**2 + ref.semantics.CV_EPS)) - 2 * var * mean / (N * (mean**2 + ref.semantics.CV_EPS) ** 2)
+        cv = float(np.abs(grad).sum() * T * dp)
+    return {"aux.switch_balance": [sb + K * u_r, K * u_r], "aux.z_loss": [zl + K * u_r, K * u_r],
+            "aux.cv_balance": [cv + K * u_r, K * u_r]}
+
+
+def _margins(spec: Spec, per_layer) -> dict[str, Any]:
+    cfg = spec.cfg
+    routing, order, ties = math.inf, math.inf, 0
+    for _, result in per_layer:
+        logits = result.logits.reshape(-1, cfg.n_experts)
+        if logits.shape[0] == 0:
+            continue
+        routing = min(routing, float(ref.routing_margins(logits, cfg.top_k).min()))
+        gaps = _order_gaps(logits, cfg.top_k)
+        ties += int((gaps == 0).any(axis=-1).sum())
+        nonzero = gaps[gaps > 0]
+        if nonzero.size:
+            order = min(order, float(nonzero.min()))
+    fin = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no infinity: null = no boundary)
+    return {"routing_margin": fin(routing), "order_margin": fin(order), "tokens_with_exact_ties": ties}
+
+
+def _dtype_entry(spec: Spec, params, inputs, per_layer, margins, dtype: str) -> dict[str, Any]:
+    cfg, u = spec.cfg, UNIT_ROUNDOFF[dtype]
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == "float64" else "float32"]
+    K = K_VALUES
+    carried, layers, bounds = 0.0, [], []  # carried: the final output's atol, Σ over a stack's layers
+    for ell, (h, result) in enumerate(per_layer):
+        lp = _layer_params(spec, params, ell)
+        W = lp["router.weight"]
+        b = lp.get("router.bias", np.zeros(cfg.n_experts))
+        exact = spec.router == "ties" and all(representable(dtype, a) for a in (W, b, inputs["x"]))
+        if exact:
+            eps = 0.0  # dyadic router inputs: every product and partial sum is exact in float32
+        else:
+            eps = (4 * u + (cfg.d_model + 2) * u_acc) * _router_scale(spec, lp, h, inputs)
+            eps += float(np.abs(b - round_to(dtype, b)).max() + u_acc * np.abs(b).max())
+        bounds.append(eps)
+        xt = h.reshape(-1, cfg.d_model)
+        ffn = [np.abs(ref.expert_ffn(cfg, lp, i, xt)).max(initial=0.0) for i in range(cfg.n_experts)]
+        S = max(1.0, *ffn, *(float(np.abs(a).max(initial=0.0)) for a in (h, result.output, result.routed, result.hyper)))
+        out_atol = K * u * S + 4 * eps * S  # Σ_i |Δg_i| |FFN_i| ≤ 4 ε Σ_i g_i S, Σ g ≤ 1
+        dp = 4 * eps + 8 * u  # |Δp_j| ≤ 2 ε p_j (softmax), renormalised gates ≤ 4 ε g_j; 8 u: softmax's own rounding, a final cast
+        tol = {"output": [out_atol, K * u], "logits": [2 * eps, 0.0], "probs": [dp, 0.0],
+               "gates": [dp, 0.0], **_aux_tolerances(cfg, result, dp, max(u, u_acc), K)}
+        layers.append({name: [_up2(v) for v in pair] for name, pair in tol.items()})
+        carried += out_atol
+    order = margins["order_margin"]
+    worst = max(bounds)
+    if order is not None and order <= 2 * worst:
+        return {"skip": f"routing margin below dtype resolution: order margin {order:.3g} ≤ 2 × logit error "
+                        f"bound {worst:.3g} in {dtype}", "logit_error_bound": _up2(worst)}
+    final = layers[-1]["output"] if spec.kind == "layer" else [_up2(carried), _up2(K * u)]
+    return {"skip": None, "logit_error_bound": _up2(worst), "output": final, "layers": layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and writing
+# ---------------------------------------------------------------------------------------------
+
+
+def build(spec: Spec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays of one case and its manifest entry (without file and sha256)."""
+    params, inputs = _draw(spec)
+    per_layer, final = _run_ref(spec, params, inputs)
+    arrays = {f"param.{n}": v for n, v in params.items()}
+    arrays.update({f"input.{n}": v for n, v in inputs.items()})
+    arrays["expected.output"] = final
+    for ell, (_, result) in enumerate(per_layer):
+        prefix = f"expected.layers.{ell}." if spec.kind == "stack" else "expected."
+        for q in ("selected", "gates", "probs", "logits", "kept", "routed", "hyper"):
+            arrays[prefix + q] = getattr(result, q)
+        if spec.kind == "stack":  # the runner feeds layer ℓ the reference's input to it (teacher forcing)
+            arrays[prefix + "input"] = per_layer[ell][0]
+            arrays[prefix + "output"] = result.output
+        for n in AUX_NAMES:
+            arrays[f"{prefix}aux.{n}"] = np.array(result.aux[n], dtype=np.float64)
+    margins = _margins(spec, per_layer)
+    if "capacity" in spec.tags and "T0" not in spec.tags:
+        kept = np.concatenate([r.kept.reshape(-1) for _, r in per_layer])
+        if (not kept.all()) != ("drops" in spec.tags):
+            raise RuntimeError(f"case {spec.id}: the 'drops' tag disagrees with the data")
+    if "tie" in spec.tags:
+        if not margins["tokens_with_exact_ties"]:
+            raise RuntimeError(f"case {spec.id}: tagged 'tie' but has no exact tie")
+    entry = {
+        "id": spec.id, "spec_version": ref.SPEC_VERSION, "description": spec.description, "tags": list(spec.tags),
+        "kind": spec.kind, "layer_index": spec.layer_index if spec.kind == "layer" else None, "seed": spec.seed,
+        "config": spec.cfg.to_dict(),
+        "shapes": {n: list(v.shape) for n, v in sorted(arrays.items())},
+        **margins,
+        "dtypes": {dt: _dtype_entry(spec, params, inputs, per_layer, margins, dt) for dt in DTYPES},
+    }
+    return {n: np.asarray(v, order="C") for n, v in sorted(arrays.items())}, entry  # (ascontiguousarray makes 0-d 1-d)
+
+
+def write(out_dir: str | Path = CASES_DIR) -> dict[str, Any]:
+    """Regenerate every case into `out_dir` (stale .npz files there are removed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.npz"):
+        old.unlink()
+    cases = []
+    for spec in _specs():
+        arrays, entry = build(spec)
+        path = out / f"{spec.id}.npz"
+        np.savez(path, **arrays)  # uncompressed: byte-stable (fixed zip timestamps), no pickle
+        cases.append({**entry, "file": path.name, "sha256": sha256_file(path)})
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "suite_version": SUITE_VERSION, "spec_version": ref.SPEC_VERSION,
+        "generator": "python -m conformance.generate", "margin_target": MARGIN, "tolerance_factor_K": K_VALUES,
+        "cases": cases,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _close_json(a: Any, b: Any, path: str, problems: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if key in ("sha256",):
+                continue
+            if key not in a or key not in b:
+                problems.append(f"{path}.{key}: present in only one manifest")
+            else:
+                _close_json(a[key], b[key], f"{path}.{key}", problems)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_json(x, y, f"{path}[{i}]", problems)
+    elif isinstance(a, float) and isinstance(b, float):
+        if not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0):
+            problems.append(f"{path}: {a!r} != {b!r}")
+    elif a != b:
+        problems.append(f"{path}: {a!r} != {b!r}")
+
+
+def check(cases_dir: str | Path = CASES_DIR) -> tuple[list[str], list[str]]:
+    """Regenerate into a temporary folder and compare with `cases_dir`. Returns (problems, notes):
+    problems are failures; notes say where arrays agree within 1e-12 but not bitwise."""
+    from conformance.suite import load_case
+
+    committed = load_manifest(cases_dir)
+    problems, notes = [], []
+    for entry in committed["cases"]:
+        load_case(entry, cases_dir)  # raises IntegrityError on a missing or tampered file
+    tmp = Path(tempfile.mkdtemp(prefix="hypermoe-conformance-"))
+    try:
+        fresh = write(tmp)
+        _close_json(committed, fresh, "manifest", problems)
+        for entry in fresh["cases"]:
+            old = Path(cases_dir) / entry["file"]
+            if not old.is_file():
+                continue  # reported by the manifest comparison
+            with np.load(old, allow_pickle=False) as a, np.load(tmp / entry["file"], allow_pickle=False) as b:
+                if sorted(a.files) != sorted(b.files):
+                    problems.append(f"{entry['id']}: arrays {sorted(a.files)} != regenerated {sorted(b.files)}")
+                    continue
+                for name in a.files:
+                    x, y = a[name], b[name]
+                    if x.dtype != y.dtype or x.shape != y.shape:
+                        problems.append(f"{entry['id']}/{name}: {x.dtype}{x.shape} != regenerated {y.dtype}{y.shape}")
+                    elif np.array_equal(x, y):
+                        continue
+                    elif name.startswith("expected.") and x.dtype.kind == "f" and np.allclose(x, y, rtol=1e-12, atol=1e-12):
+                        notes.append(f"{entry['id']}/{name}: equal within 1e-12, not bitwise")
+                    else:
+                        err = float(np.abs(x.astype(np.float64) - y).max()) if x.dtype.kind in "fi" else None
+                        problems.append(f"{entry['id']}/{name}: differs from the regenerated array (max abs {err})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return problems, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conformance.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(CASES_DIR), help=f"output folder (default {CASES_DIR})")
+    parser.add_argument("--check", action="store_true", help="compare a fresh regeneration with --out instead of writing")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems, notes = check(args.out)
+        for line in notes:
+            print("note:", line)
+        for line in problems:
+            print("DIFFERS:", line)
+        print(f"{'FAILED' if problems else 'OK'}: regenerated cases {'differ from' if problems else 'equal'} {args.out}")
+        return 1 if problems else 0
+    manifest = write(args.out)
+    size = sum((Path(args.out) / c["file"]).stat().st_size for c in manifest["cases"])
+    print(f"wrote {len(manifest['cases'])} cases ({size / 1e6:.2f} MB) and {MANIFEST} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

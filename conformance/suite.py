@@ -1,0 +1,138 @@
+"""The golden cases on disk: the manifest, integrity checks (sha256 of every case file), loading, and the
+floating-point facts the tolerances and skip rules are built from. Read by the runner and the generator.
+
+A case is one `.npz` file (no pickle) holding, by key prefix:
+    param.<name>      the parameters, float64, exactly ref/'s names (a layer: ref.param_shapes;
+                      a stack: ref.stack_param_shapes)
+    input.x           the input (..., S, d), float64; input.jitter (..., S, d) and input.gate_noise
+                      (..., S, N) when the case exercises the training-only paths
+    expected.<q>      ref/'s float64 results: output, selected, gates, probs, logits, kept, routed,
+                      hyper, aux.switch_balance, aux.z_loss, aux.cv_balance; a stack has the final h as
+                      expected.output and layer ℓ's results as expected.layers.<ℓ>.<q>
+and one manifest entry (manifest.json) with its id, config, shapes, file name, sha256, tags, routing
+margins and, per dtype, either a skip reason or the tolerances (see conformance/README.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ref
+
+CASES_DIR = Path(__file__).resolve().parent / "cases"
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1  # bump when the manifest's or the case files' layout changes
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+# unit roundoff u = 2^-(significand bits): the largest relative error of one rounding to nearest
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+AUX_NAMES = ("switch_balance", "z_loss", "cv_balance")
+
+
+class IntegrityError(ValueError):
+    """A case file is missing, tampered with (sha256 mismatch), unreadable, or the manifest is invalid."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding to the dtypes under test (NumPy has no bfloat16: emulated on float32 bit patterns)
+# ---------------------------------------------------------------------------------------------
+
+
+def round_to(dtype: str, a: np.ndarray) -> np.ndarray:
+    """`a` rounded to `dtype` (round to nearest even), returned as float64."""
+    a = np.asarray(a, dtype=np.float64)
+    if dtype == "float64":
+        return a
+    if dtype in ("float32", "float16"):
+        return a.astype(dtype).astype(np.float64)
+    if dtype == "bfloat16":  # keep the top 16 bits of the float32 pattern, rounding half to even
+        bits = a.astype(np.float32).view(np.uint32)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
+        return bits.view(np.float32).astype(np.float64)
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+
+
+def representable(dtype: str, a: np.ndarray) -> bool:
+    """Whether every entry of `a` is exactly representable in `dtype`."""
+    return bool(np.array_equal(round_to(dtype, a), np.asarray(a, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and case files
+# ---------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_manifest(cases_dir: str | Path = CASES_DIR) -> dict[str, Any]:
+    path = Path(cases_dir) / MANIFEST
+    if not path.is_file():
+        raise IntegrityError(f"conformance manifest not found: {path}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"conformance manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA or not isinstance(manifest.get("cases"), list):
+        raise IntegrityError(f"conformance manifest {path} is not a schema-{MANIFEST_SCHEMA} manifest")
+    return manifest
+
+
+def select_cases(manifest: dict[str, Any], patterns: str | None) -> list[dict[str, Any]]:
+    """The manifest entries whose id matches one of the comma-separated glob `patterns` (all when None).
+    A pattern that matches nothing is an error (a typo must not turn into an empty, passing run)."""
+    cases = manifest["cases"]
+    if patterns is None:
+        return list(cases)
+    chosen, ids = [], [c["id"] for c in cases]
+    for pattern in [p.strip() for p in patterns.split(",") if p.strip()] or [patterns]:
+        hits = [c for c in cases if fnmatch.fnmatchcase(c["id"], pattern)]
+        if not hits:
+            raise ValueError(f"--cases pattern {pattern!r} matches no case; case ids are: {', '.join(ids)}")
+        chosen += [c for c in hits if c not in chosen]
+    return [c for c in cases if c in chosen]  # manifest order
+
+
+def load_case(entry: dict[str, Any], cases_dir: str | Path = CASES_DIR) -> dict[str, np.ndarray]:
+    """The arrays of one case, after checking the file's sha256 against the manifest."""
+    path = Path(cases_dir) / entry["file"]
+    if not path.is_file():
+        raise IntegrityError(f"case {entry['id']!r}: file {path} is missing")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise IntegrityError(
+            f"case {entry['id']!r}: file {path} has sha256 {digest}, the manifest says {entry['sha256']} "
+            "(tampered or stale; regenerate with `python -m conformance.generate`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise IntegrityError(f"case {entry['id']!r}: cannot read {path}: {err}") from None
+    expected_keys = set(entry["shapes"])
+    if set(arrays) != expected_keys:
+        raise IntegrityError(f"case {entry['id']!r}: {path} holds {sorted(arrays)}, the manifest lists {sorted(expected_keys)}")
+    for name, shape in entry["shapes"].items():
+        if list(arrays[name].shape) != shape:
+            raise IntegrityError(f"case {entry['id']!r}: array {name!r} has shape {arrays[name].shape}, manifest {shape}")
+    return arrays
+
+
+def case_config(entry: dict[str, Any]) -> ref.HyperMoEConfig:
+    return ref.HyperMoEConfig.from_dict(entry["config"])
+
+
+def split_case(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(params, inputs, expected) with the key prefixes removed."""
+    parts: dict[str, dict[str, np.ndarray]] = {"param": {}, "input": {}, "expected": {}}
+    for name, value in arrays.items():
+        prefix, rest = name.split(".", 1)
+        parts[prefix][rest] = value
+    return parts["param"], parts["input"], parts["expected"]
