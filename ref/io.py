@@ -83,7 +83,10 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
     try:
-        with np.load(file, allow_pickle=False) as archive:
+        loaded = np.load(file, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array, not an archive
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with loaded as archive:
             params = {name: archive[name] for name in archive.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
         raise ValueError(f"{file}: not a readable .npz weights file ({err})") from None
