@@ -76,9 +76,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                if not isinstance(archive, np.lib.npyio.NpzFile):
-                    raise ValueError("a single array, not an archive of named arrays")
+            archive = np.load(path, allow_pickle=False)  # an ndarray when the file is a single .npy
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an archive of named arrays")
+            with archive:
                 return {name: archive[name] for name in archive.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
             raise ValueError(f"{path}: not a readable .npz state dict ({err})") from None
