@@ -10,6 +10,7 @@ Never the legacy TorchScript exporter: it silently bakes routing decisions into 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -124,6 +125,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     outputs = list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
     table = moe_op.translation_table() if flavour == "fused" else None
+    # the exporter logs "torchvision is not installed. Skipping torchvision::nms" and the like
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         program = torch.onnx.export(

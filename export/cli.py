@@ -1,0 +1,200 @@
+"""`hypermoe export`, `hypermoe verify`, `hypermoe run` and `hypermoe main` (export → verify → run on the
+default layer). Heavy imports (torch, onnx, onnxruntime) happen inside the command functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and any runtime); fused: routed experts "
+                "as one com.microsoft::MoE node (onnxruntime only; no capacity, no erf GELU, ties not guaranteed)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a HyperMoE layer (or stack) to ONNX and check the file",
+        description="Exports a saved model directory (config.json + weights.npz, kind layer or stack), or the "
+        "built-in default layer (official sizes, ref.init seed 0), to ONNX with torch's dynamo exporter: input "
+        "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs), dynamic batch "
+        "and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
+        "shape inference run on the written file.")
+    p.add_argument("model_dir", nargs="?", default=None, help="saved model directory (default: the built-in default layer)")
+    p.add_argument("-o", "--output", default="hypermoe.onnx", help="output .onnx file (default hypermoe.onnx)")
+    _export_options(p)
+    p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
+    p.set_defaults(func=export_command)
+
+    p = subparsers.add_parser(
+        "verify", help="run an exported file on onnxruntime and compare with the reference (float64)",
+        description="Runs MODEL.onnx on onnxruntime with inputs whose routing margins are controlled, runs the "
+        "reference on the same inputs and reports max abs/rel error per output and routing agreement. Exit "
+        "status 1 when an output is outside the tolerance of its dtype (export/verify.py TOLERANCES).")
+    p.add_argument("model", help="an .onnx file written by hypermoe export")
+    p.add_argument("--source", default=None, help="the model directory it was exported from (default: as recorded)")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--shapes", default="2x16,1x1,3x7", help="(batch)x(seq) list (default 2x16,1x1,3x7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=verify_command)
+
+    p = subparsers.add_parser(
+        "run", help="run an exported file on onnxruntime (CUDA when available) and time it",
+        description="Runs MODEL.onnx on onnxruntime: the CUDA provider when a usable NVIDIA GPU and CUDA "
+        "libraries are present (IOBinding, device-resident inputs and outputs), else the CPU provider with a "
+        "one-line notice. Prints median latency and tokens/s.")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--input", default=None, help=".npy file of shape (batch, seq, d) (default: random N(0, 1))")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (fixed shape, CUDA only)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--save", default=None, help="write the output tensor to this .npy file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_command)
+
+    p = subparsers.add_parser(
+        "main", help="the whole path on the default layer: build → export → verify → run",
+        description="Builds the default HyperMoE layer (official sizes, ref.init seed 0), exports it to ONNX "
+        "(portable), verifies onnxruntime against the NumPy reference on margin-controlled inputs, runs it on "
+        "the best available provider and prints a short report. Exit status 1 if verification fails.")
+    p.add_argument("--workdir", default=None, help="where to write hypermoe.onnx (default: a temporary directory)")
+    p.add_argument("--flavour", choices=("portable", "fused"), default="portable", help=FLAVOUR_HELP)
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
+    p.set_defaults(func=main_command)
+
+
+def _export_options(p) -> None:
+    p.add_argument("--flavour", choices=("portable", "fused"), default="portable", help=FLAVOUR_HELP)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--hyper-form", choices=("auto", "sets", "factored"), default="auto",
+                   help="HyperExpert as per-set constants or factored hypernetwork (default: by size)")
+    p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
+    p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
+    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in default's parameters")
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in shapes):
+        raise ValueError(f"--shapes must look like 2x16,1x1 (batch ≥ 1, seq ≥ 0), got {text!r}")
+    return shapes
+
+
+def _print_export(result) -> None:
+    size = f"{result.bytes / 2**20:.1f} MiB" + (" (external data)" if result.external_data else "")
+    print(f"exported {result.path}: {result.kind}, {result.flavour}, {result.dtype}, HyperExpert form "
+          f"{result.hyper_form}, {size}, {result.seconds:.1f} s; onnx.checker (full) and strict shape inference passed")
+    for note in result.notes:
+        print(f"warning: {note}")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from export import exporter
+
+    cfg, params, kind, source = exporter.load_source(args.model_dir, seed=args.seed)
+    result = exporter.export_model(args.output, cfg, params, kind=kind, layer_index=args.layer_index,
+                                   dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
+                                   routing_outputs=args.routing_outputs, opset=args.opset, source=source)
+    _print_export(result)
+    if args.verify:
+        return _print_verify(result.path, source=args.model_dir, provider="auto")
+    return 0
+
+
+def _print_verify(path, **kwargs) -> int:
+    from export.verify import verify
+
+    report = verify(path, **kwargs)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    return _print_verify(args.model, source=args.source, provider=args.provider, shapes=_shapes(args.shapes),
+                         seed=args.seed)
+
+
+def _input(args, runner) -> np.ndarray:
+    if args.input is not None:
+        path = Path(args.input)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+        return x
+    if args.batch < 1 or args.seq < 0:
+        raise ValueError(f"--batch must be ≥ 1 and --seq ≥ 0, got {args.batch} and {args.seq}")
+    d = runner.input.shape[-1]
+    if not isinstance(d, int):
+        raise ValueError("the model's last input dim is not fixed; pass --input")
+    return np.random.default_rng(args.seed).standard_normal((args.batch, args.seq, d)).astype(np.float32)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from export.runtime import OnnxRunner
+
+    if args.runs < 1 or args.warmup < 0:
+        raise ValueError(f"--runs must be ≥ 1 and --warmup ≥ 0, got {args.runs} and {args.warmup}")
+    runner = OnnxRunner(args.model, args.provider, cuda_graph=args.cuda_graph)
+    if runner.notice:
+        print(runner.notice)
+    x = _input(args, runner)
+    outputs = runner(x)
+    timing = runner.benchmark(x, warmup=args.warmup, runs=args.runs)
+    print(f"{Path(args.model).name} on onnxruntime {runner.provider.upper()} provider: input {x.shape}, "
+          f"median {timing.median_ms:.3f} ms over {timing.runs} runs, {timing.tokens_per_s:,.0f} tokens/s")
+    print("outputs: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outputs.items()))
+    if args.save:
+        np.save(args.save, outputs[runner.outputs[0].name])
+        print(f"wrote {args.save}")
+    return 0
+
+
+def main_command(args: argparse.Namespace) -> int:
+    from export import exporter
+    from export.runtime import OnnxRunner
+    from export.verify import verify
+
+    if args.seq < 1:
+        raise ValueError(f"--seq must be ≥ 1, got {args.seq}")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hypermoe-"))
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is not a directory")
+    t0 = time.perf_counter()
+    cfg, params, kind, source = exporter.load_source(None)
+    print(f"1. build: default layer (d={cfg.d_model}, f={cfg.d_ff}, N={cfg.n_experts}, k={cfg.top_k}, "
+          f"gate={cfg.gate}, a={cfg.d_adapter}), ref.init seed 0, {sum(v.size for v in params.values()):,} parameters")
+    result = exporter.export_model(workdir / "hypermoe.onnx", cfg, params, kind=kind, flavour=args.flavour,
+                                   routing_outputs=True, source=source)
+    print("2. ", end="")
+    _print_export(result)
+    runner = OnnxRunner(result.path, args.provider)
+    report = verify(result.path, runner=runner, shapes=((2, 16), (1, 1), (3, 7)))
+    print("3. " + "\n".join(report.lines()))
+    if runner.notice:
+        print("4. " + runner.notice)
+    x = np.random.default_rng(1).standard_normal((1, args.seq, cfg.d_model)).astype(np.float32)
+    timing = runner.benchmark(x, warmup=2, runs=10)
+    print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
+          f"{cfg.d_model}), median {timing.median_ms:.2f} ms, {timing.tokens_per_s:,.0f} tokens/s")
+    print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    from hypermoe.cli import main
+
+    sys.exit(main())
