@@ -1,0 +1,358 @@
+"""The conformance suite (conformance/): the committed cases regenerate from ref/ and match their sha256;
+ref and the torch layer pass every case; deliberately wrong implementations (mutants built on ref's step
+functions) each fail it; tampered or missing files, unknown patterns and implementations are clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ref
+import ref.semantics as sem
+from conformance import generate, runner
+from conformance.suite import CASES_DIR, DTYPES, IntegrityError, load_manifest, round_to
+from hypermoe.cli import main as cli_main
+
+MANIFEST = load_manifest()
+CASE_IDS = [c["id"] for c in MANIFEST["cases"]]
+
+
+def _failed(report) -> set[str]:
+    return {r["case"] for r in report["results"] if r["status"] == "fail"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases themselves
+# ---------------------------------------------------------------------------------------------
+
+
+def test_regenerated_cases_equal_the_committed_ones():
+    """Rebuilding from ref/ gives the committed arrays (inputs and parameters bitwise, expected values
+    bitwise or within 1e-12) and manifest, and every committed file matches its sha256."""
+    problems, notes = generate.check()
+    assert problems == [], "\n".join(problems)
+    assert len(notes) <= sum(len(c["shapes"]) for c in MANIFEST["cases"])  # notes are allowed, not failures
+
+
+def test_the_cases_cover_what_the_suite_promises():
+    tags = {t for c in MANIFEST["cases"] for t in c["tags"]}
+    cfgs = [c["config"] for c in MANIFEST["cases"]]
+    assert {"topk", "switch", "k1", "k2", "k=N", "N1", "capacity", "drops", "tie", "large-logits", "T0", "T1",
+            "stack", "aux", "jitter", "noisy-gating", "plain-moe"} <= tags
+    assert {c["gate"] for c in cfgs} == set(ref.GATES) and {c["activation"] for c in cfgs} == set(ref.ACTIVATIONS)
+    assert max(c["d_model"] for c in cfgs) <= 32
+    size = sum((CASES_DIR / c["file"]).stat().st_size for c in MANIFEST["cases"])
+    assert size < 5e6
+    for c in MANIFEST["cases"]:
+        assert set(c["dtypes"]) == set(DTYPES)
+        assert c["dtypes"]["float64"]["skip"] is None and c["dtypes"]["float32"]["skip"] is None, c["id"]
+        if "tie" in c["tags"]:
+            assert c["routing_margin"] == 0.0 and c["tokens_with_exact_ties"] > 0
+            assert all(v["skip"] is None for v in c["dtypes"].values())  # exact ties survive every dtype
+    # the one near-tie case demonstrates the skip rule for 16-bit dtypes
+    near = next(c for c in MANIFEST["cases"] if c["id"] == "near_tie")
+    assert near["dtypes"]["float16"]["skip"].startswith("routing margin below dtype resolution")
+
+
+@given(st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=50))
+def test_round_to_matches_torch_rounding(values):
+    """The NumPy bfloat16/float16 rounding used for tolerances and skip rules is torch's."""
+    torch = pytest.importorskip("torch")
+    a = np.array(values, dtype=np.float64)
+    for name in ("bfloat16", "float16"):
+        want = torch.tensor(a, dtype=torch.float32).to(getattr(torch, name)).double().numpy()
+        np.testing.assert_array_equal(round_to(name, a.astype(np.float32)), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conforming implementations pass
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ref_passes_every_case():
+    report = runner.run("ref", "float64,float32")
+    assert report["summary"]["pass"] == 2 * len(CASE_IDS) and report["exit_status"] == 0
+    skipped = runner.run("ref", "bfloat16", cases="topk_k1")["results"][0]
+    assert skipped["status"] == "skipped" and "float32/float64 only" in skipped["reason"]
+
+
+def test_torch_cpu_passes_every_case():
+    pytest.importorskip("hypermoe.layer", reason="hypermoe.layer (the torch implementation) is not available")
+    report = runner.run("torch", "float64,float32,bfloat16")
+    assert report["exit_status"] == 0, runner.format_table(report)
+    for row in report["results"]:
+        if row["dtype"] in ("float64", "float32"):
+            assert row["status"] == "pass", row
+        else:  # bfloat16: every case runs unless its routing margin is below bfloat16's resolution
+            assert row["status"] == "pass" or row["reason"].startswith("routing margin below dtype resolution"), row
+    assert {"output", "selected", "gates", "probs", "logits", "kept"} <= set(report["results"][0]["checked"])
+    fp16 = runner.run("torch", "float16", cases="topk_k1")["results"][0]
+    assert fp16["status"] == "skipped" and "CUDA only" in fp16["reason"]
+
+
+def test_cuda_impls_skip_with_a_reason_without_a_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: torch-cuda runs for real (see test_torch_cpu_passes_every_case)")
+    row = runner.run("torch-cuda", "float32", cases="T1")["results"][0]
+    assert row["status"] == "skipped" and "no CUDA device" in row["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutants: each deliberately wrong implementation fails the suite (monkeypatched copies of ref's steps)
+# ---------------------------------------------------------------------------------------------
+
+
+def _patched_ref(**patches):
+    """ref run through the runner's ref adapter with some of ref.semantics' step functions replaced."""
+
+    def impl(cfg, params, inputs, dtype):
+        with mock.patch.multiple(sem, **patches):
+            return runner.ref_impl(cfg, params, inputs, dtype)
+
+    return impl
+
+
+_orig = {name: getattr(sem, name) for name in ("selection_embedding", "gates", "generate", "select", "capacity_keep")}
+
+
+def _mean_unselected(params, selected):
+    n_unselected = params["expert_embed"].shape[0] - selected.shape[1]
+    return _orig["selection_embedding"](params, selected) / max(n_unselected, 1)
+
+
+def _selected_not_unselected(params, selected):
+    return params["expert_embed"].sum(axis=0) - _orig["selection_embedding"](params, selected)
+
+
+def _no_renormalisation(cfg, probs, selected):
+    return np.take_along_axis(probs, selected, axis=-1)
+
+
+def _column_major_heads(cfg, params, z, layer):
+    w_down, b_down, w_up, b_up = _orig["generate"](cfg, params, z, layer)
+    T, d, a = w_down.shape
+    w_down = w_down.reshape(T, d * a).reshape(T, a, d).transpose(0, 2, 1)  # W_down[i, j] = out[j·d + i]
+    w_up = w_up.reshape(T, a * d).reshape(T, d, a).transpose(0, 2, 1)  # W_up[j, i] = out[i·a + j]
+    return w_down, b_down, w_up, b_up
+
+
+def _ties_to_higher(logits, k):
+    N = logits.shape[-1]
+    return N - 1 - np.argsort(-logits[:, ::-1], axis=-1, kind="stable")[:, :k]
+
+
+def _capacity_ignored(cfg, selected, seq_len):
+    return np.ones(selected.shape[0], dtype=bool)
+
+
+def _layer_index_ignored(cfg, params, z, layer):
+    return _orig["generate"](cfg, params, z, 0)
+
+
+def _layer_embed_zeroed(cfg, params, inputs, dtype):
+    params = {**params, "hyper.layer_embed": np.zeros_like(params["hyper.layer_embed"])} if cfg.hyper_expert else params
+    return runner.ref_impl(cfg, params, inputs, dtype)
+
+
+MUTANTS = {
+    "mean instead of sum of unselected embeddings": _patched_ref(selection_embedding=_mean_unselected),
+    "selected instead of unselected experts": _patched_ref(selection_embedding=_selected_not_unselected),
+    "missing top-k renormalisation": _patched_ref(gates=_no_renormalisation),
+    "W_down/W_up column-major reshape": _patched_ref(generate=_column_major_heads),
+    "ties to the higher index": _patched_ref(select=_ties_to_higher),
+    "capacity ignored": _patched_ref(capacity_keep=_capacity_ignored),
+    "layer index ignored (always 0)": _patched_ref(generate=_layer_index_ignored),
+    "layer embedding ignored (zeros)": _layer_embed_zeroed,
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_mutant_fails_the_suite(name):
+    report = runner.run(MUTANTS[name], "float64")
+    caught = _failed(report)
+    assert report["exit_status"] == 1 and caught, f"mutant '{name}' passed the suite"
+    if name == "ties to the higher index":
+        assert caught == {"tie_topk", "tie_switch_capacity"}  # only the exact ties tell the rules apart
+    if name == "capacity ignored":
+        assert caught <= {"switch_capacity", "tie_switch_capacity", "train_jitter"}
+
+
+def _emulated_16bit(router_in_16bit: bool):
+    """A float16 "implementation": inputs and parameters rounded to float16, computed in float32 by ref;
+    with `router_in_16bit` the router logits are computed and kept in float16 (the mutant)."""
+
+    def router_16(cfg, params, x, jitter=None, gate_noise=None):
+        h = lambda a: a.astype(np.float16)  # noqa: E731
+        router_in = h(x) if jitter is None else h(h(x) * h(jitter))
+        logits = router_in @ h(params["router.weight"])  # float16 matmul, float16 result
+        if cfg.router_bias:
+            logits = logits + h(params["router.bias"])
+        if gate_noise is not None:
+            logits = logits + h(gate_noise) * h(np.logaddexp(0, h(x) @ h(params["router.noise_weight"])) + 0.01)
+        return logits.astype(x.dtype)
+
+    def impl(cfg, params, inputs, dtype):
+        if dtype != "float16":
+            raise runner.Unsupported("float16 emulation only")
+        rounded = {n: round_to("float16", v).astype(np.float32) for n, v in params.items()}
+        extra = {n: round_to("float16", inputs[n]).astype(np.float32) for n in ("jitter", "gate_noise") if n in inputs}
+        x = round_to("float16", inputs["x"]).astype(np.float32)
+        with mock.patch.object(sem, "router_logits", router_16) if router_in_16bit else contextlib.nullcontext():
+            r = ref.layer(cfg, rounded, x, inputs["layer_index"], **extra)
+        return {"output": r.output, "selected": r.selected, "gates": r.gates, "probs": r.probs, "kept": r.kept,
+                "aux": r.aux}
+
+    return impl
+
+
+def test_float16_router_must_be_float32():
+    """In float16 mode the emulated implementation with a float32 router passes; computing the router in
+    float16 fails (large logits ≈ 1024 are rounded to steps of 1 in float16)."""
+    good = runner.run(_emulated_16bit(router_in_16bit=False), "float16")
+    assert good["exit_status"] == 0 and good["summary"]["pass"] > 0, runner.format_table(good)
+    bad = runner.run(_emulated_16bit(router_in_16bit=True), "float16")
+    assert bad["exit_status"] == 1 and "large_logits" in _failed(bad)
+
+
+def test_plugin_by_module_and_function_name(tmp_path, capsys):
+    """MODULE:FUNCTION loads a third-party implementation; a mutant given that way fails with exit status 1."""
+    assert cli_main(["conformance", "--impl", "conformance.runner:ref_impl", "--dtype", "float64"]) == 0
+    assert cli_main(["conformance", "--impl", "tests.test_conformance:mutant_no_renormalisation",
+                     "--dtype", "float64", "--cases", "topk_*"]) == 1
+    out = capsys.readouterr().out
+    assert "fail" in out and "topk_k2_bias_relu" in out
+
+
+mutant_no_renormalisation = MUTANTS["missing top-k renormalisation"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expected failures and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def test_xfails_file(tmp_path):
+    xfails = tmp_path / "xfails.txt"
+    xfails.write_text("# known problems\ntie_*@float64  # ties broken the other way\n")
+    report = runner.run(MUTANTS["ties to the higher index"], "float64", xfails=xfails)
+    assert report["exit_status"] == 0 and report["summary"]["expected-fail"] == 2
+    report = runner.run("ref", "float64", cases="tie_*", xfails=xfails)  # a listed case that passes
+    assert report["exit_status"] == 1 and report["summary"]["unexpected-pass"] == 2
+    xfails.write_text("no_such_case  # stale\n")
+    with pytest.raises(ValueError, match="matches no case"):
+        runner.run("ref", "float64", xfails=xfails)
+
+
+def test_report_json_and_table(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    assert cli_main(["conformance", "--impl", "ref", "--dtype", "float32,float16", "--cases", "T*,near_tie",
+                     "--report", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["summary"]["pass"] == 4 and report["summary"]["skipped"] == 4
+    rows = {(r["case"], r["dtype"]): r for r in report["results"]}
+    assert rows[("near_tie", "float32")]["status"] == "pass" and rows[("T1", "float32")]["max_abs"] < 1e-4
+    table = capsys.readouterr().out
+    assert "4 pass, 0 fail" in table and "float32/float64 only" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity and usage errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cases_copy(tmp_path) -> Path:
+    target = tmp_path / "cases"
+    shutil.copytree(CASES_DIR, target)
+    return target
+
+
+def test_tampered_case_file_is_an_integrity_error(cases_copy, capsys):
+    path = cases_copy / "topk_k1.npz"
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0x01  # one bit of one stored value
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="topk_k1.*sha256"):
+        runner.run("ref", "float32", cases_dir=cases_copy)
+    assert cli_main(["conformance", "--impl", "ref", "--cases-dir", str(cases_copy)]) == 2
+    assert "sha256" in capsys.readouterr().err
+    with pytest.raises(IntegrityError):
+        generate.check(cases_copy)
+
+
+def test_wrong_sha256_in_manifest(cases_copy):
+    manifest = json.loads((cases_copy / "manifest.json").read_text())
+    manifest["cases"][3]["sha256"] = "0" * 64
+    (cases_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="sha256"):
+        runner.run("ref", "float32", cases_dir=cases_copy)
+    runner.run("ref", "float32", cases="topk_k1", cases_dir=cases_copy)  # other cases still load
+
+
+def test_missing_case_file_and_manifest(cases_copy):
+    (cases_copy / "stack3.npz").unlink()
+    with pytest.raises(IntegrityError, match="stack3.*missing"):
+        runner.run("ref", "float32", cases_dir=cases_copy)
+    (cases_copy / "manifest.json").unlink()
+    with pytest.raises(IntegrityError, match="manifest not found"):
+        runner.run("ref", "float32", cases_dir=cases_copy)
+
+
+@pytest.mark.parametrize("impl, message", [
+    ("nonsense", "unknown --impl"),
+    ("no_such_module_xyz:run", "cannot import module"),
+    ("conformance.runner:no_such_function", "has no function"),
+])
+def test_bad_impl(impl, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        runner.run(impl, "float32")
+    assert cli_main(["conformance", "--impl", impl]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_pattern_and_dtype(capsys):
+    with pytest.raises(ValueError, match="matches no case"):
+        runner.run("ref", "float32", cases="no_such_*")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        runner.run("ref", "float8")
+    assert cli_main(["conformance", "--cases", "zzz"]) == 2
+    assert "matches no case" in capsys.readouterr().err
+
+
+def test_crashing_or_incomplete_implementation_fails_the_case():
+    def crash(cfg, params, inputs, dtype):
+        raise RuntimeError("boom")
+
+    def no_selected(cfg, params, inputs, dtype):
+        return {"output": runner.ref_impl(cfg, params, inputs, dtype)["output"]}
+
+    def no_aux(cfg, params, inputs, dtype):
+        result = runner.ref_impl(cfg, params, inputs, dtype)
+        del result["aux"]
+        return result
+
+    row = runner.run(crash, "float32", cases="T1")["results"][0]
+    assert row["status"] == "fail" and "RuntimeError: boom" in row["reason"]
+    row = runner.run(no_selected, "float32", cases="T1")["results"][0]
+    assert row["status"] == "fail" and "'selected'" in row["reason"]
+    report = runner.run(no_aux, "float32", cases="aux_*,T1")
+    assert _failed(report) == {"aux_topk", "aux_switch"}  # aux is required where the case tests it
+
+
+def test_nan_output_fails():
+    def nan_out(cfg, params, inputs, dtype):
+        result = runner.ref_impl(cfg, params, inputs, dtype)
+        result["output"] = np.full_like(result["output"], np.nan)
+        return result
+
+    row = runner.run(nan_out, "float32", cases="T1")["results"][0]
+    assert row["status"] == "fail" and "output" in row["reason"]
