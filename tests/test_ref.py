@@ -106,10 +106,13 @@ def test_router_bias_jitter_and_gate_noise_enter_the_logits_as_specified():
     x = np.array([[1.0, 2.0]])
     jitter = np.array([[3.0, 0.5]])  # router input (3, 1); experts would see (1, 2)
     noise = np.array([[0.0, 2.0]])
+    scaled_identity_experts(params, 2, [1.0, 7.0])  # FFN_1(x) = 7x for x ≥ 0
     result = ref.layer(cfg, params, x, jitter=jitter, gate_noise=noise)
     softplus_2 = math.log1p(math.exp(2.0))  # the noise weight reads the plain x_1 = 2, not the jittered 1
-    expected = [3.0 + 0.5, 1.0 - 0.5 + 2.0 * (softplus_2 + 0.01)]
+    expected = [3.0 + 0.5, 1.0 - 0.5 + 2.0 * (softplus_2 + 0.01)]  # (3.5, 4.77...): expert 1
     np.testing.assert_allclose(result.logits, [expected], rtol=1e-14)
+    np.testing.assert_array_equal(result.selected, [[1]])
+    np.testing.assert_allclose(result.output, [[7.0, 14.0]], rtol=1e-15)  # the expert sees the plain x
     # without the draws: the clean logits (inference)
     np.testing.assert_allclose(ref.layer(cfg, params, x).logits, [[1.5, 1.5]], rtol=1e-14)
 
@@ -150,9 +153,9 @@ def test_generated_matrices_are_row_major():
 
 
 def test_hyper_expert_depends_on_the_unselected_set_and_the_layer():
-    # d = e = p = h = g = a = l = 1, N = 3, k = 1. E = (1, 2, 4); process and trunk pass z through
-    # (weights 1, biases 0, positive values), layer embedding weight 1 with L = (0, 10):
-    #   s = sum of the unselected E, z = s, r = z + L_ℓ, W_down = W_up = r, biases 0 → ê = x r² (x > 0).
+    # d = e = p = h = g = a = l = 1, N = 3, k = 1. E = (1, 2, 4); the process passes s through (weights 1,
+    # biases 0, positive values); trunk weight (1 for z, 2 for the layer embedding), L = (0, 5):
+    #   s = sum of the unselected E, z = s, r = z + 2 L_ℓ, W_down = W_up = r, biases 0 → ê = x r² (x > 0).
     cfg = hand_config(n_experts=3, router_bias=True, hyper_expert=True, n_layers=2)
     params = zero_params(cfg)
     params["router.weight"][:] = [[1.0, -1.0, 0.0]]
@@ -160,15 +163,15 @@ def test_hyper_expert_depends_on_the_unselected_set_and_the_layer():
     params["expert_embed"][:, 0] = [1.0, 2.0, 4.0]
     params["process.w1"][:] = 1.0
     params["process.w2"][:] = 1.0
-    params["hyper.trunk.weight"][:] = 1.0  # both the z row and the layer-embedding row
-    params["hyper.layer_embed"][:, 0] = [0.0, 10.0]
+    params["hyper.trunk.weight"][:, 0] = [1.0, 2.0]  # row 0 multiplies z, row 1 the layer embedding
+    params["hyper.layer_embed"][:, 0] = [0.0, 5.0]
     params["hyper.w_down.weight"][:] = 1.0
     params["hyper.w_up.weight"][:] = 1.0
     x = np.array([[1.0], [4.0]])  # logits (1, -1, 3) → expert 2, s = 1 + 2 = 3; (4, -4, 3) → expert 0, s = 6
     result = ref.layer(cfg, params, x, 0)
     np.testing.assert_array_equal(result.selected, [[2], [0]])
     np.testing.assert_allclose(result.hyper, [[1 * 3.0**2], [4 * 6.0**2]], rtol=1e-15)
-    result = ref.layer(cfg, params, x, 1)  # r = s + 10
+    result = ref.layer(cfg, params, x, 1)  # r = s + 2·5 (the other concatenation order would give 2s + 5)
     np.testing.assert_allclose(result.hyper, [[1 * 13.0**2], [4 * 16.0**2]], rtol=1e-15)
 
 
