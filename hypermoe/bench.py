@@ -1,0 +1,763 @@
+"""`hypermoe bench`: the HyperMoE layer against the official approach, side by side in one run.
+
+What is measured, per top-k k, token count T and mode (forward, forward + backward):
+- "official": the official approach, re-implemented here from the math of SPEC.md (design note
+  semantics.md), not copied: per token, the hypernetwork's W_down (d, a) and W_up (a, d) are generated
+  and materialised as (T, d, a) and (T, a, d) tensors and applied with a batched mat-vec (bmm); the
+  experts are an `nn.ModuleList` run by a loop over experts with a boolean mask and `index_add_`
+  (HF-style); softmax top-k gating. It is checked against ref/ before anything is timed.
+- "hypermoe": hypermoe.layer.HyperMoELayer; "plain-moe": the same layer with the HyperExpert
+  disabled (config.hyper_expert = False, same expert weights), to show the HyperExpert's overhead.
+- "ort-portable" / "ort-fused": onnxruntime on the exported layer (export/), forward only.
+Columns: median and min ms per call, tokens/s, memory (bytes saved for backward, measured with
+`torch.autograd.graph.saved_tensors_hooks`, parameters and the input excluded; peak RSS growth on CPU,
+`torch.cuda.max_memory_allocated` growth on CUDA), the ratio to the official approach, and the
+experts' useful FLOPs (4·d·f·T·k forward, 3× that forward + backward) per second of the whole call,
+as a fraction of this machine's GEMM rate measured in the same run.
+
+Axis legend: T tokens, d model width, N experts, k selected, f expert hidden width, a adapter width,
+e expert-embedding width, h = d_h, l = d_l layer-embedding width, g generator width.
+
+Methodology: inputs x ~ N(0, 1) and ref.init parameters (random routing, near-uniform load; the
+routing load is reported). Each row: one call that measures memory (and warms up), more warm-up
+calls while they are cheap, then timed blocks of n calls (n so that a block lasts ≥ `block_s`);
+reps = budget / block time, clamped to [3, max_reps]: slow rows (the official approach at
+T = 8192 takes seconds) get 3 reps. Parameter gradients accumulate across calls (allocated once during
+warm-up), as in gradient accumulation, so the RSS growth of a forward + backward excludes them.
+The library never prints: progress goes to the `progress` callback (the CLI writes it to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import ref
+from ref import HyperMoEConfig
+
+IMPLS = ("official", "hypermoe", "hypermoe-nocache", "plain-moe", "ort-portable", "ort-fused")
+FORWARD_ONLY = ("hypermoe-nocache", "ort-portable", "ort-fused")
+MODES = ("fwd", "fwd+bwd")
+MiB = 1024**2
+
+
+@dataclass
+class Options:
+    """What one benchmark run covers. `full()` / `quick()` are the CLI's two presets."""
+
+    device: str = "cpu"  # "cpu" | "cuda"
+    dtypes: tuple[str, ...] = ("fp32",)  # "fp32" | "bf16" (bf16 is for CUDA; on CPU it is optional)
+    top_ks: tuple[int, ...] = (1, 2)
+    tokens: tuple[int, ...] = (64, 1024, 8192)
+    modes: tuple[str, ...] = MODES
+    impls: tuple[str, ...] = IMPLS
+    threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads
+    gemm_sizes: tuple[int, ...] = (4096,)  # square GEMM n³ (plus the MoE-shaped (T·k/N, d)·(d, f))
+    block_s: float = 0.2  # a timed block lasts at least this long
+    budget_s: float = 3.0  # timed seconds per row (after warm-up), before clamping reps
+    max_reps: int = 20
+    min_reps: int = 3
+    seed: int = 0
+    cfg: HyperMoEConfig = field(default_factory=HyperMoEConfig)  # official sizes by default
+
+    @classmethod
+    def quick(cls, **changes: Any) -> Options:
+        """About a minute on 2 cores: k = 1, T = 64 and 1024, small GEMM, short budgets."""
+        base = dict(top_ks=(1,), tokens=(64, 1024), gemm_sizes=(2048,), block_s=0.05, budget_s=0.6, max_reps=7)
+        return cls(**{**base, **changes})
+
+
+# ---------------------------------------------------------------------------------------------
+# Harness: timing, memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_block(fn: Callable[[], Any], n: int, device: str) -> float:
+    """Seconds per call of `fn`, averaged over a block of n back-to-back calls (CUDA events on CUDA)."""
+    if device == "cuda":
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    reps: int  # timed blocks
+    calls_per_rep: int
+
+
+def measure_time(fn: Callable[[], Any], first_call_s: float, opts: Options, timer_device: str | None = None) -> Timing:
+    """Warm up while calls are cheap, then time blocks; `first_call_s` is the (memory) call already made.
+    `timer_device` "cpu" forces wall-clock timing (for calls that synchronise by themselves)."""
+    device = timer_device or opts.device
+    t_call = first_call_s
+    if t_call < 1.0:  # more warm-up: until 0.3 s or 3 calls, the last one gives the estimate
+        spent = 0.0
+        for _ in range(3):
+            t_call = time_block(fn, 1, device)
+            spent += t_call
+            if spent > 0.3:
+                break
+    n = max(1, math.ceil(opts.block_s / max(t_call, 1e-6)))
+    reps = int(min(opts.max_reps, max(opts.min_reps, round(opts.budget_s / (n * max(t_call, 1e-6))))))
+    times = [time_block(fn, n, device) for _ in range(reps)]
+    return Timing(float(np.median(times)), float(min(times)), reps, n)
+
+
+def _rss_kib() -> dict[str, int] | None:
+    try:
+        status = open("/proc/self/status").read()
+    except OSError:
+        return None
+    return {key: int(re.search(key + r":\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Memory:
+    saved_bytes: int | None  # bytes saved for backward (unique storages, parameters and input excluded)
+    peak_bytes: int | None  # CPU: peak RSS growth; CUDA: max_memory_allocated growth
+
+
+def measure_memory(fn: Callable[[], Any], exclude: Sequence[Any], device: str, track_saved: bool) -> tuple[Memory, Any, float]:
+    """One call of `fn` with memory tracking → (Memory, fn's result, seconds). `exclude`: tensors
+    (parameters, the input) whose storages already exist and do not count as saved for backward."""
+    import torch
+
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}  # storage pointer → bytes, so views and repeats count once
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        ok = _reset_peak_rss()
+        before = _rss_kib() if ok else None
+    t0 = time.perf_counter()
+    if track_saved:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = fn()
+    else:
+        result = fn()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        after = _rss_kib() if before is not None else None
+        peak = (after["VmHWM"] - before["VmRSS"]) * 1024 if after is not None else None
+    return Memory(sum(saved.values()) if track_saved else None, peak), result, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# This machine's GEMM rate, measured in the same run
+# ---------------------------------------------------------------------------------------------
+
+
+def gemm_rate(m: int, k: int, n: int, dtype: str, opts: Options) -> dict[str, Any]:
+    """GFLOP/s of one (m, k) @ (k, n) matmul (2·m·k·n FLOPs), median of timed blocks."""
+    import torch
+
+    tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    gen = torch.Generator().manual_seed(opts.seed)
+    a = torch.randn(m, k, generator=gen).to(opts.device, tdtype)
+    b = torch.randn(k, n, generator=gen).to(opts.device, tdtype)
+    fn = lambda: torch.mm(a, b)  # noqa: E731
+    first = time_block(fn, 1, opts.device)
+    timing = measure_time(fn, first, opts)
+    flops = 2.0 * m * k * n
+    return {"shape": f"({m},{k})@({k},{n})", "dtype": dtype, "median_ms": timing.median_s * 1e3,
+            "gflops": flops / timing.median_s / 1e9, "best_gflops": flops / timing.min_s / 1e9, "reps": timing.reps}
+
+
+# ---------------------------------------------------------------------------------------------
+# The official approach, written from the math (SPEC.md §3; design note semantics.md §2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(name: str):
+    import torch.nn.functional as F
+
+    return {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda u: F.gelu(u, approximate="tanh"),
+            "silu": F.silu}[name]
+
+
+def _official_classes():
+    """Defined lazily so that importing hypermoe.bench (the CLI) does not import torch."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class OfficialExpert(nn.Module):
+        """One GPT-2-style expert MLP with its own parameters (the official code keeps an
+        nn.ModuleList of experts): act(x W1 + b1) W2 + b2."""
+
+        def __init__(self, w1, b1, w2, b2, activation):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(w1), nn.Parameter(w2)  # (d, f), (f, d)
+            self.b1 = nn.Parameter(b1) if b1 is not None else None  # (f)
+            self.b2 = nn.Parameter(b2) if b2 is not None else None  # (d)
+            self.act = activation
+
+        def forward(self, x):  # x: (T_e, d) the tokens routed to this expert
+            u = x @ self.w1  # (T_e, f)
+            if self.b1 is not None:
+                u = u + self.b1
+            y = self.act(u) @ self.w2  # (T_e, d)
+            return y + self.b2 if self.b2 is not None else y
+
+    class OfficialLayer(nn.Module):
+        """The official HyperMoE approach: per-token materialised HyperExpert weights applied with a
+        batched mat-vec, experts by a loop with a boolean mask and index_add (HF-style).
+
+        Built from a ref/ parameter mapping (names of ref.param_shapes). Inference semantics without
+        capacity (SPEC.md §3.1–3.8); training-only noise and jitter are not part of the baseline."""
+
+        def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, device=None, dtype=None):
+            super().__init__()
+            if cfg.capacity is not None:
+                raise ValueError("the official-approach baseline has no expert capacity (config field 'capacity')")
+            self.cfg = cfg
+
+            def p(name):
+                return torch.as_tensor(np.asarray(params[name])).to(device=device, dtype=dtype).clone()
+
+            self.router_weight = nn.Parameter(p("router.weight"))  # (d, N)
+            self.router_bias = nn.Parameter(p("router.bias")) if cfg.router_bias else None  # (N)
+            act = _activation(cfg.activation)
+            w1, w2 = p("experts.w1"), p("experts.w2")  # (N, d, f), (N, f, d)
+            b1, b2 = (p("experts.b1"), p("experts.b2")) if cfg.expert_bias else (None, None)  # (N, f), (N, d)
+            self.experts = nn.ModuleList(  # each expert owns its parameters, as in the official code
+                OfficialExpert(w1[i].clone(), b1[i].clone() if b1 is not None else None,
+                               w2[i].clone(), b2[i].clone() if b2 is not None else None, act)
+                for i in range(cfg.n_experts)
+            )
+            if cfg.hyper_expert:
+                self.hyper = nn.ParameterDict({
+                    name.replace(".", "_"): nn.Parameter(p(name))
+                    for name in ref.param_shapes(cfg)
+                    if name.startswith(("expert_embed", "process.", "hyper."))
+                })
+
+        def forward(self, x, layer_index: int = 0):
+            cfg, N, k = self.cfg, self.cfg.n_experts, self.cfg.top_k
+            shape = x.shape
+            x = x.reshape(-1, cfg.d_model)  # (T, d)
+            T = x.shape[0]
+            logits = x @ self.router_weight  # (T, N)
+            if self.router_bias is not None:
+                logits = logits + self.router_bias
+            routing_dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 at least (bf16 → float32)
+            probs = F.softmax(logits, dim=-1, dtype=routing_dtype)  # (T, N)
+            selected = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]  # (T, k) ties → lower index
+            chosen = probs.gather(-1, selected)  # (T, k)
+            gate = chosen / chosen.sum(-1, keepdim=True) if cfg.gate == "topk" else chosen  # renormalised over S
+            gate = gate.to(x.dtype)  # cast back to the compute dtype
+
+            # experts: loop over experts, boolean mask → token indices, index_add (HF-style)
+            y = torch.zeros_like(x)  # (T, d)
+            expert_mask = F.one_hot(selected, N).permute(2, 1, 0)  # (N, k, T)
+            for e, expert in enumerate(self.experts):
+                slot, idx = torch.where(expert_mask[e])  # (T_e,), (T_e,)
+                y.index_add_(0, idx, expert(x[idx]) * gate[idx, slot, None])
+            if not cfg.hyper_expert:
+                return y.reshape(shape)
+
+            # HyperExpert, per token: s = Σ_{j∉S} E_j (unweighted) → z → r → generated weights
+            hp = self.hyper
+            unselected = torch.ones(T, N, dtype=x.dtype, device=x.device).scatter(-1, selected, 0.0)  # (T, N)
+            s = unselected @ hp["expert_embed"]  # (T, e); zero when k = N
+            z = F.relu(s @ hp["process_w1"] + hp["process_b1"]) @ hp["process_w2"] + hp["process_b2"]  # (T, h)
+            layer_embed = hp["hyper_layer_embed"][layer_index].expand(T, -1)  # (T, l)
+            r = F.relu(torch.cat([z, layer_embed], -1) @ hp["hyper_trunk_weight"] + hp["hyper_trunk_bias"])  # (T, g)
+            d, a = cfg.d_model, cfg.d_adapter
+            w_down = (r @ hp["hyper_w_down_weight"] + hp["hyper_w_down_bias"]).view(T, d, a)  # (T, d, a) materialised
+            w_up = (r @ hp["hyper_w_up_weight"] + hp["hyper_w_up_bias"]).view(T, a, d)  # (T, a, d) materialised
+            b_down = r @ hp["hyper_b_down_weight"] + hp["hyper_b_down_bias"]  # (T, a)
+            b_up = r @ hp["hyper_b_up_weight"] + hp["hyper_b_up_bias"]  # (T, d)
+            hidden = F.relu(torch.bmm(x[:, None, :], w_down)[:, 0] + b_down)  # (T, a) batched mat-vec
+            hyper = torch.bmm(hidden[:, None, :], w_up)[:, 0] + b_up  # (T, d)
+            return (y + hyper).reshape(shape)
+
+    return OfficialLayer
+
+
+def official_layer(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, device=None, dtype=None):
+    """The official-approach baseline as an nn.Module: forward(x (..., d), layer_index) → (..., d)."""
+    return _official_classes()(cfg, params, device=device, dtype=dtype)
+
+
+def official_error_vs_ref(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], x: np.ndarray, layer_index: int = 0) -> float:
+    """Max |official − ref| / max(1, max |ref|) in float64 on x (..., S, d): the baseline's check."""
+    import torch
+
+    expected = ref.layer(cfg, params, x, layer_index).output
+    model = official_layer(cfg, params, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x), layer_index).numpy()
+    return float(np.max(np.abs(got - expected), initial=0.0) / max(1.0, float(np.max(np.abs(expected), initial=0.0))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementations under test
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def hypermoe_layer(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, device=None, dtype=None, **kwargs):
+    """hypermoe's layer holding the ref parameters (cfg.hyper_expert False: a plain MoE layer)."""
+    from hypermoe.layer import HyperMoELayer
+
+    return HyperMoELayer.from_ref(cfg, params, device=device, dtype=dtype, **kwargs)
+
+
+class TorchImpl:
+    """One torch implementation: forward(x) → output tensor. Eval mode for the forward rows (inference:
+    hypermoe's layer may use its adapter cache), train mode for forward + backward."""
+
+    def __init__(self, module, is_hypermoe: bool):
+        self.module, self.is_hypermoe = module, is_hypermoe
+
+    def __call__(self, x):
+        out = self.module(x, 0)
+        return out.output if self.is_hypermoe else out
+
+
+def make_torch_impl(impl: str, cfg: HyperMoEConfig, params, device: str, dtype: str) -> TorchImpl:
+    tdtype = _torch_dtype(dtype)
+    if impl == "official":
+        return TorchImpl(official_layer(cfg, params, device=device, dtype=tdtype), False)
+    if impl == "hypermoe":
+        return TorchImpl(hypermoe_layer(cfg, params, device=device, dtype=tdtype), True)
+    if impl == "hypermoe-nocache":
+        return TorchImpl(hypermoe_layer(cfg, params, device=device, dtype=tdtype, cache_adapters=False), True)
+    if impl == "plain-moe":
+        plain = cfg.replace(hyper_expert=False)
+        plain_params = {name: params[name] for name in ref.param_shapes(plain)}  # the same experts and router
+        return TorchImpl(hypermoe_layer(plain, plain_params, device=device, dtype=tdtype), True)
+    raise ValueError(f"unknown torch implementation {impl!r}")
+
+
+class OrtImpl:
+    """onnxruntime on the exported layer (export/), inputs bound once on the provider's device (IOBinding),
+    so a timed call does no host copies. Forward only."""
+
+    def __init__(self, flavour: str, cfg: HyperMoEConfig, params, device: str, threads: int | None):
+        import tempfile
+
+        from export.exporter import export_model
+        from export.runtime import OnnxRunner
+
+        self._dir = tempfile.TemporaryDirectory(prefix="hypermoe-bench-")
+        path = os.path.join(self._dir.name, f"layer-{flavour}.onnx")
+        exported = export_model(path, cfg, params, kind="layer", flavour=flavour, dtype="float32")
+        self.export_s, self.hyper_form = exported.seconds, exported.hyper_form
+        self.runner = OnnxRunner(path, provider=device, threads=threads)
+
+    def bind(self, x: np.ndarray) -> None:
+        self.runner.bind(x[None])  # (1, T, d): the exported input is (batch, seq, d)
+
+    def __call__(self) -> None:
+        self.runner.run_bound()
+
+    def output(self) -> np.ndarray:
+        return self.runner.fetch()["output"][0]  # (T, d)
+
+
+def make_impl(impl: str, cfg: HyperMoEConfig, params, opts: Options, dtype: str):
+    if impl.startswith("ort-"):
+        if dtype != "fp32":
+            raise NotImplementedError("onnxruntime rows are measured in fp32 only")
+        return OrtImpl(impl[len("ort-"):], cfg, params, opts.device, opts.threads)
+    return make_torch_impl(impl, cfg, params, opts.device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------
+
+
+def routing_load(cfg: HyperMoEConfig, params, x: np.ndarray) -> dict[str, Any]:
+    """Tokens per expert and distinct selection sets of the benchmark's input (random routing)."""
+    logits = x @ params["router.weight"].astype(np.float64)
+    selected = ref.select(logits, cfg.top_k)  # (T, k)
+    counts = np.bincount(selected.reshape(-1), minlength=cfg.n_experts)
+    sets = {tuple(sorted(s)) for s in selected.tolist()}
+    return {"tokens_per_expert_min": int(counts.min()), "tokens_per_expert_max": int(counts.max()),
+            "distinct_sets": len(sets), "possible_sets": math.comb(cfg.n_experts, cfg.top_k)}
+
+
+def _row(impl, device, dtype, k, T, mode, **values) -> dict[str, Any]:
+    return {"impl": impl, "device": device, "dtype": dtype, "k": k, "T": T, "mode": mode, **values}
+
+
+def run(opts: Options, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark → {"meta", "gemm", "checks", "load", "rows"} (JSON-serialisable)."""
+    import torch
+
+    say = progress or (lambda message: None)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    for name, allowed, values in (("impl", IMPLS, opts.impls), ("mode", MODES, opts.modes), ("dtype", ("fp32", "bf16"), opts.dtypes)):
+        bad = sorted(set(values) - set(allowed))
+        if bad:
+            raise ValueError(f"unknown {name}(s) {bad}; expected some of {allowed}")
+    if opts.threads is not None and opts.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {opts.threads}")
+    previous_threads = torch.get_num_threads()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run(opts, say)
+    finally:
+        torch.set_num_threads(previous_threads)  # leave the process as it was (tests share it)
+
+
+def _run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    threads = torch.get_num_threads()
+    result: dict[str, Any] = {"meta": environment(opts, threads), "gemm": [], "checks": [], "load": [], "rows": []}
+
+    # 1. the GEMM rate of this machine, now
+    base_cfg = opts.cfg
+    for dtype in opts.dtypes:
+        shapes = [(n, n, n) for n in opts.gemm_sizes]
+        shapes.append((max(opts.tokens) * min(opts.top_ks) // base_cfg.n_experts or 1, base_cfg.d_model, base_cfg.d_ff))
+        for m, kk, n in shapes:
+            say(f"gemm {dtype} ({m},{kk})@({kk},{n}) ...")
+            g = gemm_rate(m, kk, n, dtype, opts)
+            result["gemm"].append(g)
+            say(f"  {g['gflops']:.1f} GFLOP/s")
+    peak = {dt: max(g["gflops"] for g in result["gemm"] if g["dtype"] == dt) for dt in opts.dtypes}
+
+    rng = np.random.default_rng(opts.seed)
+    jobs = [(k, dtype, mode, T, impl) for k in opts.top_ks for dtype in opts.dtypes for mode in opts.modes
+            for T in opts.tokens for impl in opts.impls if mode == "fwd" or impl not in FORWARD_ONLY]
+    done = 0
+    for k in opts.top_ks:
+        cfg = base_cfg.replace(top_k=k)
+        say(f"k={k}: drawing parameters (ref.init, seed {opts.seed}) ...")
+        params = ref.init(cfg, seed=opts.seed, dtype=np.float32)
+        # 2. the baseline agrees with ref before anything is timed (float64, a small T)
+        x_check = rng.standard_normal((2, 8, cfg.d_model))
+        err = official_error_vs_ref(cfg, {n: v.astype(np.float64) for n, v in params.items()}, x_check)
+        result["checks"].append({"what": "official approach vs ref (float64, 2×8 tokens)", "k": k, "max_rel_err": err,
+                                 "ok": err < 1e-9})
+        say(f"check official vs ref, k={k}: max rel err {err:.2e}")
+        if not err < 1e-9:
+            raise RuntimeError(f"the official-approach baseline disagrees with ref (k={k}, max rel err {err:.3e})")
+        inputs, well_routed = {}, {}
+        for T in opts.tokens:
+            x = rng.standard_normal((T, cfg.d_model))
+            logits = x @ params["router.weight"].astype(np.float64)  # (T, N)
+            well_routed[T] = ref.routing_margins(logits, k) >= 1e-3  # (T,) tokens whose selection cannot flip in fp32
+            inputs[T] = x.astype(np.float32)
+            result["load"].append({"k": k, "T": T, **routing_load(cfg, params, x)})
+        for dtype in opts.dtypes:
+            impls: dict[str, Any] = {}
+            for impl in opts.impls:
+                try:
+                    impls[impl] = make_impl(impl, cfg, params, opts, dtype)
+                    if isinstance(impls[impl], OrtImpl):
+                        say(f"exported {impl} k={k} in {impls[impl].export_s:.1f} s (HyperExpert form {impls[impl].hyper_form})")
+                except Exception as err:  # noqa: BLE001 — a row that cannot be built is reported, not fatal
+                    impls[impl] = f"not measured: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            for mode in opts.modes:
+                for T, x_np in inputs.items():
+                    official_out = None
+                    for impl in opts.impls:
+                        if mode != "fwd" and impl in FORWARD_ONLY:
+                            continue
+                        done += 1
+                        tag = f"[{done}/{len(jobs)}] {impl} {opts.device} {dtype} k={k} T={T} {mode}"
+                        runner = impls[impl]
+                        if isinstance(runner, str):
+                            result["rows"].append(_row(impl, opts.device, dtype, k, T, mode, note=runner))
+                            say(f"{tag}: {runner}")
+                            continue
+                        say(f"{tag} ...")
+                        try:
+                            row, out = measure_row(runner, x_np, mode, dtype, opts)
+                        except (RuntimeError, ValueError, MemoryError) as err:  # e.g. out of memory: report, go on
+                            note = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                            result["rows"].append(_row(impl, opts.device, dtype, k, T, mode, note=note))
+                            say(f"{tag}: {note}")
+                            continue
+                        row = {**_row(impl, opts.device, dtype, k, T, mode), **row}
+                        # the results agree with the official approach on the same input (forward rows)
+                        if impl == "official":
+                            official_out = out
+                        elif out is not None and official_out is not None and impl != "plain-moe":
+                            mask = well_routed[T]
+                            diff = np.abs(out[mask] - official_out[mask]).max(initial=0.0)
+                            row["max_rel_diff_vs_official"] = float(diff / max(1.0, float(np.abs(official_out).max())))
+                        flops = 4.0 * cfg.d_model * cfg.d_ff * T * k * (3 if mode == "fwd+bwd" else 1)
+                        row["tokens_per_s"] = T / row["median_s"]
+                        row["expert_gflops"] = flops / row["median_s"] / 1e9
+                        row["frac_gemm"] = row["expert_gflops"] / peak[dtype]
+                        result["rows"].append(row)
+                        say(f"{tag}: median {row['median_s'] * 1e3:.2f} ms, min {row['min_s'] * 1e3:.2f} ms "
+                            f"({row['reps']}×{row['calls_per_rep']} calls)")
+            del impls
+    _add_ratios(result["rows"])
+    result["meta"]["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def measure_row(impl, x_np: np.ndarray, mode: str, dtype: str, opts: Options) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Memory (the first call), warm-up and timing of one implementation on one input (T, d) → (row fields,
+    the forward output as float64, or None for forward + backward)."""
+    import torch
+
+    if isinstance(impl, OrtImpl):
+        impl.bind(x_np)
+        # run_bound() returns after the outputs are synchronised: wall-clock timing is right on every provider;
+        # onnxruntime's own arena is invisible to torch.cuda, so CUDA rows have no peak memory
+        memory, _, first = measure_memory(impl, [], "cpu", track_saved=False)
+        if opts.device == "cuda":
+            memory = Memory(None, None)
+        timing = measure_time(impl, first, opts, timer_device="cpu")
+        return _timing_fields(timing, memory), impl.output().astype(np.float64)
+
+    x = torch.from_numpy(x_np).to(opts.device, _torch_dtype(dtype))
+    params = list(impl.module.parameters())
+    if mode == "fwd":
+        impl.module.eval()
+
+        def fn():
+            with torch.inference_mode():
+                return impl(x)
+        memory, out, first = measure_memory(fn, [x, *params], opts.device, track_saved=False)
+        out = out.float().cpu().numpy().astype(np.float64)
+    else:
+        impl.module.train()
+        x = x.clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(opts.seed)
+        grad_out = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+
+        def fn():
+            impl(x).backward(grad_out)  # a real upstream gradient (out.sum() would give a stride-0 one)
+        memory, out, first = measure_memory(fn, [x, grad_out, *params], opts.device, track_saved=True)
+    timing = measure_time(fn, first, opts)
+    return _timing_fields(timing, memory), out
+
+
+def _timing_fields(timing: Timing, memory: Memory) -> dict[str, Any]:
+    return {"median_s": timing.median_s, "min_s": timing.min_s, "reps": timing.reps,
+            "calls_per_rep": timing.calls_per_rep, "saved_bytes": memory.saved_bytes, "peak_bytes": memory.peak_bytes}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """speedup = official median / row median; saved_ratio = official saved bytes / row saved bytes."""
+    official = {(r["device"], r["dtype"], r["k"], r["T"], r["mode"]): r for r in rows
+                if r["impl"] == "official" and "median_s" in r}
+    for r in rows:
+        base = official.get((r["device"], r["dtype"], r["k"], r["T"], r["mode"]))
+        if base is None or "median_s" not in r:
+            continue
+        r["speedup_vs_official"] = base["median_s"] / r["median_s"]
+        if r.get("saved_bytes") and base.get("saved_bytes"):
+            r["saved_ratio_vs_official"] = base["saved_bytes"] / r["saved_bytes"]
+
+
+def environment(opts: Options, threads: int) -> dict[str, Any]:
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    cpu = platform.processor() or ""
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "onnxruntime": ort_version, "numpy": np.__version__,
+        "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
+        "device": opts.device, "loadavg_start": list(os.getloadavg()),
+        "config": {k: getattr(opts.cfg, k) for k in ("d_model", "d_ff", "n_experts", "d_adapter", "d_expert_embed",
+                                                      "d_process", "d_hyper", "d_generator", "d_layer_embed",
+                                                      "activation", "expert_bias", "gate")},
+        "options": {k: getattr(opts, k) for k in ("dtypes", "top_ks", "tokens", "modes", "impls", "block_s",
+                                                   "budget_s", "max_reps", "min_reps", "seed")},
+    }
+    if opts.device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+        meta["cuda"] = torch.version.cuda
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("impl", "k", "T", "mode", "reps", "median ms", "min ms", "tokens/s", "saved MiB", "peak MiB",
+           "× faster than official", "× less saved", "expert GFLOP/s", "% of GEMM rate", "note")
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for r in result["rows"]:
+        if "median_s" not in r:
+            out.append([r["impl"], str(r["k"]), str(r["T"]), r["mode"], "", "", "", "", "", "", "", "", "", "", r.get("note", "")])
+            continue
+        note = ""
+        if "max_rel_diff_vs_official" in r:
+            note = f"diff vs official {r['max_rel_diff_vs_official']:.1e}"
+        out.append([
+            r["impl"], str(r["k"]), str(r["T"]), r["mode"], f"{r['reps']}×{r['calls_per_rep']}",
+            _fmt(r["median_s"] * 1e3, ".2f"), _fmt(r["min_s"] * 1e3, ".2f"), _fmt(r["tokens_per_s"], ",.0f"),
+            _fmt(r["saved_bytes"] / MiB if r.get("saved_bytes") is not None else None, ",.1f"),
+            _fmt(r["peak_bytes"] / MiB if r.get("peak_bytes") is not None else None, ",.1f"),
+            _fmt(r.get("speedup_vs_official"), ".2f"), _fmt(r.get("saved_ratio_vs_official"), ".1f"),
+            _fmt(r["expert_gflops"], ".1f"), _fmt(r["frac_gemm"] * 100, ".0f"), note,
+        ])
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The run as markdown: environment, GEMM rates, checks, routing load, one table per device/dtype."""
+    meta = result["meta"]
+    lines = [
+        f"- date: {meta['date_utc']}; device: {meta['device']}" + (f" ({meta['gpu']}, CUDA {meta['cuda']})" if "gpu" in meta else ""),
+        f"- torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, numpy {meta['numpy']}, Python {meta['python']}",
+        f"- CPU: {meta['cpu']}, {meta['cores']} cores; torch threads {meta['torch_threads']}; "
+        f"load average at start {meta['loadavg_start'][0]:.2f}, at end {meta.get('loadavg_end', [float('nan')])[0]:.2f}",
+        "", "GEMM rate of this machine, measured in this run:", "",
+        "| shape | dtype | median ms | GFLOP/s (median) | GFLOP/s (best) |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {g['shape']} | {g['dtype']} | {g['median_ms']:.2f} | {g['gflops']:.1f} | {g['best_gflops']:.1f} |" for g in result["gemm"]]
+    lines += ["", "Checks before timing:", ""]
+    lines += [f"- {c['what']}, k={c['k']}: max rel err {c['max_rel_err']:.1e} ({'ok' if c['ok'] else 'FAILED'})" for c in result["checks"]]
+    lines += ["", "Routing load of the inputs (x ~ N(0, 1), ref.init parameters):", "",
+              "| k | T | tokens per expert (min–max) | distinct selection sets / possible |", "|---|---|---|---|"]
+    lines += [f"| {l['k']} | {l['T']} | {l['tokens_per_expert_min']}–{l['tokens_per_expert_max']} | {l['distinct_sets']} / {l['possible_sets']} |" for l in result["load"]]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(result["rows"]):
+        groups.setdefault((r["device"], r["dtype"]), []).append(i)
+    body = table_rows(result)
+    for (device, dtype), indices in groups.items():
+        lines += ["", f"#### {device}, {dtype}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(body[i]) + " |" for i in indices]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: hypermoe bench
+# ---------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the HyperMoE layer against the official approach (CPU or CUDA)",
+        description="Times, side by side in one run, the official HyperMoE approach (per-token generated "
+        "HyperExpert weights, HF-style expert loop), hypermoe's layer, the same layer without the HyperExpert "
+        "and onnxruntime on the exported layer, at the official sizes (d=768, f=3072, N=8, a=64, hypernetwork "
+        "widths 128, layer embedding 10). Progress goes to stderr, the tables to stdout.",
+    )
+    p.add_argument("--quick", action="store_true", help="a subset that finishes in about a minute on 2 cores (k=1, T=64 and 1024)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: torch's, = cores)")
+    p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts T (default 64 1024 8192)")
+    p.add_argument("--top-k", type=int, nargs="+", dest="top_k", help="top-k values (default 1 2)")
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), help="default fp32 on cpu, fp32 bf16 on cuda")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, help=f"implementations (default all: {' '.join(IMPLS)})")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="fwd and/or fwd+bwd (default both)")
+    p.add_argument("--config", metavar="FILE", help="a config.json to benchmark instead of the official sizes "
+                   "(its top_k is replaced by --top-k's values)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
+    changes["dtypes"] = tuple(args.dtypes) if args.dtypes else (("fp32", "bf16") if args.device == "cuda" else ("fp32",))
+    for name, value in (("tokens", args.tokens), ("top_ks", args.top_k), ("impls", args.impls), ("modes", args.modes)):
+        if value:
+            changes[name] = tuple(value)
+    if any(T < 1 for T in changes.get("tokens", ())) or any(k < 1 for k in changes.get("top_ks", ())):
+        raise ValueError("--tokens and --top-k must be ≥ 1")
+    if args.config:
+        try:
+            text = open(args.config).read()
+        except OSError as err:
+            raise ValueError(f"--config {args.config}: cannot read it ({err.strerror})") from None
+        changes["cfg"] = HyperMoEConfig.from_json(text)
+    opts = Options.quick(**changes) if args.quick else Options(**changes)
+    started = time.perf_counter()
+    result = run(opts, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    result["meta"]["command"] = " ".join(["hypermoe", *sys.argv[1:]]) if sys.argv[0].endswith("hypermoe") else None
+    result["meta"]["wall_s"] = time.perf_counter() - started
+    text = markdown(result)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0
