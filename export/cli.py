@@ -77,6 +77,9 @@ def _export_options(p) -> None:
                    help="HyperExpert as per-set constants or factored hypernetwork (default: by size)")
     p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
     p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
+    p.add_argument("--implementation", choices=("graph", "layer"), default="graph",
+                   help="graph: export/graph.py (both flavours, HyperExpert form by size); layer: "
+                   "hypermoe.layer.HyperMoELayer's own export path (portable, single layer)")
     p.add_argument("--opset", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in default's parameters")
 
@@ -105,7 +108,8 @@ def export_command(args: argparse.Namespace) -> int:
     cfg, params, kind, source = exporter.load_source(args.model_dir, seed=args.seed)
     result = exporter.export_model(args.output, cfg, params, kind=kind, layer_index=args.layer_index,
                                    dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
-                                   routing_outputs=args.routing_outputs, opset=args.opset, source=source)
+                                   routing_outputs=args.routing_outputs, opset=args.opset, source=source,
+                                   implementation=args.implementation)
     _print_export(result)
     if args.verify:
         return _print_verify(result.path, source=args.model_dir, provider="auto")

@@ -24,6 +24,7 @@ import ref
 from ref import HyperMoEConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
+IMPLEMENTATIONS = ("graph", "layer")  # export/graph.py's ExportLayer, or hypermoe.layer.HyperMoELayer's export path
 DEFAULT_OPSET = 20  # ≥ 18 (torchlib's own opset); 20 has Gelu, so the activations stay single nodes
 IR_VERSION = 10  # what torch writes; onnxruntime 1.31 rejects onnx 1.23's default of 14
 EXTERNAL_DATA_BYTES = 2 * 2**30  # protobuf's 2 GB limit on one file
@@ -84,11 +85,19 @@ def _torch_dtype(name: str):
 
 def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
                  dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
-                 routing_outputs: bool = False):
-    """The torch module that is exported (export.graph.ExportLayer, or ExportStack for kind "stack")."""
-    from export.graph import ExportLayer, ExportStack
+                 routing_outputs: bool = False, implementation: str = "graph"):
+    """The torch module that is exported: export.graph.ExportLayer (implementation "graph"; ExportStack for
+    kind "stack"), or hypermoe.layer.HyperMoELayer's own export path (implementation "layer")."""
+    from export.graph import ExportLayer, ExportStack, TorchLayerExport
 
     tdtype = _torch_dtype(dtype)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "layer":
+        if kind != "layer" or flavour != "portable" or hyper_form != "auto":
+            raise ValueError("implementation 'layer' (hypermoe.layer's export path) exports a single layer, "
+                             "portable flavour, its own HyperExpert form; use implementation 'graph' for the rest")
+        return TorchLayerExport(cfg, params, layer_index=layer_index, dtype=tdtype, routing_outputs=routing_outputs)
     if kind == "layer":
         return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
                            hyper_form=hyper_form, routing_outputs=routing_outputs)
@@ -105,7 +114,7 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
 def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *,
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
-                 source: str = "") -> ExportResult:
+                 source: str = "", implementation: str = "graph") -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference."""
     import onnx
     import torch
@@ -118,7 +127,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
         raise ValueError(f"opset must be an int ≥ 18, got {opset!r}")
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
-                          hyper_form=hyper_form, routing_outputs=routing_outputs).eval()
+                          hyper_form=hyper_form, routing_outputs=routing_outputs,
+                          implementation=implementation).eval()
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     sample = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.d_model))).to(_torch_dtype(dtype))
@@ -139,7 +149,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     notes = [moe_op.TIE_NOTE] if flavour == "fused" else []
     props = {
         "config": cfg.to_json().strip(), "spec_version": ref.SPEC_VERSION, "kind": kind,
-        "layer_index": str(layer_index), "flavour": flavour, "hyper_form": hyper, "dtype": dtype,
+        "layer_index": str(layer_index), "flavour": flavour, "hyper_form": hyper, "implementation": implementation, "dtype": dtype,
         "outputs": ",".join(outputs), "source": source, "notes": json.dumps(notes),
     }
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})

@@ -267,3 +267,25 @@ class ExportStack(nn.Module):
         for layer in self.layers:
             h = h + layer(h)
         return h
+
+
+class TorchLayerExport(nn.Module):
+    """hypermoe.layer.HyperMoELayer's own export path (its `exportable` forward) behind the exported
+    interface: hidden_states → output [, selected_experts, gates]. Portable flavour only."""
+
+    def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, layer_index: int = 0,
+                 dtype: torch.dtype = torch.float32, routing_outputs: bool = False):
+        super().__init__()
+        from hypermoe.layer import HyperMoELayer
+
+        self.layer = HyperMoELayer.from_ref(cfg, {n: np.asarray(v, dtype=np.float64) for n, v in params.items()},
+                                            dtype=torch.float64).to(dtype).eval()
+        self.layer.exportable = True
+        self.layer_index, self.routing_outputs = layer_index, routing_outputs
+        self.hyper_form = "layer" if cfg.hyper_expert else "none"
+
+    def forward(self, hidden_states: torch.Tensor):
+        out = self.layer(hidden_states, self.layer_index)
+        if not self.routing_outputs:
+            return out.output
+        return out.output, out.routing.selected, out.routing.gates.to(torch.float32)
