@@ -462,7 +462,7 @@ def test_stack_shares_the_hypernetwork_layer_embedding_only_moves_its_layer(case
 
 
 @pytest.mark.parametrize("cfg", [ref.tiny_config(), ref.tiny_config(top_k=1), ref.tiny_config(gate="switch", top_k=1),
-                                 HyperMoEConfig(), HyperMoEConfig(top_k=2)], ids=str)
+                                 HyperMoEConfig()], ids=["tiny", "tiny-k1", "tiny-switch", "default"])
 def test_init_makes_every_part_matter(cfg):
     params = ref.init(cfg, seed=0)
     rng = np.random.default_rng(0)
@@ -474,7 +474,7 @@ def test_init_makes_every_part_matter(cfg):
 
     assert 0.1 <= rms(result.hyper) / rms(result.routed) <= 10
     # the set-dependent part of the generated weights: for every possible selected set, the deviation from
-    # the mean over sets is at least 10 % of the weights (measured 0.23–0.58 on these configs)
+    # the mean over sets is at least 10 % of the weights (measured 0.24–0.52 on these configs, seed 0)
     sets = np.array(list(itertools.combinations(range(cfg.n_experts), cfg.top_k)))
     z = ref.process(params, ref.selection_embedding(params, sets))
     generated = ref.generate(cfg, params, z, 0)
