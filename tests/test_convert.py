@@ -617,6 +617,15 @@ def test_layouts_that_cannot_be_expressed_are_refused():
     with pytest.raises(ValueError, match=r"unexpected official tensor.*expert_0\.wi_0\.weight"):
         convert.from_official_gpt2(sd)
     sd = small_gpt2()
+    sd["h.0.mlp.experts.expert_3.c_fc.weight"] = np.zeros((4, 3))  # a 4th expert, the router has N = 3
+    with pytest.raises(ValueError, match=r"unexpected official tensor.*h\.0\.mlp\.experts\.expert_3\.c_fc\.weight"):
+        convert.from_official_gpt2(sd)
+    sd = small_gpt2()
+    for key in [k for k in sd if k.startswith("h.2.mlp.") and ("embedding" in k or "adapter" in k)]:
+        del sd[key]  # block 2 a plain MoE layer, blocks 0 and 1 HyperMoE
+    with pytest.raises(ValueError, match="block 0 has expert embeddings but block 2 does not"):
+        convert.from_official_gpt2(sd)
+    sd = small_gpt2()
     for key in [k for k in sd if k.startswith("h.1.mlp.")]:  # block 1 dense: pattern {0, 2} of 3
         del sd[key]
     with pytest.raises(ValueError, match=r"blocks \[0, 2\] of 3: this pattern is not expressible by moe_every"):
@@ -667,6 +676,7 @@ def test_files_that_are_no_state_dict(tmp_path):
     assert list(convert.load_state_dict(tmp_path / "wrapped.pt")) == ["w"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's note on plain pickle files
 def test_pickled_objects_are_refused_without_running_them(tmp_path, capsys):
     obj = NotATensor()
     torch.save({"w": torch.zeros(2), "evil": obj}, tmp_path / "objects.pt")
