@@ -289,7 +289,7 @@ def finish(cfg: HyperMoEConfig, params: dict[str, np.ndarray], dtype) -> dict[st
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    params = {name: np.ascontiguousarray(value, dtype=dtype) for name, value in params.items()}
+    params = {name: np.array(value, dtype=dtype, order="C") for name, value in params.items()}  # copies, never views
     ref.check_params(params, ref.stack_param_shapes(cfg), dtype)
     return params
 
@@ -483,7 +483,7 @@ def upcycle_gpt2_mlp(
     prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.c_fc\.weight", "dense GPT-2 MLPs")
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
     d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2)  # Conv1D: (d, f)
-    n_layers = max(block_count(state, prefix, "h"), 1)
+    n_layers = block_count(state, prefix, "h")
     cfg = HyperMoEConfig(
         d_model=d, d_ff=f, n_experts=n_experts, top_k=top_k, gate="topk", expert_bias=True, activation=activation,
         n_layers=n_layers, moe_every=moe_every, n_heads=1, **hyper_widths,  # n_heads: 1 divides any d

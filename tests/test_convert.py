@@ -598,7 +598,8 @@ def test_missing_tensors_are_named():
 
 
 @pytest.mark.parametrize("key, shape, message", [
-    ("h.2.mlp.experts.expert_1.c_fc.weight", (3, 4), r"h\.2\.mlp\.experts\.expert_1\.c_fc\.weight has shape \(3, 4\), expected \(4, 3\)"),
+    ("h.2.mlp.experts.expert_1.c_fc.weight", (3, 4),
+     r"h\.2\.mlp\.experts\.expert_1\.c_fc\.weight has shape \(3, 4\), expected \(4, 3\)"),
     ("h.0.mlp.embedding_process.2.weight", (2, 3), r"embedding_process\.2\.weight has shape \(2, 3\), expected \(2, 2\)"),
     ("param_gen.decoder.weight_up.weight", (6, 2), r"weight_up\.weight has shape \(6, 2\), expected \(8, 2\)"),
     ("param_gen.decoder.weight_down.weight", (6, 2), r"weight_down\.weight' has 6 rows, not a multiple of d = 4"),
