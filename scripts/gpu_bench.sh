@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU half of BENCHMARKS.md, unattended: torch CUDA fp32 and bf16 (the official approach, hypermoe's
+# layer, the plain MoE) and onnxruntime CUDA (portable and fused exports), one run, one table.
+#
+#   scripts/gpu_bench.sh OUT_DIR [extra `hypermoe bench` options, e.g. --quick or --tokens 64 1024]
+#
+# Writes into OUT_DIR: bench-cuda.json (every number), bench-cuda.md (the tables), bench-cuda.log
+# (progress), env.txt (nvidia-smi, versions). Exits non-zero when there is no usable GPU or the run fails;
+# rows that cannot run (e.g. onnxruntime without the CUDA libraries it was built against) are kept in the
+# table as "not measured: <reason>" rather than failing the whole run.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUT_DIR [hypermoe bench options]" >&2
+    exit 2
+fi
+out=$1
+shift
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works from a checkout without `pip install -e .`
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: not available"
+    "$PY" - <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+try:
+    import onnxruntime as ort
+    print("onnxruntime", ort.__version__, ort.get_available_providers())
+except ImportError as err:
+    print("onnxruntime: not importable:", err)
+EOF
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_bench: torch sees no CUDA device (see $out/env.txt); nothing measured" >&2
+    exit 1
+fi
+
+# progress (stderr) to the log and the terminal; the markdown tables also go to stdout
+"$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" \
+    bench --device cuda --json "$out/bench-cuda.json" --markdown "$out/bench-cuda.md" "$@" \
+    2> >(tee "$out/bench-cuda.log" >&2)
+echo "gpu_bench: wrote $out/bench-cuda.json and $out/bench-cuda.md"
