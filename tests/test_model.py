@@ -1,0 +1,325 @@
+"""The decoder-only HyperMoE transformer: hypermoe.model (torch) against ref.model (NumPy) on random small
+configs, saved directories, training, and input validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import ref
+import ref.io
+from ref import model as ref_model
+from hypermoe.layer import params_to_ref
+from hypermoe.model import HyperMoETransformer
+from tests.strategies import configs
+
+MARGIN = 1e-9  # float64: torch and NumPy router logits differ by ~1e-15, so a selection cannot flip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors here are tiny: intra-op threads only add overhead (20× slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@st.composite
+def model_configs(draw, **fixed) -> ref.HyperMoEConfig:
+    """Random small model configs: moe_every 1 or 2 with at least one HyperMoE block, tied or untied,
+    heads dividing d, both gates, capacity on/off, HyperExpert on/off (layer fields from configs()),
+    training-only noise fields set (an eval-mode model must ignore them, as the reference does)."""
+    moe_every = fixed.pop("moe_every", None) or draw(st.sampled_from([1, 2]))
+    d = draw(st.integers(1, 12))
+    values = dict(
+        d_model=d, n_heads=draw(st.sampled_from([h for h in range(1, d + 1) if d % h == 0])),
+        moe_every=moe_every, n_layers=draw(st.integers(moe_every, 3)), tie_embeddings=draw(st.booleans()),
+        vocab_size=draw(st.integers(1, 12)), max_seq_len=draw(st.integers(1, 8)),
+        noisy_gating=draw(st.booleans()), router_jitter=draw(st.sampled_from([0.0, 0.1])),  # unused in eval mode
+    )
+    values.update(fixed)
+    return draw(configs(**values))
+
+
+@st.composite
+def model_cases(draw, cfg_strategy=None):
+    """(cfg, float64 params from ref.model.init_model, tokens (B, S) int64)."""
+    cfg = draw(cfg_strategy if cfg_strategy is not None else model_configs())
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    params = ref_model.init_model(cfg, seed=seed)
+    B, S = draw(st.integers(1, 3)), draw(st.integers(1, cfg.max_seq_len))
+    return cfg, params, rng.integers(0, cfg.vocab_size, size=(B, S))
+
+
+def unambiguous(cfg, results) -> bool:
+    """Every HyperMoE block's routing margin in ref is at least MARGIN."""
+    return all(ref.routing_margins(r.logits, cfg.top_k).min() >= MARGIN for r in results.values())
+
+
+def assert_matches_ref(cfg, params, tokens, model, rtol=1e-10, atol=1e-10):
+    logits, aux, results = ref_model.forward(cfg, params, tokens)
+    out = model(torch.from_numpy(tokens))
+    assert sorted(out.routing) == sorted(results) == ref_model.moe_blocks(cfg)
+    for block, result in results.items():  # routing decisions first, block by block
+        routing = out.routing[block]
+        np.testing.assert_array_equal(routing.selected.numpy(), result.selected, err_msg=f"block {block} selection")
+        np.testing.assert_array_equal(routing.kept.numpy(), result.kept, err_msg=f"block {block} capacity")
+        np.testing.assert_allclose(routing.gates.detach().numpy(), result.gates, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(out.logits.detach().numpy(), logits, rtol=rtol, atol=atol)
+    assert sorted(out.aux) == sorted(aux)
+    for name, value in aux.items():
+        np.testing.assert_allclose(out.aux[name].item(), value, rtol=rtol, atol=atol, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("moe_every", [1, 2])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("hyper_expert", [True, False])
+def test_state_dict_is_ref_param_table(moe_every, tie, hyper_expert):
+    cfg = ref.tiny_config(n_layers=3, moe_every=moe_every, tie_embeddings=tie, hyper_expert=hyper_expert)
+    model = HyperMoETransformer(cfg, dtype=torch.float64)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes == ref_model.model_param_shapes(cfg)
+    assert ("lm_head.weight" in shapes) == (not tie)
+    moe = [i for i, block in enumerate(model.blocks) if block.moe is not None]
+    assert moe == ref_model.moe_blocks(cfg) == ([0, 1, 2] if moe_every == 1 else [1])
+    # the hypernetwork is one module, counted once among the parameters
+    assert sum(p.numel() for p in model.parameters()) == sum(int(np.prod(s)) for s in shapes.values())
+    assert repr(model).count("HyperNetwork") == (1 if hyper_expert else 0)
+
+
+def test_config_without_moe_block_is_rejected():
+    cfg = ref.tiny_config(n_layers=1, moe_every=2)
+    with pytest.raises(ValueError, match="moe_every"):
+        ref_model.model_param_shapes(cfg)
+    with pytest.raises(ValueError, match="moe_every"):
+        HyperMoETransformer(cfg)
+
+
+def test_init_model_is_deterministic_and_layer_norms_are_not_trivial():
+    cfg = ref.tiny_config(tie_embeddings=False)
+    a, b, c = ref_model.init_model(cfg, 3), ref_model.init_model(cfg, 3), ref_model.init_model(cfg, 4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["token_embed"], c["token_embed"])
+    assert not np.allclose(a["ln_f.weight"], 1) and not np.allclose(a["blocks.0.ln2.bias"], 0)
+    assert ref_model.init_model(cfg, 3, np.float32)["hyper.trunk.weight"].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# torch against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25)
+@given(model_cases())
+def test_matches_reference_float64(case):
+    cfg, params, tokens = case
+    assume(unambiguous(cfg, ref_model.forward(cfg, params, tokens)[2]))
+    model = HyperMoETransformer.from_ref(cfg, params).eval()
+    assert_matches_ref(cfg, params, tokens, model)
+    back = params_to_ref(model)
+    assert sorted(back) == sorted(params) and all(np.array_equal(v, params[k]) for k, v in back.items())
+
+
+@pytest.mark.parametrize("gate", ["topk", "switch"])
+@pytest.mark.parametrize("moe_every", [1, 2])
+@pytest.mark.parametrize("tie", [True, False])
+def test_matches_reference_tiny(gate, moe_every, tie):
+    """Every combination of gate, moe_every and tying at least once, with d = 16 and 2 heads."""
+    cfg = ref.tiny_config(gate=gate, top_k=1 if gate == "switch" else 2, capacity=3 if gate == "switch" else None,
+                          n_layers=3, moe_every=moe_every, tie_embeddings=tie)
+    params = ref_model.init_model(cfg, seed=7)
+    tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 9))
+    results = ref_model.forward(cfg, params, tokens)[2]
+    assert unambiguous(cfg, results)
+    if gate == "switch":  # the capacity-drop path runs
+        assert any(not r.kept.all() for r in results.values())
+    assert_matches_ref(cfg, params, tokens, HyperMoETransformer.from_ref(cfg, params))
+
+
+def test_matches_reference_float32():
+    cfg = ref.tiny_config(n_layers=2, tie_embeddings=False)
+    params64 = ref_model.init_model(cfg, seed=11)
+    tokens = np.random.default_rng(11).integers(0, cfg.vocab_size, size=(3, 12))
+    results = ref_model.forward(cfg, params64, tokens)[2]
+    assert all(ref.routing_margins(r.logits, cfg.top_k).min() > 1e-3 for r in results.values())
+    params32 = {k: v.astype(np.float32) for k, v in params64.items()}
+    model = HyperMoETransformer.from_ref(cfg, params32)
+    assert model.token_embed.dtype == torch.float32
+    assert_matches_ref(cfg, params32, tokens, model, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=10)
+@given(model_cases(model_configs(max_seq_len=6)), st.data())
+def test_causal(case, data):
+    """Changing the token at position t changes no logit before t (capacity counts in sequence order,
+    so it keeps this), in ref and in torch."""
+    cfg, params, tokens = case
+    t = data.draw(st.integers(0, tokens.shape[1] - 1))
+    changed = tokens.copy()
+    changed[:, t] = (changed[:, t] + 1) % cfg.vocab_size
+    model = HyperMoETransformer.from_ref(cfg, params).eval()  # eval: no jitter / gate noise drawn
+    for run in (lambda x: ref_model.forward(cfg, params, x)[0],
+                lambda x: model(torch.from_numpy(x)).logits.detach().numpy()):
+        # not bit-equal: tokens are grouped by expert for the GEMMs, and the groups change with the token
+        np.testing.assert_allclose(run(tokens)[:, :t], run(changed)[:, :t], rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_only_in_training():
+    cfg = ref.tiny_config(dropout=0.5)
+    params = ref_model.init_model(cfg, seed=1)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 6))
+    model = HyperMoETransformer.from_ref(cfg, params)
+    model.eval()
+    assert_matches_ref(cfg, params, tokens, model)
+    model.train()
+    torch.manual_seed(0)
+    logits = model(torch.from_numpy(tokens)).logits.detach().numpy()
+    assert not np.allclose(logits, ref_model.forward(cfg, params, tokens)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved directories
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_save_load_round_trip(tmp_path, dtype):
+    cfg = ref.tiny_config(tie_embeddings=False, moe_every=2, n_layers=2)
+    torch.manual_seed(0)
+    model = HyperMoETransformer(cfg, dtype=dtype).eval()
+    model.save_dir(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["kind"] == "model"
+    loaded = HyperMoETransformer.from_dir(tmp_path / "m").eval()
+    assert loaded.config == cfg and loaded.token_embed.dtype == dtype
+    tokens = torch.randint(0, cfg.vocab_size, (2, 10))
+    a, b = model(tokens), loaded(tokens)
+    assert torch.equal(a.logits, b.logits)
+    # the reference reads the same directory
+    cfg2, params, kind = ref.io.load_dir(tmp_path / "m")
+    assert kind == "model" and cfg2 == cfg
+    assert all(torch.equal(torch.from_numpy(params[k]), v) for k, v in model.state_dict().items())
+
+
+def test_tampered_weights_are_rejected(tmp_path):
+    cfg = ref.tiny_config()
+    HyperMoETransformer(cfg).save_dir(tmp_path)
+    weights = tmp_path / "weights.npz"
+    with np.load(weights) as archive:
+        params = {k: archive[k] for k in archive.files}
+
+    params["blocks.1.attn.qkv.weight"] = params["blocks.1.attn.qkv.weight"][:, :-1]  # a wrong shape
+    np.savez(weights, **params)
+    with pytest.raises(ValueError, match=r"weights\.npz.*blocks\.1\.attn\.qkv\.weight"):
+        HyperMoETransformer.from_dir(tmp_path)
+
+    del params["blocks.1.attn.qkv.weight"]  # a missing parameter
+    np.savez(weights, **params)
+    with pytest.raises(ValueError, match=r"missing parameter.*blocks\.1\.attn\.qkv\.weight"):
+        HyperMoETransformer.from_dir(tmp_path)
+
+    weights.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match=r"weights\.npz"):
+        HyperMoETransformer.from_dir(tmp_path)
+
+    np.savez(weights, token_embed=np.array([object()], dtype=object))  # a pickled array is never loaded
+    with pytest.raises(ValueError, match=r"weights\.npz"):
+        HyperMoETransformer.from_dir(tmp_path)
+
+
+def test_layer_directory_is_not_a_model(tmp_path):
+    cfg = ref.tiny_config()
+    ref.io.save_dir(tmp_path, cfg, ref.init(cfg), "layer")
+    with pytest.raises(ValueError, match="kind"):
+        HyperMoETransformer.from_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hyper_expert", [True, False])
+def test_training_lowers_the_loss(hyper_expert):
+    """Adam on a toy next-token task (next = (token + 1) mod V) with the switch balance loss added:
+    the loss falls well below its start, and every parameter (the shared hypernetwork included) learns."""
+    cfg = ref.tiny_config(hyper_expert=hyper_expert, n_layers=2, top_k=1, vocab_size=16, max_seq_len=16)
+    torch.manual_seed(0)
+    model = HyperMoETransformer(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    start = torch.randint(0, cfg.vocab_size, (16, 1))
+    sequence = (start + torch.arange(cfg.max_seq_len + 1)) % cfg.vocab_size  # (16, 17)
+    inputs, targets = sequence[:, :-1], sequence[:, 1:]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = []
+    for _ in range(40):
+        out = model(inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+        optimizer.zero_grad()
+        (loss + 0.01 * out.aux["switch_balance"]).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses
+    unchanged = [name for name, p in model.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []
+    if hyper_expert:
+        assert any(name.startswith("hyper.") for name in before)
+
+
+def test_generate_is_greedy():
+    cfg = ref.tiny_config(max_seq_len=8)
+    torch.manual_seed(0)
+    model = HyperMoETransformer(cfg).train()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 3))
+    out = model.generate(prompt, 7)  # runs past max_seq_len: the context is cropped
+    assert out.shape == (2, 10) and torch.equal(out[:, :3], prompt) and model.training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(out[:, 3], model(prompt).logits[:, -1].argmax(-1))
+        assert torch.equal(out[:, 9], model(out[:, 1:9]).logits[:, -1].argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (np.zeros((1, 4), dtype=np.float32), "integer"),
+    (np.zeros((1, 4), dtype=bool), "integer"),
+    (np.array([[0, 1, 32]]), r"\[0, vocab_size=32\)"),
+    (np.array([[0, -1, 2]]), r"\[0, vocab_size=32\)"),
+    (np.zeros((1, 33), dtype=np.int64), "max_seq_len"),
+    (np.zeros(4, dtype=np.int64), r"shape \(B, S\)"),
+    (np.zeros((2, 0), dtype=np.int64), r"shape \(B, S\)"),
+])
+def test_bad_tokens(tokens, match):
+    cfg = ref.tiny_config()
+    params = ref_model.init_model(cfg)
+    with pytest.raises(ValueError, match=match):
+        ref_model.forward(cfg, params, tokens)
+    with pytest.raises(ValueError, match=match):
+        HyperMoETransformer.from_ref(cfg, params)(torch.from_numpy(tokens))
+
+
+def test_bad_params():
+    cfg = ref.tiny_config()
+    params = ref_model.init_model(cfg)
+    tokens = np.zeros((1, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="missing parameter.*ln_f.bias"):
+        ref_model.forward(cfg, {k: v for k, v in params.items() if k != "ln_f.bias"}, tokens)
+    with pytest.raises(ValueError, match="lm_head"):
+        HyperMoETransformer.from_ref(cfg, {**params, "lm_head.weight": np.zeros((16, 32))})
+    with pytest.raises(ValueError, match="float32 or .*float64"):
+        HyperMoETransformer.from_ref(cfg, {k: v.astype(np.float16) for k, v in params.items()})
