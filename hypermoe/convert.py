@@ -88,10 +88,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        # torch's message is long advice; keep its one line that names the offending object
+        detail = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+        detail = " ".join(detail.split()).split(". ")[0] or "unpickling refused"
         raise ValueError(
             f"{path}: refused: the file holds objects other than tensors and plain containers, and loading it "
-            f"would execute pickled code (torch.load weights_only=True: {first})") from None
+            f"would execute pickled code (torch.load weights_only=True: {detail})") from None
     except Exception as err:  # torch raises KeyError, RuntimeError, EOFError, ... on files that are no checkpoint
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
     if isinstance(obj, Mapping):
@@ -109,7 +111,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         value = value.detach()
         if value.dtype in (torch.float16, torch.bfloat16):
             value = value.float()
-        out[name] = value.numpy()
+        try:
+            out[name] = value.numpy()
+        except (TypeError, RuntimeError) as err:  # sparse, quantized, meta tensors, ...
+            raise ValueError(f"{path}: tensor {name!r} cannot be read as an array ({err})") from None
     return out
 
 
