@@ -323,3 +323,38 @@ def test_bad_params():
         HyperMoETransformer.from_ref(cfg, {**params, "lm_head.weight": np.zeros((16, 32))})
     with pytest.raises(ValueError, match="float32 or .*float64"):
         HyperMoETransformer.from_ref(cfg, {k: v.astype(np.float16) for k, v in params.items()})
+
+
+def test_bfloat16_runs_and_saves_as_float32(tmp_path):
+    """16-bit models run (the router in float32, §3.1) and save their weights as float32."""
+    cfg = ref.tiny_config(n_layers=2)
+    torch.manual_seed(0)
+    model = HyperMoETransformer(cfg, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 5))
+    out = model(tokens)
+    assert out.logits.dtype == torch.bfloat16 and bool(torch.isfinite(out.logits).all())
+    assert out.routing[0].probs.dtype == torch.float32
+    model.save_dir(tmp_path)
+    assert ref.io.load_dir(tmp_path)[1]["token_embed"].dtype == np.float32
+    loaded = HyperMoETransformer.from_dir(tmp_path, dtype=torch.bfloat16).eval()
+    assert torch.equal(loaded(tokens).logits, out.logits)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
+def test_cuda_matches_reference_and_trains():
+    cfg = ref.tiny_config(n_layers=3, moe_every=2, gate="switch", top_k=1, capacity=3, tie_embeddings=False)
+    params = ref_model.init_model(cfg, seed=5)
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 9))
+    logits, aux, results = ref_model.forward(cfg, params, tokens)
+    assert unambiguous(cfg, results)
+    model = HyperMoETransformer.from_ref(cfg, params, device="cuda")
+    with pytest.raises(ValueError, match="tokens are on cpu"):
+        model(torch.from_numpy(tokens))
+    out = model(torch.from_numpy(tokens).cuda())
+    for block, result in results.items():
+        np.testing.assert_array_equal(out.routing[block].selected.cpu().numpy(), result.selected)
+    np.testing.assert_allclose(out.logits.detach().cpu().numpy(), logits, rtol=1e-10, atol=1e-10)
+    loss = out.logits.logsumexp(-1).mean() + out.aux["switch_balance"]
+    loss.backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
