@@ -1,0 +1,400 @@
+"""ONNX export (export/) against the reference: onnxruntime CPU and onnx.reference on random configs,
+both flavours, both gates, capacity, k = N, several (batch, seq) on one file, 16-bit dtypes, exact ties,
+metadata, the checker, and every bad input named in the task (corrupt file, config/weights mismatch,
+unwritable path, missing CUDA library). Exports are slow (seconds each): they are cached per module and
+hypothesis runs a handful of examples."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ref
+from export import exporter, runtime, verify
+from export.graph import colex_sets
+from tests.strategies import configs
+
+SHAPES = ((2, 5), (1, 1), (3, 4), (1, 9))  # (batch, seq) run on ONE exported file each
+FEW = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                     HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """export(cfg, seed, **options) → path, one export per distinct argument set in this module."""
+    directory, cache = tmp_path_factory.mktemp("onnx"), {}
+
+    def export(cfg, seed=0, params=None, **options):
+        options.setdefault("routing_outputs", True)
+        key = (cfg.to_json(), seed, params is not None, tuple(sorted(options.items())))
+        if key not in cache:
+            path = directory / f"m{len(cache)}.onnx"
+            kind = options.pop("kind", "layer")
+            init = ref.init if kind == "layer" else ref.init_stack
+            exporter.export_model(path, cfg, params if params is not None else init(cfg, seed=seed), kind=kind,
+                                  source=f"default:seed={seed}", **options)
+            cache[key] = path
+        return cache[key]
+
+    return export
+
+
+def run_and_compare(path, cfg, params, *, dtype="float32", layer_index=0, shapes=SHAPES, seed=0, margin=None):
+    """Run `path` on onnxruntime CPU for every shape; check outputs and routing against ref (float64)."""
+    runner = runtime.OnnxRunner(path, "cpu")
+    atol, rtol = verify.TOLERANCES[dtype]
+    rng = np.random.default_rng(seed)
+    margins = verify.layer_margins(cfg, params, "layer", layer_index)
+    for batch, seq in shapes:
+        x = verify.inputs_with_margin(margins, (batch, seq, cfg.d_model), rng, margin or verify.MARGINS[dtype],
+                                      round_fn=lambda v: runtime.round_to(v, runner.input_type))
+        want = ref.layer(cfg, params, x, layer_index)
+        got = runner(x)
+        case = f"{cfg} shape {(batch, seq)}"
+        np.testing.assert_array_equal(got["selected_experts"], want.selected, err_msg=case)
+        np.testing.assert_allclose(got["gates"], want.gates, *verify.GATE_TOLERANCE[::-1], err_msg=case)
+        np.testing.assert_allclose(got["output"], want.output, rtol=rtol, atol=atol, err_msg=case)
+    return runner
+
+
+# ---------------------------------------------------------------------------------------------
+# Random configs, both flavours
+# ---------------------------------------------------------------------------------------------
+
+
+@FEW
+@given(cfg=configs(max_experts=6), seed=st.integers(0, 2**16))
+def test_portable_matches_ref_on_random_configs(export_cache, cfg, seed):
+    params = ref.init(cfg, seed=seed)
+    run_and_compare(export_cache(cfg, seed), cfg, params, seed=seed)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(cfg=configs(max_experts=6, capacity=False).filter(lambda c: c.activation != "gelu"), seed=st.integers(0, 2**16))
+def test_fused_matches_ref_on_random_configs(export_cache, cfg, seed):
+    params = ref.init(cfg, seed=seed)
+    path = export_cache(cfg, seed, flavour="fused")
+    assert any(n.op_type == "MoE" and n.domain == "com.microsoft" for n in onnx.load(str(path)).graph.node)
+    run_and_compare(path, cfg, params, seed=seed)
+
+
+CASES = {
+    "topk k=2": ref.tiny_config(),
+    "switch": ref.tiny_config(gate="switch", top_k=1, expert_bias=False, activation="relu"),
+    "switch capacity 1": ref.tiny_config(gate="switch", top_k=1, capacity=1, activation="gelu"),
+    "k = N": ref.tiny_config(top_k=4, activation="silu", router_bias=True),
+    "k = 1 topk (gate 1)": ref.tiny_config(top_k=1, n_experts=6),
+    "plain MoE": ref.tiny_config(hyper_expert=False),
+}
+
+
+# every case with the per-set constants; the factored form on three of them (exports are slow)
+@pytest.mark.parametrize("name, hyper_form", [(name, "sets") for name in CASES] +
+                         [(name, "factored") for name in ("topk k=2", "switch capacity 1", "k = N")])
+def test_portable_cases(export_cache, name, hyper_form):
+    cfg = CASES[name]
+    params = ref.init(cfg, seed=1)
+    run_and_compare(export_cache(cfg, 1, hyper_form=hyper_form), cfg, params, layer_index=0, seed=2)
+
+
+def test_capacity_drops_tokens_in_the_exported_graph(export_cache):
+    cfg = CASES["switch capacity 1"]
+    params = ref.init(cfg, seed=1)
+    x = np.random.default_rng(5).standard_normal((2, 9, cfg.d_model))
+    want = ref.layer(cfg, params, x)
+    assert not want.kept.all(), "the case must actually drop tokens"
+    got = runtime.OnnxRunner(export_cache(cfg, 1, hyper_form="sets"), "cpu")(x)
+    np.testing.assert_allclose(got["output"], want.output, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["topk k=2", "switch", "k = N"])
+def test_fused_cases(export_cache, name):
+    cfg = CASES[name]
+    params = ref.init(cfg, seed=1)
+    run_and_compare(export_cache(cfg, 1, flavour="fused"), cfg, params, seed=3)
+
+
+def test_layer_index_and_stack(export_cache):
+    cfg = ref.tiny_config(n_layers=3)
+    params = ref.init(cfg, seed=4)
+    run_and_compare(export_cache(cfg, 4, layer_index=2), cfg, params, layer_index=2, seed=4)
+    stack_path = export_cache(cfg, 4, kind="stack", routing_outputs=False)
+    report = verify.verify(stack_path, shapes=((2, 5), (1, 1)))
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_torch_layer_export_path_matches_ref(export_cache):
+    """hypermoe.layer.HyperMoELayer's own export path (implementation "layer") traces and matches ref."""
+    cfg = ref.tiny_config(gate="switch", top_k=1, capacity=2)
+    params = ref.init(cfg, seed=6)
+    run_and_compare(export_cache(cfg, 6, implementation="layer"), cfg, params, seed=6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, dtypes, the portable graph on onnx.reference
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dims_are_dynamic_and_named(export_cache):
+    cfg = ref.tiny_config()
+    model = onnx.load(str(export_cache(cfg, 1)))
+    (inp,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "hidden_states" and dims == ["batch", "seq", cfg.d_model]
+    assert [o.name for o in model.graph.output] == ["output", "selected_experts", "gates"]
+    assert model.ir_version == exporter.IR_VERSION
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 18
+
+
+def test_zero_tokens(export_cache):
+    """T = 0: onnxruntime's CPU broadcaster rejects a 0-size Mul inside the graph, so the runner returns
+    the (empty) outputs without a session call; shapes and dtypes are still right."""
+    cfg = ref.tiny_config()
+    got = runtime.OnnxRunner(export_cache(cfg, 1), "cpu")(np.zeros((2, 0, cfg.d_model), np.float32))
+    assert got["output"].shape == (2, 0, cfg.d_model) and got["selected_experts"].shape == (2, 0, cfg.top_k)
+
+
+@pytest.mark.parametrize("flavour", ["portable", "fused"])
+def test_float16(export_cache, flavour):
+    cfg = ref.tiny_config(activation="gelu_tanh")
+    params = ref.init(cfg, seed=7)
+    run_and_compare(export_cache(cfg, 7, flavour=flavour, dtype="float16"), cfg, params, dtype="float16", seed=7)
+
+
+def test_bfloat16(export_cache):
+    cfg = ref.tiny_config()
+    params = ref.init(cfg, seed=7)
+    path = export_cache(cfg, 7, dtype="bfloat16")
+    try:
+        runtime.OnnxRunner(path, "cpu")
+    except ValueError as err:
+        if "NOT_IMPLEMENTED" in str(err):
+            pytest.skip(f"onnxruntime's CPU provider has no bfloat16 kernel for this graph: {err}")
+        raise
+    run_and_compare(path, cfg, params, dtype="bfloat16", seed=7)
+
+
+def test_bfloat16_bits_round_to_nearest_even():
+    import torch
+
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 100
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(runtime.to_bfloat16_bits(x), want)
+
+
+def test_portable_graph_on_reference_evaluator(export_cache):
+    from onnx.reference import ReferenceEvaluator
+
+    cfg = ref.tiny_config(gate="switch", top_k=1, capacity=2, activation="gelu")
+    params = ref.init(cfg, seed=8)
+    session = ReferenceEvaluator(str(export_cache(cfg, 8)))
+    x = verify.inputs_with_margin(verify.layer_margins(cfg, params, "layer"), (2, 6, cfg.d_model),
+                                  np.random.default_rng(8), 1e-3, round_fn=lambda v: v.astype(np.float32).astype(np.float64))
+    output, selected, gates = session.run(None, {"hidden_states": x.astype(np.float32)})
+    want = ref.layer(cfg, params, x)
+    np.testing.assert_array_equal(selected, want.selected)
+    np.testing.assert_allclose(output, want.output, rtol=1e-4, atol=1e-4)
+
+
+def test_set_ranks_cover_every_set():
+    for N, k in [(1, 1), (4, 2), (6, 3), (8, 1), (5, 5)]:
+        sets = colex_sets(N, k)
+        assert len(sets) == math.comb(N, k) == len({tuple(s) for s in sets.tolist()})
+        ranks = [sum(math.comb(v, i + 1) for i, v in enumerate(s)) for s in sets.tolist()]
+        assert ranks == list(range(len(sets)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact ties
+# ---------------------------------------------------------------------------------------------
+
+
+def tied_params(cfg, seed):
+    params = ref.init(cfg, seed=seed)
+    params["router.weight"] = np.zeros_like(params["router.weight"])  # every logit exactly 0: an N-way tie
+    return params
+
+
+def test_ties_pick_lower_index_in_portable_graph_torch_and_reference_evaluator(export_cache):
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    from hypermoe.layer import HyperMoELayer
+
+    cfg = ref.tiny_config(top_k=2)
+    params = tied_params(cfg, 9)
+    path = export_cache(cfg, 9, params=params)
+    x = np.random.default_rng(9).standard_normal((2, 5, cfg.d_model)).astype(np.float32)
+    want = ref.layer(cfg, params, x.astype(np.float64))
+    np.testing.assert_array_equal(want.selected, np.broadcast_to([0, 1], (2, 5, 2)))
+    got = runtime.OnnxRunner(path, "cpu")(x)
+    np.testing.assert_array_equal(got["selected_experts"], want.selected)
+    np.testing.assert_allclose(got["output"], want.output, rtol=1e-4, atol=1e-4)
+    evaluated = ReferenceEvaluator(str(path)).run(None, {"hidden_states": x})
+    np.testing.assert_array_equal(evaluated[1], want.selected)
+    layer = HyperMoELayer.from_ref(cfg, params).eval()
+    with torch.no_grad():
+        torch_sel = layer(torch.from_numpy(x.astype(np.float64))).routing.selected.numpy()
+    np.testing.assert_array_equal(torch_sel, want.selected)
+
+
+def test_fused_flavour_ties_go_to_the_highest_index(export_cache):
+    """Documented limitation: on exact ties the com.microsoft::MoE CPU kernel runs the HIGHEST-index experts
+    while the graph's TopK (HyperExpert, selected_experts) keeps the lowest, as SPEC.md says. The fused
+    output is then the highest experts' routed output plus the lowest set's HyperExpert."""
+    cfg = ref.tiny_config(top_k=2)
+    params = tied_params(cfg, 9)
+    path = export_cache(cfg, 9, params=params, flavour="fused")
+    assert any(exporter.read_metadata(path)["notes"].count("HIGHEST") for _ in [0])
+    x = np.random.default_rng(9).standard_normal((2, 5, cfg.d_model))
+    got = runtime.OnnxRunner(path, "cpu")(x.astype(np.float32))
+    want = ref.layer(cfg, params, x)
+    np.testing.assert_array_equal(got["selected_experts"], want.selected)  # TopK: lowest
+    assert not np.allclose(got["output"], want.output, atol=1e-3)  # the fused output differs from ref
+    xt = x.reshape(-1, cfg.d_model)
+    highest = np.broadcast_to([3, 2], (xt.shape[0], 2))
+    routed_high = ref.routed_output(cfg, params, xt, highest, want.gates.reshape(-1, 2), np.ones(len(xt), bool))
+    np.testing.assert_allclose(got["output"], (routed_high + want.hyper.reshape(-1, cfg.d_model)).reshape(x.shape),
+                               rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata, checker, external data, refusals and bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metadata_round_trip(export_cache):
+    import onnxruntime as ort
+
+    cfg = CASES["switch"]
+    path = export_cache(cfg, 1, flavour="fused")
+    meta = exporter.read_metadata(path)
+    assert exporter.metadata_config(meta) == cfg
+    assert meta["spec_version"] == ref.SPEC_VERSION and meta["flavour"] == "fused" and meta["kind"] == "layer"
+    session_meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert ref.HyperMoEConfig.from_json(session_meta.custom_metadata_map["hypermoe.config"]) == cfg
+    exporter.check_file(path)  # the checker (full) and strict shape inference pass on the file
+
+
+def test_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    cfg = ref.tiny_config()
+    result = exporter.export_model(tmp_path / "m.onnx", cfg, ref.init(cfg, seed=0), routing_outputs=True,
+                                   source="default:seed=0")
+    assert result.external_data and (tmp_path / "m.onnx.data").is_file()
+    assert verify.verify(result.path, provider="cpu", shapes=((1, 3),)).ok
+
+
+def test_fused_refusals(tmp_path):
+    for changes, word in [(dict(gate="switch", top_k=1, capacity=2), "capacity"), (dict(activation="gelu"), "gelu")]:
+        cfg = ref.tiny_config(**changes)
+        with pytest.raises(ValueError, match=word):
+            exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), flavour="fused")
+
+
+def test_corrupt_and_truncated_files(export_cache, tmp_path):
+    good = export_cache(ref.tiny_config(), 1).read_bytes()
+    for name, data in [("garbage.onnx", b"this is not a protobuf" * 10), ("truncated.onnx", good[: len(good) // 2])]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=name):
+            exporter.read_metadata(path)
+        with pytest.raises(ValueError, match=name):
+            runtime.OnnxRunner(path, "cpu")
+        with pytest.raises(ValueError, match=name):
+            verify.verify(path)
+    with pytest.raises(FileNotFoundError):
+        runtime.OnnxRunner(tmp_path / "missing.onnx", "cpu")
+
+
+def test_config_weights_mismatch(export_cache, tmp_path):
+    from ref import io
+
+    cfg = ref.tiny_config()
+    path = export_cache(cfg, 1)
+    other = ref.tiny_config(n_experts=5)
+    io.save_dir(tmp_path / "other", other, ref.init(other), "layer")
+    with pytest.raises(ValueError, match="does not match"):
+        verify.verify(path, source=tmp_path / "other")
+    # a model directory whose weights do not fit its own config
+    io.save_dir(tmp_path / "broken", cfg, ref.init(cfg), "layer")
+    (tmp_path / "broken" / "config.json").write_text(other.to_json().replace("{", '{"kind": "layer",', 1))
+    with pytest.raises(ValueError, match="does not match"):
+        exporter.load_source(tmp_path / "broken")
+
+
+def test_unwritable_output_paths(tmp_path):
+    cfg = ref.tiny_config()
+    params = ref.init(cfg)
+    (tmp_path / "afile").write_text("x")
+    for bad, word in [(tmp_path / "no" / "such" / "dir.onnx", "does not exist"), (tmp_path, "is a directory"),
+                      (tmp_path / "afile" / "m.onnx", "does not exist")]:
+        with pytest.raises(ValueError, match=word):
+            exporter.export_model(bad, cfg, params)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            exporter.export_model(locked / "m.onnx", cfg, params)
+
+
+def test_missing_cuda_library_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(runtime, "_gpu_count", lambda: (1, ""))
+    monkeypatch.setattr(runtime, "cuda_libraries", lambda: ["libhypermoe_missing_cublas.so.99"])
+    with pytest.raises(ValueError, match="libhypermoe_missing_cublas.so.99"):
+        runtime.choose_provider("cuda")
+    provider, notice = runtime.choose_provider("auto")
+    assert provider == "cpu" and "libhypermoe_missing_cublas.so.99" in notice and "\n" not in notice
+    with pytest.raises(ValueError, match="provider must be one of"):
+        runtime.choose_provider("tpu")
+
+
+def test_no_gpu_falls_back_quietly(monkeypatch, capfd):
+    monkeypatch.setattr(runtime, "_gpu_count", lambda: (0, "no NVIDIA driver (libcuda.so.1 not found)"))
+    assert runtime.choose_provider("auto") == ("cpu", "notice: running on the CPU provider: no NVIDIA driver "
+                                                      "(libcuda.so.1 not found)")
+    with pytest.raises(ValueError, match="--provider cuda"):
+        runtime.choose_provider("cuda")
+    assert capfd.readouterr().err == ""  # onnxruntime was never asked for the CUDA provider
+
+
+def test_runner_rejects_bad_inputs(export_cache):
+    cfg = ref.tiny_config()
+    runner = runtime.OnnxRunner(export_cache(cfg, 1), "cpu")
+    for bad in [np.zeros((2, 3, cfg.d_model + 1), np.float32), np.zeros((3, cfg.d_model), np.float32),
+                np.zeros((1, 2, cfg.d_model), np.int64)]:
+        with pytest.raises(ValueError):
+            runner(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_export_verify_run(tmp_path, capsys):
+    from hypermoe.cli import main
+    from ref import io
+
+    cfg = ref.tiny_config(gate="switch", top_k=1, capacity=3)
+    io.save_dir(tmp_path / "model", cfg, ref.init(cfg, seed=2), "layer")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "model"), "-o", str(out), "--routing-outputs", "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "HyperExpert form sets" in text and "PASS" in text
+    assert main(["verify", str(out), "--shapes", "1x3,2x2"]) == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 4, cfg.d_model)).astype(np.float32))
+    assert main(["run", str(out), "--provider", "cpu", "--input", str(tmp_path / "x.npy"), "--runs", "2",
+                 "--save", str(tmp_path / "y.npy")]) == 0
+    assert "tokens/s" in capsys.readouterr().out and np.load(tmp_path / "y.npy").shape == (2, 4, cfg.d_model)
+    assert main(["export", str(tmp_path / "model"), "-o", str(tmp_path / "f.onnx"), "--flavour", "fused"]) == 2
+    assert "capacity" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "model"), "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "nothing.onnx")]) == 2
