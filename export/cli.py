@@ -130,6 +130,8 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def _input(args, runner) -> np.ndarray:
+    from export.runtime import ONNX_INT64
+
     if args.input is not None:
         path = Path(args.input)
         if not path.is_file():
@@ -141,10 +143,20 @@ def _input(args, runner) -> np.ndarray:
         return x
     if args.batch < 1 or args.seq < 0:
         raise ValueError(f"--batch must be ≥ 1 and --seq ≥ 0, got {args.batch} and {args.seq}")
+    rng = np.random.default_rng(args.seed)
+    if runner.input_type == ONNX_INT64:  # a model: token ids
+        from ref import HyperMoEConfig
+
+        if "hypermoe.config" not in runner.metadata:
+            raise ValueError("the model takes token ids but records no config (vocabulary size); pass --input")
+        cfg = HyperMoEConfig.from_json(runner.metadata["hypermoe.config"])
+        if not 1 <= args.seq <= cfg.max_seq_len:
+            raise ValueError(f"--seq must be in [1, max_seq_len={cfg.max_seq_len}] for this model, got {args.seq}")
+        return rng.integers(0, cfg.vocab_size, (args.batch, args.seq))
     d = runner.input.shape[-1]
     if not isinstance(d, int):
         raise ValueError("the model's last input dim is not fixed; pass --input")
-    return np.random.default_rng(args.seed).standard_normal((args.batch, args.seq, d)).astype(np.float32)
+    return rng.standard_normal((args.batch, args.seq, d)).astype(np.float32)
 
 
 def run_command(args: argparse.Namespace) -> int:

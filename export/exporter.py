@@ -30,12 +30,13 @@ IR_VERSION = 10  # what torch writes; onnxruntime 1.31 rejects onnx 1.23's defau
 EXTERNAL_DATA_BYTES = 2 * 2**30  # protobuf's 2 GB limit on one file
 INPUT_NAME = "hidden_states"
 OUTPUT_NAMES = ("output", "selected_experts", "gates")
+MODEL_INPUT, MODEL_OUTPUT = "input_ids", "logits"  # kind "model": (batch, seq) int64 → (batch, seq, V)
 META_PREFIX = "hypermoe."
 
 
 class ExportResult(NamedTuple):
     path: Path
-    kind: str  # "layer" | "stack"
+    kind: str  # "layer" | "stack" | "model"
     flavour: str  # "portable" | "fused"
     hyper_form: str  # "sets" | "factored" | "none"
     dtype: str
@@ -88,7 +89,7 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
                  routing_outputs: bool = False, implementation: str = "graph"):
     """The torch module that is exported: export.graph.ExportLayer (implementation "graph"; ExportStack for
     kind "stack"), or hypermoe.layer.HyperMoELayer's own export path (implementation "layer")."""
-    from export.graph import ExportLayer, ExportStack, TorchLayerExport
+    from export.graph import ExportLayer, ExportModel, ExportStack, TorchLayerExport
 
     tdtype = _torch_dtype(dtype)
     if implementation not in IMPLEMENTATIONS:
@@ -107,8 +108,11 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
         layers = [ExportLayer(cfg, ref.layer_params(params, i), layer_index=i, dtype=tdtype, flavour=flavour,
                               hyper_form=hyper_form) for i in ref.stack_layers(cfg)]
         return ExportStack(layers)
-    raise ValueError(f"cannot export a saved model of kind {kind!r}: only 'layer' and 'stack' are supported "
-                     "(the transformer model has no ONNX export yet)")
+    if kind == "model":
+        if routing_outputs:
+            raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
+        return ExportModel(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form)
+    raise ValueError(f"cannot export a saved model of kind {kind!r}; expected layer, stack or model")
 
 
 def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *,
@@ -131,17 +135,25 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                           implementation=implementation).eval()
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
-    sample = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.d_model))).to(_torch_dtype(dtype))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    outputs = list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
+    batch = torch.export.Dim("batch")
+    if kind == "model":  # token ids → logits; positions are learned up to max_seq_len
+        if cfg.max_seq_len < 3:
+            raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ 3 to export a model")
+        sample = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3)))
+        seq = torch.export.Dim("seq", max=cfg.max_seq_len)
+        input_name, outputs = MODEL_INPUT, [MODEL_OUTPUT]
+    else:
+        sample = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.d_model))).to(_torch_dtype(dtype))
+        seq = torch.export.Dim("seq")
+        input_name, outputs = INPUT_NAME, list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
     table = moe_op.translation_table() if flavour == "fused" else None
     # the exporter logs "torchvision is not installed. Skipping torchvision::nms" and the like
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         program = torch.onnx.export(
-            module, (sample,), dynamo=True, input_names=[INPUT_NAME], output_names=outputs, opset_version=opset,
-            dynamic_shapes={"hidden_states": {0: batch, 1: seq}}, custom_translation_table=table,
+            module, (sample,), dynamo=True, input_names=[input_name], output_names=outputs, opset_version=opset,
+            dynamic_shapes=({0: batch, 1: seq},), custom_translation_table=table,
             optimize=True, verbose=False,
         )
     model = program.model_proto

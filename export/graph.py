@@ -289,3 +289,45 @@ class TorchLayerExport(nn.Module):
         if not self.routing_outputs:
             return out.output
         return out.output, out.routing.selected, out.routing.gates.to(torch.float32)
+
+
+class ExportModel(nn.Module):
+    """hypermoe.model.HyperMoETransformer for export: its embeddings, attention, dense MLPs and final norm,
+    with the FFN of each HyperMoE block ℓ replaced by an ExportLayer at layer index ℓ (either flavour).
+    The model's own forward is not traced: its token-range check reads tensor values (data-dependent).
+
+    forward(input_ids (B, S) int64) → logits (B, S, V)
+    """
+
+    def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, dtype: torch.dtype = torch.float32,
+                 flavour: str = "portable", hyper_form: str = "auto"):
+        super().__init__()
+        from hypermoe.model import HyperMoETransformer
+        from ref import model as ref_model
+
+        params64 = {n: np.asarray(v, dtype=np.float64) for n, v in params.items()}
+        model = HyperMoETransformer.from_ref(cfg, params64, dtype=torch.float64).to(dtype).eval()
+        self.token_embed, self.pos_embed, self.ln_f = model.token_embed, model.pos_embed, model.ln_f
+        self.lm_head = model.lm_head
+        self.moe = nn.ModuleDict()
+        for block in model.blocks:
+            if block.moe is not None:
+                self.moe[str(block.index)] = ExportLayer(cfg, ref_model.block_moe_params(params64, block.index),
+                                                         layer_index=block.index, dtype=dtype, flavour=flavour,
+                                                         hyper_form=hyper_form)
+                block.moe = None  # replaced; dropping it keeps its weights out of the graph
+        self.blocks = model.blocks
+        layers = list(self.moe.values())
+        self.hyper_form = layers[0].hyper_form if layers else "none"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        S = input_ids.shape[1]
+        h = self.token_embed[input_ids] + self.pos_embed[:S]  # (B, S, d)
+        for block in self.blocks:
+            h = h + block.attn(block.ln1(h))
+            x = block.ln2(h)  # (B, S, d)
+            key = str(block.index)
+            h = h + (self.moe[key](x) if key in self.moe else block.mlp(x))
+        h = self.ln_f(h)
+        head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
+        return h @ head  # (B, S, V)

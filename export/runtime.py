@@ -47,6 +47,8 @@ def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
 
 def round_to(x: np.ndarray, onnx_type: int) -> np.ndarray:
     """x rounded to the model's input dtype, returned as float64 (what the reference should see)."""
+    if onnx_type == ONNX_INT64:
+        return x  # token ids
     if onnx_type == ONNX_BFLOAT16:
         return from_bfloat16_bits(to_bfloat16_bits(x)).astype(np.float64)
     return x.astype({ONNX_FLOAT: np.float32, ONNX_FLOAT16: np.float16}[onnx_type]).astype(np.float64)
@@ -204,7 +206,10 @@ class OnnxRunner:
         for axis, (have, dim) in enumerate(zip(x.shape, want)):
             if isinstance(dim, int) and have != dim:
                 raise ValueError(f"input dim {axis} is {have}, the model expects {dim} (shape {want})")
-        if not np.issubdtype(x.dtype, np.floating):
+        if self.input_type == ONNX_INT64:
+            if not np.issubdtype(x.dtype, np.integer):
+                raise ValueError(f"input must be integer token ids, got {x.dtype}")
+        elif not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"input must be floating point, got {x.dtype}")
 
     def _output_shape(self, output, x_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -42,6 +42,12 @@ def layer_margins(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: s
                   ) -> Callable[[np.ndarray], np.ndarray]:
     """x (B, S, d) → per-token routing margin (B, S), the smallest over the HyperMoE layers x goes through."""
     def margins(x: np.ndarray) -> np.ndarray:
+        if kind == "model":  # x: token ids (B, S)
+            from ref import model as ref_model
+
+            _, _, results = ref_model.forward(cfg, params, x)
+            per_block = [ref.routing_margins(r.logits, cfg.top_k) for r in results.values()]
+            return np.min(per_block, axis=0) if per_block else np.full(x.shape, np.inf)
         if kind == "layer":  # the router sees x itself: no need to run the layer
             logits = ref.router_logits(cfg, params, x.reshape(-1, cfg.d_model))  # (T, N)
             return ref.routing_margins(logits, cfg.top_k).reshape(x.shape[:-1])
@@ -53,15 +59,21 @@ def layer_margins(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: s
 
 def inputs_with_margin(margins: Callable[[np.ndarray], np.ndarray], shape: tuple[int, ...], rng: np.random.Generator,
                        margin: float, *, round_fn: Callable[[np.ndarray], np.ndarray] = lambda v: v,
-                       attempts: int = 200) -> np.ndarray:
-    """x of `shape` (float64, already rounded by `round_fn`) whose every token has margin ≥ `margin`.
-    Tokens below it are redrawn (whole tokens, so capacity interactions are re-evaluated each round)."""
-    x = round_fn(rng.standard_normal(shape))
+                       vocab_size: int | None = None, attempts: int = 200) -> np.ndarray:
+    """x of `shape` (float64 (B, S, d), already rounded by `round_fn`; or token ids (B, S) in
+    [0, vocab_size) when vocab_size is given) whose every token has margin ≥ `margin`. Tokens below it are
+    redrawn (whole tokens; capacity and attention interactions are re-evaluated each round)."""
+    def draw(n_tokens: int) -> np.ndarray:
+        if vocab_size is not None:
+            return rng.integers(0, vocab_size, n_tokens)
+        return round_fn(rng.standard_normal((n_tokens, shape[-1])))
+
+    x = draw(int(np.prod(shape[:-1] if vocab_size is None else shape))).reshape(shape)
     for _ in range(attempts):
-        bad = margins(x) < margin  # (*shape[:-1],)
+        bad = margins(x) < margin  # (B, S)
         if not bad.any():
             return x
-        x[bad] = round_fn(rng.standard_normal((int(bad.sum()), shape[-1])))
+        x[bad] = draw(int(bad.sum()))
     raise ValueError(f"could not draw inputs with routing margin ≥ {margin} in {attempts} rounds "
                      "(degenerate router? use a model whose router separates the experts)")
 
@@ -132,9 +144,11 @@ def source_params(meta: Mapping[str, str], cfg: HyperMoEConfig, source: str | os
     from export.exporter import load_source
 
     recorded = meta.get("source", "")
-    if source is None and recorded.startswith("default:seed="):
-        return ref.init(cfg, seed=int(recorded.split("=", 1)[1])) if meta.get("kind") == "layer" else \
-            ref.init_stack(cfg, seed=int(recorded.split("=", 1)[1]))
+    if source is None and recorded.startswith("default:seed="):  # ref's deterministic init
+        from ref import model as ref_model
+
+        init = {"layer": ref.init, "stack": ref.init_stack, "model": ref_model.init_model}[meta.get("kind", "layer")]
+        return init(cfg, seed=int(recorded.split("=", 1)[1]))
     if source is None:
         if not recorded:
             raise ValueError("the file records no source model; pass the model directory it was exported from")
@@ -164,9 +178,14 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, 
     rng = np.random.default_rng(seed)
     results = []
     for batch, seq in shapes:
-        x = inputs_with_margin(margins, (batch, seq, cfg.d_model), rng, margin,
-                               round_fn=lambda v: round_to(v, runner.input_type))
-        if kind == "layer":
+        shape = (batch, seq) if kind == "model" else (batch, seq, cfg.d_model)
+        x = inputs_with_margin(margins, shape, rng, margin, round_fn=lambda v: round_to(v, runner.input_type),
+                               vocab_size=cfg.vocab_size if kind == "model" else None)
+        if kind == "model":
+            from ref import model as ref_model
+
+            want = {"logits": ref_model.forward(cfg, params, x)[0]}
+        elif kind == "layer":
             expected = ref.layer(cfg, params, x, layer_index)
             want = {"output": expected.output, "selected_experts": expected.selected, "gates": expected.gates}
         else:

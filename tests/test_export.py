@@ -129,6 +129,24 @@ def test_layer_index_and_stack(export_cache):
     assert report.ok, "\n".join(report.lines())
 
 
+@pytest.mark.parametrize("flavour", ["portable", "fused"])
+def test_model_export_matches_ref(tmp_path, flavour):
+    """A saved transformer (kind "model", dense and HyperMoE blocks): token ids → logits vs ref.model."""
+    from hypermoe.cli import main
+    from ref import io
+    from ref import model as ref_model
+
+    cfg = ref.tiny_config(n_layers=2, moe_every=2, activation="relu")
+    io.save_dir(tmp_path / "model", cfg, ref_model.init_model(cfg, seed=3), "model")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tmp_path / "model"), "-o", str(out), "--flavour", flavour]) == 0
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_ids"]
+    report = verify.verify(out, shapes=((2, 5), (1, 1), (1, cfg.max_seq_len)))
+    assert report.ok and report.shapes[0].comparisons[0].name == "logits", "\n".join(report.lines())
+    assert main(["run", str(out), "--provider", "cpu", "--seq", "7", "--runs", "1"]) == 0
+    assert main(["run", str(out), "--seq", str(cfg.max_seq_len + 1)]) == 2
+
+
 def test_torch_layer_export_path_matches_ref(export_cache):
     """hypermoe.layer.HyperMoELayer's own export path (implementation "layer") traces and matches ref."""
     cfg = ref.tiny_config(gate="switch", top_k=1, capacity=2)
