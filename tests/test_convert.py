@@ -297,6 +297,8 @@ def test_official_switch_stack_matches_official_forward(sz, data, seed):
 @pytest.mark.parametrize("variant", ["gpt2", "switch"])
 def test_converted_weights_in_the_torch_layer_match_official_forward(variant):
     HyperMoELayer = torch_layer_or_none()
+    from hypermoe.layer import params_from_ref
+
     rng = np.random.default_rng(7)
     sz = dict(d=8, f=12, N=4, e=5, p=6, h=7, l=3, g=9, a=4, L=4)
     if variant == "gpt2":
@@ -314,7 +316,7 @@ def test_converted_weights_in_the_torch_layer_match_official_forward(variant):
         else:
             want = official_switch_moe(sd, "encoder", layer, x, 2)[0]
         module = HyperMoELayer(cfg, dtype=torch.float64).eval()  # its state_dict names are ref.param_shapes'
-        module.load_state_dict({k: torch.from_numpy(v) for k, v in ref.layer_params(result.params, layer).items()})
+        module.load_state_dict(params_from_ref(ref.layer_params(result.params, layer)))
         with torch.no_grad():
             got = module(torch.from_numpy(x), layer).output.numpy()
         worst = max(worst, float(np.abs(got - want).max()))
