@@ -206,8 +206,38 @@ def main_command(args: argparse.Namespace) -> int:
     timing = runner.benchmark(x, warmup=2, runs=10)
     print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
           f"{cfg.d_model}), median {timing.median_ms:.2f} ms, {timing.tokens_per_s:,.0f} tokens/s")
+    torch_ms = _torch_latency(cfg, params, x, "cuda" if runner.provider == "cuda" else "cpu")
+    if torch_ms is not None:
+        print(f"   same input on PyTorch eager ({'CUDA' if runner.provider == 'cuda' else 'CPU'}, hypermoe.layer, "
+              f"float32): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
     print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}")
     return 0 if report.ok else 1
+
+
+def _torch_latency(cfg, params, x: np.ndarray, device: str, runs: int = 10) -> float | None:
+    """Median ms of hypermoe.layer.HyperMoELayer (eager, no grad) on x, for comparison; None if torch cannot."""
+    import statistics
+
+    import torch
+
+    from hypermoe.layer import HyperMoELayer
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    layer = HyperMoELayer.from_ref(cfg, params, dtype=torch.float32, device=device).eval()
+    xt = torch.from_numpy(x).to(device)
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 2):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            layer(xt)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up calls (the first generates the per-set adapter cache)
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":
