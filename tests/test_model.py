@@ -88,6 +88,7 @@ def assert_matches_ref(cfg, params, tokens, model, rtol=1e-10, atol=1e-10):
 @pytest.mark.parametrize("hyper_expert", [True, False])
 def test_state_dict_is_ref_param_table(moe_every, tie, hyper_expert):
     cfg = ref.tiny_config(n_layers=3, moe_every=moe_every, tie_embeddings=tie, hyper_expert=hyper_expert)
+    torch.manual_seed(0)
     model = HyperMoETransformer(cfg, dtype=torch.float64)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assert shapes == ref_model.model_param_shapes(cfg)
@@ -97,6 +98,13 @@ def test_state_dict_is_ref_param_table(moe_every, tie, hyper_expert):
     # the hypernetwork is one module, counted once among the parameters
     assert sum(p.numel() for p in model.parameters()) == sum(int(np.prod(s)) for s in shapes.values())
     assert repr(model).count("HyperNetwork") == (1 if hyper_expert else 0)
+    assert f"moe_blocks={moe}" in repr(model)
+    for block in model.blocks:  # one hypernetwork object, referenced by every HyperMoE layer
+        assert block.moe is None or block.moe.hypernetwork is model.hyper
+    # reset_parameters: a training init, LayerNorms 1 and 0, everything else drawn
+    assert torch.equal(model.blocks[0].ln1.weight, torch.ones(16, dtype=torch.float64))
+    assert torch.equal(model.ln_f.bias, torch.zeros(16, dtype=torch.float64))
+    assert model.token_embed.std().item() == pytest.approx(16**-0.5, rel=0.2)
 
 
 def test_config_without_moe_block_is_rejected():
