@@ -8,31 +8,8 @@ inputs and parameters are drawn from np.random.default_rng(seed) and stored, bec
 seed's stream only per build (NEP 19): the committed arrays are the cases, the seeds document how they
 were made, and `--check` says whether this platform still reproduces them (bitwise, else within 1e-12).
 
-Tolerances and skip rules (conformance/README.md, "Tolerances") are computed here from each case's own
-magnitudes and written into the manifest, per dtype:
-    u_D      unit roundoff of the dtype under test D (float64 2^-53, float32 2^-24, float16 2^-11,
-             bfloat16 2^-8); u_acc that of the router's accumulation (float32, float64 for D = float64)
-    ε_D      bound on the router-logit error of a conforming implementation (inputs and parameters
-             rounded to D, logits accumulated in float32 at least, SPEC.md §3.1):
-             ε_D = (4 u_D + (d + 2) u_acc) · R + max|b - round_D(b)| + u_acc · max|b| (+ error carried
-             in from earlier layers of a stack), R = max over tokens and experts of Σ_i |x̃_i W_ij| (+ the
-             noisy-gating term). Cases whose router inputs are exact dyadic rationals (the tie cases) have
-             ε_D = 0: every product and partial sum is exact in float32.
-    skip     a case runs in D only if its order margin (the smallest gap between consecutive logits among
-             each token's top k+1, exact ties excluded) exceeds 2 ε_D: then no selection or order can
-             flip (ref.routing_margins); otherwise the case is skipped in D with the reason
-             "routing margin below dtype resolution".
-    values   |actual - expected| ≤ atol + rtol |expected| elementwise, with
-             logits atol 2 ε_D; probs and gates atol 4 ε_D + 8 u_D (softmax moves p_j by ≤ 2 ε_D p_j,
-             renormalisation doubles it; 8 u_D: the softmax's own rounding and a final cast to D);
-             output atol K u_D S + 4 ε_D S (the gate error times the expert outputs), rtol K u_D, S = the case's largest intermediate magnitude
-             (input, any expert FFN output, routed, HyperExpert, output; ≥ 1), K = 64 (measured: the torch
-             layer in float64/float32/bfloat16 and ref in float32 stay below 5 u_D S on every case without
-             large logits, whose error is the 4 ε_D S term); a stack's
-             layers are each run on the reference's input to that layer (teacher forcing, so that one
-             layer's rounding cannot move the next layer's routing) and its final output, x + Σ outputs,
-             gets the sum of the layers' output atol;
-             aux losses: first-order bounds from the probability error (see `_aux_tolerances`).
+Tolerances, skip rules and margins are computed by conformance/tolerances.py from each case's own
+magnitudes and written into the manifest (conformance/README.md, "What the runner checks").
 """
 
 from __future__ import annotations
@@ -43,22 +20,19 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import ref
-from conformance.suite import (
-    AUX_NAMES, CASES_DIR, DTYPES, MANIFEST, MANIFEST_SCHEMA, UNIT_ROUNDOFF, load_manifest, representable, round_to,
-    sha256_file,
-)
+from conformance.suite import AUX_NAMES, CASES_DIR, DTYPES, MANIFEST, MANIFEST_SCHEMA, load_manifest, sha256_file
+from conformance.tolerances import K_VALUES, dtype_entry, margins, order_gaps
 from ref import HyperMoEConfig, tiny_config
 
 SUITE_VERSION = "1.0.0"  # version of the case set; bump when cases are added, removed or changed
 MARGIN = 0.15  # target order margin of random cases: above 2 ε_D for bfloat16 at d ≤ 32 (ε ≈ 0.05)
-K_VALUES = 64  # the output tolerance factor K (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -75,7 +49,6 @@ class Spec:
     bias: tuple[float, ...] = ()  # router bias for router="large"
     jitter: bool = False  # draw input.jitter ~ U[1-ε, 1+ε] (ε = cfg.router_jitter)
     gate_noise: bool = False  # draw input.gate_noise ~ N(0, 1) (cfg.noisy_gating)
-    extra: dict = field(default_factory=dict)
 
 
 def _specs() -> list[Spec]:
@@ -143,13 +116,6 @@ def _specs() -> list[Spec]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _order_gaps(logits: np.ndarray, k: int) -> np.ndarray:
-    """(T, N) logits → (T, m - 1) gaps between consecutive logits among each token's top m = min(k+1, N)."""
-    ordered = -np.sort(-logits, axis=-1)  # (T, N) descending
-    m = min(k + 1, logits.shape[-1])
-    return ordered[:, : m - 1] - ordered[:, 1:m]
-
-
 def _run_ref(spec: Spec, params: dict[str, np.ndarray], inputs: dict[str, np.ndarray]):
     """[(layer input, LayerResult)] per layer, and the final output."""
     cfg, x = spec.cfg, inputs["x"]
@@ -195,7 +161,7 @@ def _draw(spec: Spec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         per_layer, _ = _run_ref(spec, params, inputs)
         bad = np.zeros(T, dtype=bool)
         for _, result in per_layer:
-            gaps = _order_gaps(result.logits.reshape(T, N), cfg.top_k)
+            gaps = order_gaps(result.logits.reshape(T, N), cfg.top_k)
             bad |= (gaps < MARGIN).any(axis=-1)
         if not bad.any():
             break
@@ -214,108 +180,6 @@ def _draw(spec: Spec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         x[0] -= (logits[order[k - 1]] - logits[order[k]] - 1e-4) * w / (w @ w)
         inputs["x"] = x.reshape(spec.shape)
     return params, inputs
-
-
-# ---------------------------------------------------------------------------------------------
-# Margins and tolerances
-# ---------------------------------------------------------------------------------------------
-
-
-def _up2(v: float) -> float:
-    """v rounded up to two significant digits (tolerances stay readable and stable across platforms)."""
-    if v <= 0 or not math.isfinite(v):
-        return float(v)
-    e = math.floor(math.log10(v)) - 1
-    return float(f"{math.ceil(v / 10.0**e - 1e-9)}e{e}")
-
-
-def _router_scale(spec: Spec, lp: dict[str, np.ndarray], h: np.ndarray, inputs: dict[str, np.ndarray]) -> float:
-    """R = max over tokens t and experts j of Σ_i |x̃_ti W_ij| (+ |ε_tj| (Σ_i |x_ti Wn_ij| + 1.01))."""
-    cfg = spec.cfg
-    xt = h.reshape(-1, cfg.d_model)  # (T, d)
-    if xt.shape[0] == 0:
-        return 0.0
-    xj = xt * inputs["jitter"].reshape(xt.shape) if "jitter" in inputs else xt
-    R = np.abs(xj) @ np.abs(lp["router.weight"])  # (T, N)
-    if "gate_noise" in inputs:
-        eps = np.abs(inputs["gate_noise"].reshape(-1, cfg.n_experts))
-        R = R + eps * (np.abs(xt) @ np.abs(lp["router.noise_weight"]) + 1.01)
-    return float(R.max())
-
-
-def _aux_tolerances(cfg: HyperMoEConfig, result, dp: float, u_r: float, K: float) -> dict[str, list[float]]:
-    """First-order bounds on the aux losses given a probability/gate error ≤ dp (selection exact)."""
-    logits = result.logits.reshape(-1, cfg.n_experts)
-    T, N = logits.shape
-    if T == 0:
-        return {f"aux.{n}": [K * u_r, 0.0] for n in AUX_NAMES}
-    lse = np.abs(ref.logsumexp(logits)).max()
-    # switch_balance = N Σ f_i P_i, Σ f_i = k: |Δ| ≤ N k max|ΔP|
-    sb = N * cfg.top_k * dp
-    # z_loss = mean lse², |Δlse| ≤ dp-sized logit error + rounding at |lse|: |Δz| ≤ 2 max|lse| (dp + u_r max|lse|)
-    zl = 2 * lse * (dp + u_r * lse)
-    # cv_balance: importance_i = Σ_t g_ti moves by ≤ T dp each; |Δcv²| ≤ Σ_i |∂cv²/∂imp_i| T dp
-    cv = 0.0
-    if N > 1:
-        selected = result.selected.reshape(T, cfg.top_k)
-        importance = np.zeros(N)
-        np.add.at(importance, selected, result.gates.reshape(T, cfg.top_k))
-        mean, var = importance.mean(), importance.var(ddof=1)
-        grad = 2 * (importance - mean) / ((N - 1) * (mean**2 + ref.semantics.CV_EPS)) - 2 * var * mean / (N * (mean**2 + ref.semantics.CV_EPS) ** 2)
-        cv = float(np.abs(grad).sum() * T * dp)
-    return {"aux.switch_balance": [sb + K * u_r, K * u_r], "aux.z_loss": [zl + K * u_r, K * u_r],
-            "aux.cv_balance": [cv + K * u_r, K * u_r]}
-
-
-def _margins(spec: Spec, per_layer) -> dict[str, Any]:
-    cfg = spec.cfg
-    routing, order, ties = math.inf, math.inf, 0
-    for _, result in per_layer:
-        logits = result.logits.reshape(-1, cfg.n_experts)
-        if logits.shape[0] == 0:
-            continue
-        routing = min(routing, float(ref.routing_margins(logits, cfg.top_k).min()))
-        gaps = _order_gaps(logits, cfg.top_k)
-        ties += int((gaps == 0).any(axis=-1).sum())
-        nonzero = gaps[gaps > 0]
-        if nonzero.size:
-            order = min(order, float(nonzero.min()))
-    fin = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no infinity: null = no boundary)
-    return {"routing_margin": fin(routing), "order_margin": fin(order), "tokens_with_exact_ties": ties}
-
-
-def _dtype_entry(spec: Spec, params, inputs, per_layer, margins, dtype: str) -> dict[str, Any]:
-    cfg, u = spec.cfg, UNIT_ROUNDOFF[dtype]
-    u_acc = UNIT_ROUNDOFF["float64" if dtype == "float64" else "float32"]
-    K = K_VALUES
-    carried, layers, bounds = 0.0, [], []  # carried: the final output's atol, Σ over a stack's layers
-    for ell, (h, result) in enumerate(per_layer):
-        lp = _layer_params(spec, params, ell)
-        W = lp["router.weight"]
-        b = lp.get("router.bias", np.zeros(cfg.n_experts))
-        exact = spec.router == "ties" and all(representable(dtype, a) for a in (W, b, inputs["x"]))
-        if exact:
-            eps = 0.0  # dyadic router inputs: every product and partial sum is exact in float32
-        else:
-            eps = (4 * u + (cfg.d_model + 2) * u_acc) * _router_scale(spec, lp, h, inputs)
-            eps += float(np.abs(b - round_to(dtype, b)).max() + u_acc * np.abs(b).max())
-        bounds.append(eps)
-        xt = h.reshape(-1, cfg.d_model)
-        ffn = [np.abs(ref.expert_ffn(cfg, lp, i, xt)).max(initial=0.0) for i in range(cfg.n_experts)]
-        S = max(1.0, *ffn, *(float(np.abs(a).max(initial=0.0)) for a in (h, result.output, result.routed, result.hyper)))
-        out_atol = K * u * S + 4 * eps * S  # Σ_i |Δg_i| |FFN_i| ≤ 4 ε Σ_i g_i S, Σ g ≤ 1
-        dp = 4 * eps + 8 * u  # |Δp_j| ≤ 2 ε p_j (softmax), renormalised gates ≤ 4 ε g_j; 8 u: softmax's own rounding, a final cast
-        tol = {"output": [out_atol, K * u], "logits": [2 * eps, 0.0], "probs": [dp, 0.0],
-               "gates": [dp, 0.0], **_aux_tolerances(cfg, result, dp, max(u, u_acc), K)}
-        layers.append({name: [_up2(v) for v in pair] for name, pair in tol.items()})
-        carried += out_atol
-    order = margins["order_margin"]
-    worst = max(bounds)
-    if order is not None and order <= 2 * worst:
-        return {"skip": f"routing margin below dtype resolution: order margin {order:.3g} ≤ 2 × logit error "
-                        f"bound {worst:.3g} in {dtype}", "logit_error_bound": _up2(worst)}
-    final = layers[-1]["output"] if spec.kind == "layer" else [_up2(carried), _up2(K * u)]
-    return {"skip": None, "logit_error_bound": _up2(worst), "output": final, "layers": layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,21 +203,23 @@ def build(spec: Spec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             arrays[prefix + "output"] = result.output
         for n in AUX_NAMES:
             arrays[f"{prefix}aux.{n}"] = np.array(result.aux[n], dtype=np.float64)
-    margins = _margins(spec, per_layer)
+    layers = [(h, result, _layer_params(spec, params, ell)) for ell, (h, result) in enumerate(per_layer)]
+    margin = margins(spec.cfg, per_layer)
     if "capacity" in spec.tags and "T0" not in spec.tags:
         kept = np.concatenate([r.kept.reshape(-1) for _, r in per_layer])
         if (not kept.all()) != ("drops" in spec.tags):
             raise RuntimeError(f"case {spec.id}: the 'drops' tag disagrees with the data")
     if "tie" in spec.tags:
-        if not margins["tokens_with_exact_ties"]:
+        if not margin["tokens_with_exact_ties"]:
             raise RuntimeError(f"case {spec.id}: tagged 'tie' but has no exact tie")
     entry = {
         "id": spec.id, "spec_version": ref.SPEC_VERSION, "description": spec.description, "tags": list(spec.tags),
         "kind": spec.kind, "layer_index": spec.layer_index if spec.kind == "layer" else None, "seed": spec.seed,
         "config": spec.cfg.to_dict(),
         "shapes": {n: list(v.shape) for n, v in sorted(arrays.items())},
-        **margins,
-        "dtypes": {dt: _dtype_entry(spec, params, inputs, per_layer, margins, dt) for dt in DTYPES},
+        **margin,
+        "dtypes": {dt: dtype_entry(spec.cfg, layers, inputs, margin, dt, exact_router=spec.router == "ties",
+                                   stack=spec.kind == "stack") for dt in DTYPES},
     }
     return {n: np.asarray(v, order="C") for n, v in sorted(arrays.items())}, entry  # (ascontiguousarray makes 0-d 1-d)
 
