@@ -7,10 +7,11 @@ HyperMoE layer of the file) is below MARGINS[dtype] is redrawn, so that rounding
 input, so only the model's own arithmetic is measured.
 
 Tolerances (TOLERANCES, per export dtype; |onnx - ref| ≤ atol + rtol·|ref| elementwise, ref in float64).
-They are a few times the errors measured on the default config and on small random configs:
-    float32   atol 1e-4  rtol 1e-4   (measured on the default layer: max abs 2.6e-6 at |ref| ≤ 7.6)
-    float16   atol 5e-2  rtol 2e-2   (experts in float16; the router stays float32)
-    bfloat16  atol 2.5e-1 rtol 5e-2  (8-bit mantissa: ~4e-3 relative per rounding, d·f-long sums)
+Measured on the default layer (d 768, f 3072, N 8, k 1; onnxruntime 1.31 CPU, |ref| up to ~9), both flavours:
+    float32   atol 1e-4  rtol 1e-4   measured max abs 2.8e-6, max rel (to max |ref|) 3.3e-7
+    float16   atol 1e-2  rtol 5e-3   measured max abs 3.7e-3 (half an fp16 ulp at |y| ≈ 8 is 3.9e-3), rel 4.3e-4
+    bfloat16  atol 8e-2  rtol 4e-2   fp16's scaled by 2^3 (3 fewer mantissa bits); not measured: onnxruntime's
+                                     CPU provider has no bfloat16 MatMul / MoE kernel (CUDA only)
 Routing (selected_experts) must agree exactly on every token; gates (float32 in every export) within
 GATE_TOLERANCE.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import ref
 from ref import HyperMoEConfig
 
-TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (5e-2, 2e-2), "bfloat16": (2.5e-1, 5e-2)}  # (atol, rtol)
+TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 5e-3), "bfloat16": (8e-2, 4e-2)}  # (atol, rtol)
 GATE_TOLERANCE = (1e-5, 1e-5)  # (atol, rtol); gates are computed in float32 from float32 logits
 MARGINS = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2e-1}  # minimum routing margin of verification inputs
 DEFAULT_SHAPES = ((2, 16), (1, 1), (3, 7))  # (batch, seq): several shapes on one file (dynamic dims)
