@@ -92,6 +92,7 @@ CASES = {
     "k = N": ref.tiny_config(top_k=4, activation="silu", router_bias=True),
     "k = 1 topk (gate 1)": ref.tiny_config(top_k=1, n_experts=6),
     "plain MoE": ref.tiny_config(hyper_expert=False),
+    "noisy gating + jitter (inference: no noise)": ref.tiny_config(noisy_gating=True, router_jitter=0.1),
 }
 
 
@@ -330,6 +331,19 @@ def test_corrupt_and_truncated_files(export_cache, tmp_path):
             verify.verify(path)
     with pytest.raises(FileNotFoundError):
         runtime.OnnxRunner(tmp_path / "missing.onnx", "cpu")
+
+
+def test_verify_fails_loudly_on_wrong_weights(export_cache, tmp_path, capsys):
+    """The verifier can fail: the same config with other weights → exit status 1 and a FAIL report."""
+    from hypermoe.cli import main
+    from ref import io
+
+    cfg = ref.tiny_config()
+    path = export_cache(cfg, 1)
+    io.save_dir(tmp_path / "other_weights", cfg, ref.init(cfg, seed=2), "layer")
+    assert main(["verify", str(path), "--source", str(tmp_path / "other_weights"), "--provider", "cpu"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL" in text and "routing agreement" in text
 
 
 def test_config_weights_mismatch(export_cache, tmp_path):
