@@ -180,6 +180,9 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "NOT_IMPLEMENTED" in message and self.provider == "cpu":
+                message += (" (onnxruntime's CPU provider lacks this kernel; bfloat16 graphs and com.microsoft::MoE "
+                            "in bfloat16 need the CUDA provider)")
             raise ValueError(f"{path}: onnxruntime cannot load this model: {message}") from None
         if self.provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ValueError(f"onnxruntime did not enable the CUDA provider (got {self.session.get_providers()})")
