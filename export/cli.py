@@ -17,13 +17,14 @@ FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and an
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a HyperMoE layer (or stack) to ONNX and check the file",
+        "export", help="export a HyperMoE layer, stack or model to ONNX and check the file",
         description="Exports a saved model directory (config.json + weights.npz, kind layer or stack), or the "
         "built-in default layer (official sizes, ref.init seed 0), to ONNX with torch's dynamo exporter: input "
-        "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs), dynamic batch "
-        "and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
+        "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs); a model: "
+        "input_ids (batch, seq) → logits. Dynamic batch and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
         "shape inference run on the written file.")
-    p.add_argument("model_dir", nargs="?", default=None, help="saved model directory (default: the built-in default layer)")
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="saved model directory, kind layer, stack or model (default: the built-in default layer)")
     p.add_argument("-o", "--output", default="hypermoe.onnx", help="output .onnx file (default hypermoe.onnx)")
     _export_options(p)
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")

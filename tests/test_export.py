@@ -172,6 +172,19 @@ def test_dims_are_dynamic_and_named(export_cache):
     assert {o.domain: o.version for o in model.opset_import}[""] >= 18
 
 
+@pytest.mark.parametrize("hyper_form", ["sets", "factored"])
+def test_portable_graph_ops_and_no_per_token_weights(export_cache, hyper_form):
+    """Portable: standard ops only, no NonZero (a host sync on CUDA), and no intermediate tensor of the
+    per-token weight shapes (T, d, a) / (T, a, d): the HyperExpert never materialises per-token weights."""
+    cfg = ref.tiny_config(d_model=12, d_adapter=5)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(export_cache(cfg, 1, hyper_form=hyper_form))))
+    assert {n.domain for n in model.graph.node} <= {""} and "NonZero" not in {n.op_type for n in model.graph.node}
+    assert len(model.graph.value_info) > 20  # shape inference annotated the intermediates (the loop is not vacuous)
+    for value in model.graph.value_info:
+        dims = [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+        assert dims[1:] not in ([12, 5], [5, 12]) and 60 not in dims, f"{value.name} {dims}"
+
+
 def test_zero_tokens(export_cache):
     """T = 0: onnxruntime's CPU broadcaster rejects a 0-size Mul inside the graph, so the runner returns
     the (empty) outputs without a session call; shapes and dtypes are still right."""
