@@ -68,6 +68,7 @@ def register(subparsers) -> None:
     p.add_argument("--flavour", choices=("portable", "fused"), default="portable", help=FLAVOUR_HELP)
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
     p.set_defaults(func=main_command)
 
 
@@ -185,8 +186,8 @@ def main_command(args: argparse.Namespace) -> int:
     from export.runtime import OnnxRunner
     from export.verify import verify
 
-    if args.seq < 1:
-        raise ValueError(f"--seq must be ≥ 1, got {args.seq}")
+    if args.seq < 1 or args.runs < 1:
+        raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hypermoe-"))
     if not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is not a directory")
@@ -204,10 +205,10 @@ def main_command(args: argparse.Namespace) -> int:
     if runner.notice:
         print("4. " + runner.notice)
     x = np.random.default_rng(1).standard_normal((1, args.seq, cfg.d_model)).astype(np.float32)
-    timing = runner.benchmark(x, warmup=2, runs=10)
+    timing = runner.benchmark(x, warmup=2, runs=args.runs)
     print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
           f"{cfg.d_model}), median {timing.median_ms:.2f} ms, {timing.tokens_per_s:,.0f} tokens/s")
-    torch_ms = _torch_latency(cfg, params, x, "cuda" if runner.provider == "cuda" else "cpu")
+    torch_ms = _torch_latency(cfg, params, x, "cuda" if runner.provider == "cuda" else "cpu", args.runs)
     if torch_ms is not None:
         print(f"   same input on PyTorch eager ({'CUDA' if runner.provider == 'cuda' else 'CPU'}, hypermoe.layer, "
               f"float32): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
