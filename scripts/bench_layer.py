@@ -1,11 +1,13 @@
-"""Forward time of HyperMoELayer vs the same layer with hyper_expert=False (plain MoE), measured side by side
-in one run. Official sizes by default (d=768, f=3072, N=8, a=64, hypernet 128), CPU, fp32.
+"""Forward time of HyperMoELayer next to the same layer with hyper_expert=False (plain MoE), measured side by
+side in one run (the two alternate call by call, so they share the machine's noise). Official sizes (d=768,
+f=3072, N=8, a=64, hypernetwork widths 128), random near-uniform routing.
 
-    python scripts/bench_layer.py --tokens 8192 --threads 2 --repeats 7
+    python scripts/bench_layer.py                         # CPU, fp32, T=8192, k=1 and 2, 2 threads
+    python scripts/bench_layer.py --device cuda --dtype bfloat16 float32 --tokens 1 64 1024 8192
 
-Modes: "infer" = eval + no_grad (adapter cache on), "train-fwd" = training-mode forward with autograd
-recording (no cache: adapters generated per distinct set present), "train-fwd+bwd" (--backward).
-Prints one line per (k, mode, layer) with the median and min in ms, and the HyperExpert overhead."""
+Modes: "infer" = eval + no_grad (the adapter cache is used); "train-fwd" = training-mode forward recording
+autograd (adapters generated per distinct set present); "train-fwd+bwd" with --backward.
+Prints one line per (dtype, T, k, mode, layer): median and min in ms, then the HyperExpert overhead."""
 
 from __future__ import annotations
 
@@ -19,54 +21,76 @@ from hypermoe.layer import HyperMoELayer
 from ref.config import HyperMoEConfig
 
 
-def timeit(fn, repeats: int, warmup: int = 2) -> list[float]:
+def interleaved(fns: dict, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, list[float]]:
+    """Times each function `repeats` times, alternating between them; ms per call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    sync()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) * 1e3)
     return times
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192])
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--dtype", nargs="+", default=["float32"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--backward", action="store_true")
-    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {args.threads} threads, T={args.tokens}, {dtype}, median/min of {args.repeats}")
-    for k in args.k:
-        cfg = HyperMoEConfig(top_k=k)  # official sizes
-        torch.manual_seed(0)
-        layers = {"hyper": HyperMoELayer(cfg, dtype=dtype), "plain": HyperMoELayer(cfg.replace(hyper_expert=False), dtype=dtype)}
-        x = torch.randn(1, args.tokens, cfg.d_model, dtype=dtype)
-        modes = ["infer", "train-fwd"] + (["train-fwd+bwd"] if args.backward else [])
-        for mode in modes:
-            res = {}
-            for name, layer in layers.items():
-                layer.train(mode != "infer")
-                if mode == "infer":
-                    def fn(layer=layer):
-                        with torch.no_grad():
-                            layer(x)
-                elif mode == "train-fwd":
-                    def fn(layer=layer):
-                        layer(x)
-                else:
-                    xg = x.clone().requires_grad_(True)
-                    def fn(layer=layer, xg=xg):
-                        layer(xg).output.pow(2).mean().backward()
-                t = timeit(fn, args.repeats)
-                res[name] = statistics.median(t)
-                print(f"k={k} {mode:14s} {name:6s} median {statistics.median(t):8.1f} ms  min {min(t):8.1f} ms")
-            print(f"k={k} {mode:14s} HyperExpert overhead {100 * (res['hyper'] / res['plain'] - 1):+.1f}%")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, median/min of {args.repeats}")
+    for dtype in (getattr(torch, name) for name in args.dtype):
+        for k in args.k:
+            cfg = HyperMoEConfig(top_k=k)  # official sizes
+            torch.manual_seed(0)
+            layers = {"hyper": HyperMoELayer(cfg, dtype=dtype, device=device),
+                      "plain": HyperMoELayer(cfg.replace(hyper_expert=False), dtype=dtype, device=device)}
+            for T in args.tokens:
+                x = torch.randn(1, T, cfg.d_model, dtype=dtype, device=device)
+                modes = ["infer", "train-fwd"] + (["train-fwd+bwd"] if args.backward else [])
+                for mode in modes:
+                    fns = {}
+                    for name, layer in layers.items():
+                        layer.train(mode != "infer")
+                        if mode == "infer":
+                            def fn(layer=layer):
+                                with torch.no_grad():
+                                    layer(x)
+                        elif mode == "train-fwd":
+                            def fn(layer=layer):
+                                layer(x)
+                        else:
+                            xg = x.clone().requires_grad_(True)
+
+                            def fn(layer=layer, xg=xg):
+                                layer(xg).output.float().pow(2).mean().backward()
+                        fns[name] = fn
+                    times = interleaved(fns, args.repeats, device)
+                    tag = f"{str(dtype)[6:]:8s} T={T:<5d} k={k} {mode:13s}"
+                    for name, t in times.items():
+                        print(f"{tag} {name:5s} median {statistics.median(t):9.2f} ms  min {min(t):9.2f} ms")
+                    med = {name: statistics.median(t) for name, t in times.items()}
+                    print(f"{tag} HyperExpert overhead {100 * (med['hyper'] / med['plain'] - 1):+.1f}% (medians), "
+                          f"{100 * (min(times['hyper']) / min(times['plain']) - 1):+.1f}% (mins)", flush=True)
 
 
 if __name__ == "__main__":

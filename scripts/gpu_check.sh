@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The prepared GPU check, unattended: the CUDA tests of the layer (tests/test_layer_cuda.py) and a short
+# CUDA timing of the layer vs the plain MoE. Other checks may be appended below (one block each, writing
+# into "$out"). Run it on a machine with an NVIDIA GPU:
+#
+#   scripts/gpu_check.sh OUT_DIR        (or with $OUT set: scripts/gpu_check.sh)
+#
+# Writes into OUT_DIR: env.txt (nvidia-smi, versions), <check>.txt (each check's output), <check>.xml (pytest
+# JUnit reports) and summary.txt (one line per check: name, exit status). A failing check does not stop the
+# others; the script's exit status is non-zero when any check failed.
+set -uo pipefail
+out=${1:-${OUT:-}}
+if [ -z "$out" ]; then
+    echo "usage: $0 OUT_DIR   (or set \$OUT)" >&2
+    exit 2
+fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # works from a checkout without `pip install -e .`
+export CI=true  # hypothesis: derandomized "ci" profile (tests/conftest.py)
+status=0
+: > "$out/summary.txt"
+
+check() {  # check NAME COMMAND...: run one check, its output to $out/NAME.txt, its status to summary.txt
+    local name=$1
+    shift
+    local t0=$SECONDS
+    "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$out/summary.txt"
+    [ $rc -eq 0 ] || status=1
+}
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); torch.cuda.is_available() and print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+} > "$out/env.txt" 2>&1
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: torch sees no CUDA device (see $out/env.txt); nothing checked" | tee "$out/summary.txt" >&2
+    exit 1
+fi
+
+# --- the layer on CUDA: fp64/fp32 vs ref, bf16/fp16 vs fp32, CUDA vs CPU, ties, paths, training, gradients
+check layer_cuda_tests "$PY" -m pytest tests/test_layer_cuda.py -q -rA -p no:cacheprovider --junitxml="$out/layer_cuda_tests.xml"
+# --- forward time, HyperMoE layer vs plain MoE, official sizes, bf16 and fp32 (CUDA events)
+check layer_cuda_bench "$PY" scripts/bench_layer.py --device cuda --dtype bfloat16 float32 --tokens 1 64 1024 8192 --repeats 20
+
+echo "gpu_check: results in $out (status $status)"
+exit $status
