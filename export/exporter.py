@@ -186,7 +186,7 @@ def check_file(path: str | os.PathLike) -> None:
     from export import moe_op
 
     path = Path(path)
-    moe_op._register_schema()  # the checker needs a schema for com.microsoft::MoE
+    moe_op.register_schema()  # the checker needs a schema for com.microsoft::MoE
     try:
         onnx.checker.check_model(str(path), full_check=True)
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred.tmp", check_type=True, strict_mode=True,

@@ -74,7 +74,7 @@ def _(x, logits, fc1, b1, fc2, b2, k, activation, normalize):
     return torch.empty_like(x)
 
 
-def _register_schema():
+def register_schema():
     if onnx.defs.has("MoE", DOMAIN):
         return onnx.defs.get_schema("MoE", 1, DOMAIN)
     P, A = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute
@@ -98,7 +98,7 @@ def translation_table() -> dict:
     """custom_translation_table entry for torch.onnx.export: hypermoe_export::moe_experts → com.microsoft::MoE."""
     import onnxscript
 
-    schema = _register_schema()
+    schema = register_schema()
     moe = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "MoE", schema)
 
     def moe_experts_onnx(x, logits, fc1, b1, fc2, b2, k: int, activation: str, normalize: int):

@@ -174,8 +174,6 @@ class OnnxRunner:
             providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        from export import moe_op  # noqa: F401  (nothing to register for onnxruntime; kept for symmetry)
-
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
