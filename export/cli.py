@@ -188,6 +188,9 @@ def main_command(args: argparse.Namespace) -> int:
 
     if args.seq < 1 or args.runs < 1:
         raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
+    from export.runtime import choose_provider
+
+    choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hypermoe-"))
     if not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is not a directory")

@@ -49,5 +49,16 @@ check layer_cuda_tests "$PY" -m pytest tests/test_layer_cuda.py -q -rA -p no:cac
 # --- forward time, HyperMoE layer vs plain MoE, official sizes, bf16 and fp32 (CUDA events)
 check layer_cuda_bench "$PY" scripts/bench_layer.py --device cuda --dtype bfloat16 float32 --tokens 1 64 1024 8192 --repeats 20
 
+# --- ONNX on onnxruntime's CUDA provider (export/): both flavours in fp32/fp16/bf16 vs ref, CUDA vs CPU on the
+#     default layer, IOBinding on the device, CUDA-graph capture, the fused MoE kernel's tie rule on CUDA
+check onnx_cuda_tests "$PY" -m pytest tests/test_export_cuda.py -q -rA -p no:cacheprovider --junitxml="$out/onnx_cuda_tests.xml"
+# --- the whole path on the default layer, CUDA forced (fails loudly if the provider cannot load); the
+#     exported files go to a scratch directory, not into $out (they are 150 MB)
+onnx_tmp=$(mktemp -d)
+check onnx_cuda_main_portable "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" main --provider cuda --workdir "$onnx_tmp" --seq 1024 --runs 20
+check onnx_cuda_main_fused "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" main --provider cuda --flavour fused --workdir "$onnx_tmp" --seq 1024 --runs 20
+check onnx_cuda_graph "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" run "$onnx_tmp/hypermoe.onnx" --provider cuda --cuda-graph --seq 1024 --runs 50
+rm -rf "$onnx_tmp"
+
 echo "gpu_check: results in $out (status $status)"
 exit $status
