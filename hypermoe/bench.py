@@ -110,30 +110,33 @@ def time_block(fn: Callable[[], Any], n: int, device: str) -> float:
     return (time.perf_counter() - t0) / n
 
 
-@dataclass
-class Timing:
-    median_s: float
-    min_s: float
-    reps: int  # timed blocks
-    calls_per_rep: int
-
-
-def measure_time(fn: Callable[[], Any], first_call_s: float, opts: Options, timer_device: str | None = None) -> Timing:
-    """Warm up while calls are cheap, then time blocks; `first_call_s` is the (memory) call already made.
-    `timer_device` "cpu" forces wall-clock timing (for calls that synchronise by themselves)."""
-    device = timer_device or opts.device
+def warm_up(fn: Callable[[], Any], first_call_s: float, device: str) -> float:
+    """More warm-up calls while they are cheap (until 0.3 s or 3 calls) → seconds per call, from the last."""
     t_call = first_call_s
-    if t_call < 1.0:  # more warm-up: until 0.3 s or 3 calls, the last one gives the estimate
+    if t_call < 1.0:
         spent = 0.0
         for _ in range(3):
             t_call = time_block(fn, 1, device)
             spent += t_call
             if spent > 0.3:
                 break
-    n = max(1, math.ceil(opts.block_s / max(t_call, 1e-6)))
-    reps = int(min(opts.max_reps, max(opts.min_reps, round(opts.budget_s / (n * max(t_call, 1e-6))))))
-    times = [time_block(fn, n, device) for _ in range(reps)]
-    return Timing(float(np.median(times)), float(min(times)), reps, n)
+    return max(t_call, 1e-7)
+
+
+def interleaved_times(fns: Sequence[tuple[Callable[[], Any], int, str]], per_call_s: Sequence[float], opts: Options,
+                      progress: Callable[[str], None] | None = None) -> list[list[float]]:
+    """Time several functions in rounds — each round one block of each, in turn — so that a shared machine's
+    changing load hits them all alike. fns: (fn, calls per block, timer device). Rounds: the time budget
+    (budget_s per function) over one round's estimated time, clamped to [min_reps, max_reps]."""
+    round_s = sum(n * t for (_, n, _), t in zip(fns, per_call_s))
+    rounds = int(min(opts.max_reps, max(opts.min_reps, round(opts.budget_s * len(fns) / max(round_s, 1e-9)))))
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        if progress and round_s > 5:
+            progress(f"  round {r + 1}/{rounds} (≈ {round_s:.0f} s each)")
+        for i, (fn, n, device) in enumerate(fns):
+            times[i].append(time_block(fn, n, device))
+    return times
 
 
 def _rss_kib() -> dict[str, int] | None:
@@ -152,6 +155,16 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    """glibc: return free heap memory to the system (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -179,6 +192,7 @@ def measure_memory(fn: Callable[[], Any], exclude: Sequence[Any], device: str, t
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        _malloc_trim()  # hand freed heap memory back first, so growth is not hidden by earlier rows' leftovers
         ok = _reset_peak_rss()
         before = _rss_kib() if ok else None
     t0 = time.perf_counter()
@@ -193,7 +207,7 @@ def measure_memory(fn: Callable[[], Any], exclude: Sequence[Any], device: str, t
         peak = torch.cuda.max_memory_allocated() - base
     else:
         after = _rss_kib() if before is not None else None
-        peak = (after["VmHWM"] - before["VmRSS"]) * 1024 if after is not None else None
+        peak = max(0, after["VmHWM"] - before["VmHWM"]) * 1024 if after is not None else None
     return Memory(sum(saved.values()) if track_saved else None, peak), result, seconds
 
 
@@ -202,20 +216,28 @@ def measure_memory(fn: Callable[[], Any], exclude: Sequence[Any], device: str, t
 # ---------------------------------------------------------------------------------------------
 
 
-def gemm_rate(m: int, k: int, n: int, dtype: str, opts: Options) -> dict[str, Any]:
-    """GFLOP/s of one (m, k) @ (k, n) matmul (2·m·k·n FLOPs), median of timed blocks."""
+def gemm_operands(m: int, k: int, n: int, dtype: str, opts: Options):
     import torch
 
-    tdtype = torch.float32 if dtype == "fp32" else torch.bfloat16
     gen = torch.Generator().manual_seed(opts.seed)
-    a = torch.randn(m, k, generator=gen).to(opts.device, tdtype)
-    b = torch.randn(k, n, generator=gen).to(opts.device, tdtype)
+    a = torch.randn(m, k, generator=gen).to(opts.device, _torch_dtype(dtype))  # (m, k)
+    b = torch.randn(k, n, generator=gen).to(opts.device, _torch_dtype(dtype))  # (k, n)
+    return a, b
+
+
+def gemm_rate(m: int, k: int, n: int, dtype: str, opts: Options) -> dict[str, Any]:
+    """GFLOP/s of one (m, k) @ (k, n) matmul (2·m·k·n FLOPs), median and best of timed blocks."""
+    import torch
+
+    a, b = gemm_operands(m, k, n, dtype, opts)
     fn = lambda: torch.mm(a, b)  # noqa: E731
-    first = time_block(fn, 1, opts.device)
-    timing = measure_time(fn, first, opts)
+    t_call = warm_up(fn, time_block(fn, 1, opts.device), opts.device)
+    calls = max(1, math.ceil(opts.block_s / t_call))
+    times = interleaved_times([(fn, calls, opts.device)], [t_call], opts)[0]
     flops = 2.0 * m * k * n
-    return {"shape": f"({m},{k})@({k},{n})", "dtype": dtype, "median_ms": timing.median_s * 1e3,
-            "gflops": flops / timing.median_s / 1e9, "best_gflops": flops / timing.min_s / 1e9, "reps": timing.reps}
+    median = float(np.median(times))
+    return {"shape": f"({m},{k})@({k},{n})", "dtype": dtype, "median_ms": median * 1e3,
+            "gflops": flops / median / 1e9, "best_gflops": flops / min(times) / 1e9, "reps": len(times)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +504,6 @@ def _run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
             g = gemm_rate(m, kk, n, dtype, opts)
             result["gemm"].append(g)
             say(f"  {g['gflops']:.1f} GFLOP/s")
-    peak = {dt: max(g["gflops"] for g in result["gemm"] if g["dtype"] == dt) for dt in opts.dtypes}
 
     rng = np.random.default_rng(opts.seed)
     jobs = [(k, dtype, mode, T, impl) for k in opts.top_ks for dtype in opts.dtypes for mode in opts.modes
@@ -518,87 +539,105 @@ def _run(opts: Options, say: Callable[[str], None]) -> dict[str, Any]:
                     impls[impl] = f"not measured: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             for mode in opts.modes:
                 for T, x_np in inputs.items():
-                    official_out = None
-                    for impl in opts.impls:
-                        if mode != "fwd" and impl in FORWARD_ONLY:
-                            continue
-                        done += 1
-                        tag = f"[{done}/{len(jobs)}] {impl} {opts.device} {dtype} k={k} T={T} {mode}"
-                        runner = impls[impl]
-                        if isinstance(runner, str):
-                            result["rows"].append(_row(impl, opts.device, dtype, k, T, mode, note=runner))
-                            say(f"{tag}: {runner}")
-                            continue
-                        say(f"{tag} ...")
-                        try:
-                            row, out = measure_row(runner, x_np, mode, dtype, opts)
-                        except (RuntimeError, ValueError, MemoryError) as err:  # e.g. out of memory: report, go on
-                            note = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                            result["rows"].append(_row(impl, opts.device, dtype, k, T, mode, note=note))
-                            say(f"{tag}: {note}")
-                            continue
-                        row = {**_row(impl, opts.device, dtype, k, T, mode), **row}
-                        # the results agree with the official approach on the same input (forward rows)
-                        if impl == "official":
-                            official_out = out
-                        elif out is not None and official_out is not None and impl != "plain-moe":
-                            mask = well_routed[T]
-                            diff = np.abs(out[mask] - official_out[mask]).max(initial=0.0)
-                            row["max_rel_diff_vs_official"] = float(diff / max(1.0, float(np.abs(official_out).max())))
-                        flops = 4.0 * cfg.d_model * cfg.d_ff * T * k * (3 if mode == "fwd+bwd" else 1)
-                        row["tokens_per_s"] = T / row["median_s"]
-                        row["expert_gflops"] = flops / row["median_s"] / 1e9
-                        row["frac_gemm"] = row["expert_gflops"] / peak[dtype]
+                    names = [i for i in opts.impls if mode == "fwd" or i not in FORWARD_ONLY]
+                    done += len(names)
+                    say(f"[{done}/{len(jobs)}] {opts.device} {dtype} k={k} T={T} {mode}: {', '.join(names)}")
+                    rows = measure_group({name: impls[name] for name in names}, x_np, mode, dtype, opts, say)
+                    official_out = rows.get("official", {}).pop("_output", None)
+                    for name, row in rows.items():
+                        out = row.pop("_output", None)
+                        row = {**_row(name, opts.device, dtype, k, T, mode), **row}
+                        if "median_s" in row:
+                            # the results agree with the official approach on the same input (forward rows; tokens
+                            # whose routing margin ≥ 1e-3, so that an fp32 near-tie cannot flip a selection)
+                            if out is not None and official_out is not None and name not in ("official", "plain-moe"):
+                                mask = well_routed[T]
+                                diff = np.abs(out[mask] - official_out[mask]).max(initial=0.0)
+                                row["max_rel_diff_vs_official"] = float(diff / max(1.0, float(np.abs(official_out).max())))
+                            flops = 4.0 * cfg.d_model * cfg.d_ff * T * k * (3 if mode == "fwd+bwd" else 1)
+                            row["tokens_per_s"] = T / row["median_s"]
+                            row["expert_gflops"] = flops / row["median_s"] / 1e9
+                            row["frac_gemm"] = row["expert_gflops"] / row["gemm_gflops_now"]
+                            say(f"  {name}: median {row['median_s'] * 1e3:.2f} ms, min {row['min_s'] * 1e3:.2f} ms "
+                                f"({row['reps']}×{row['calls_per_rep']} calls)")
+                        else:
+                            say(f"  {name}: {row['note']}")
                         result["rows"].append(row)
-                        say(f"{tag}: median {row['median_s'] * 1e3:.2f} ms, min {row['min_s'] * 1e3:.2f} ms "
-                            f"({row['reps']}×{row['calls_per_rep']} calls)")
             del impls
     _add_ratios(result["rows"])
     result["meta"]["loadavg_end"] = list(os.getloadavg())
     return result
 
 
-def measure_row(impl, x_np: np.ndarray, mode: str, dtype: str, opts: Options) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Memory (the first call), warm-up and timing of one implementation on one input (T, d) → (row fields,
-    the forward output as float64, or None for forward + backward)."""
+def prepare(impl, x_np: np.ndarray, mode: str, dtype: str, opts: Options):
+    """The call to time for one implementation on x (T, d), after one call that measures memory →
+    (fn, timer device, Memory, forward output as float64 or None, seconds of that first call)."""
     import torch
 
     if isinstance(impl, OrtImpl):
         impl.bind(x_np)
-        # run_bound() returns after the outputs are synchronised: wall-clock timing is right on every provider;
-        # onnxruntime's own arena is invisible to torch.cuda, so CUDA rows have no peak memory
+        # run_bound() returns after the outputs are synchronised, so wall-clock timing is right on every
+        # provider; onnxruntime's own arena is invisible to torch.cuda, so CUDA rows have no peak memory
         memory, _, first = measure_memory(impl, [], "cpu", track_saved=False)
         if opts.device == "cuda":
             memory = Memory(None, None)
-        timing = measure_time(impl, first, opts, timer_device="cpu")
-        return _timing_fields(timing, memory), impl.output().astype(np.float64)
+        return impl, "cpu", memory, impl.output().astype(np.float64), first
 
     x = torch.from_numpy(x_np).to(opts.device, _torch_dtype(dtype))
     params = list(impl.module.parameters())
     if mode == "fwd":
-        impl.module.eval()
+        impl.module.eval()  # inference: hypermoe's layer may use its adapter cache
 
         def fn():
             with torch.inference_mode():
                 return impl(x)
         memory, out, first = measure_memory(fn, [x, *params], opts.device, track_saved=False)
-        out = out.float().cpu().numpy().astype(np.float64)
-    else:
-        impl.module.train()
-        x = x.clone().requires_grad_(True)
-        gen = torch.Generator().manual_seed(opts.seed)
-        grad_out = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+        return fn, opts.device, memory, out.float().cpu().numpy().astype(np.float64), first
+    impl.module.train()
+    x = x.clone().requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(opts.seed)).to(x.device, x.dtype)
 
-        def fn():
-            impl(x).backward(grad_out)  # a real upstream gradient (out.sum() would give a stride-0 one)
-        memory, out, first = measure_memory(fn, [x, grad_out, *params], opts.device, track_saved=True)
-    timing = measure_time(fn, first, opts)
-    return _timing_fields(timing, memory), out
+    def fn():
+        impl(x).backward(grad_out)  # a real upstream gradient (out.sum() would give a stride-0 one)
+    memory, _, first = measure_memory(fn, [x, grad_out, *params], opts.device, track_saved=True)
+    return fn, opts.device, memory, None, first
 
 
-def _timing_fields(timing: Timing, memory: Memory) -> dict[str, Any]:
-    return {"median_s": timing.median_s, "min_s": timing.min_s, "reps": timing.reps,
-            "calls_per_rep": timing.calls_per_rep, "saved_bytes": memory.saved_bytes, "peak_bytes": memory.peak_bytes}
+def measure_group(impls: Mapping[str, Any], x_np: np.ndarray, mode: str, dtype: str, opts: Options,
+                  say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """All implementations on one input, timed in interleaved rounds together with a GEMM probe (the MoE-shaped
+    (T·k/N, d) @ (d, f) matmul at T = 8192, k = 1: this machine's GEMM rate at the same moment)
+    → name → row fields (with "_output": the forward output) or {"note": why not measured}."""
+    import torch
+
+    rows: dict[str, dict[str, Any]] = {}
+    ready = []  # (name, fn, timer device, calls per block, seconds per call)
+    for name, impl in impls.items():
+        if isinstance(impl, str):
+            rows[name] = {"note": impl}
+            continue
+        try:
+            fn, device, memory, out, first = prepare(impl, x_np, mode, dtype, opts)
+            t_call = warm_up(fn, first, device)
+        except (RuntimeError, ValueError, MemoryError) as err:  # e.g. out of memory: report it, go on
+            rows[name] = {"note": f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            say(f"  {name}: {rows[name]['note']}")
+            continue
+        say(f"  {name}: ready, ≈ {t_call * 1e3:.1f} ms per call")
+        rows[name] = {"saved_bytes": memory.saved_bytes, "peak_bytes": memory.peak_bytes, "_output": out}
+        ready.append((name, fn, device, max(1, math.ceil(opts.block_s / t_call)), t_call))
+    cfg = opts.cfg
+    a, b = gemm_operands(max(1, 8192 // cfg.n_experts), cfg.d_model, cfg.d_ff, dtype, opts)
+    probe = lambda: torch.mm(a, b)  # noqa: E731
+    probe_s = warm_up(probe, time_block(probe, 1, opts.device), opts.device)
+    fns = [(fn, n, device) for _, fn, device, n, _ in ready] + [(probe, max(1, math.ceil(opts.block_s / probe_s)), opts.device)]
+    times = interleaved_times(fns, [t for *_, t in ready] + [probe_s], opts, progress=say)
+    probe_flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    probe_now = {"gemm_gflops_now": probe_flops / float(np.median(times[-1])) / 1e9,
+                 "gemm_gflops_best_now": probe_flops / min(times[-1]) / 1e9}
+    for (name, _, _, n, _), t in zip(ready, times):
+        rows[name].update(median_s=float(np.median(t)), min_s=float(min(t)), reps=len(t), calls_per_rep=n, **probe_now)
+    return rows
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -650,7 +689,7 @@ def environment(opts: Options, threads: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 COLUMNS = ("impl", "k", "T", "mode", "reps", "median ms", "min ms", "tokens/s", "saved MiB", "peak MiB",
-           "× faster than official", "× less saved", "expert GFLOP/s", "% of GEMM rate", "note")
+           "× faster than official", "× less saved", "expert GFLOP/s", "GEMM GFLOP/s now", "% of GEMM rate", "note")
 
 
 def _fmt(value, spec: str) -> str:
@@ -661,7 +700,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     out = []
     for r in result["rows"]:
         if "median_s" not in r:
-            out.append([r["impl"], str(r["k"]), str(r["T"]), r["mode"], "", "", "", "", "", "", "", "", "", "", r.get("note", "")])
+            out.append([r["impl"], str(r["k"]), str(r["T"]), r["mode"], *[""] * (len(COLUMNS) - 5), r.get("note", "")])
             continue
         note = ""
         if "max_rel_diff_vs_official" in r:
@@ -672,35 +711,40 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             _fmt(r["saved_bytes"] / MiB if r.get("saved_bytes") is not None else None, ",.1f"),
             _fmt(r["peak_bytes"] / MiB if r.get("peak_bytes") is not None else None, ",.1f"),
             _fmt(r.get("speedup_vs_official"), ".2f"), _fmt(r.get("saved_ratio_vs_official"), ".1f"),
-            _fmt(r["expert_gflops"], ".1f"), _fmt(r["frac_gemm"] * 100, ".0f"), note,
+            _fmt(r["expert_gflops"], ".1f"), _fmt(r.get("gemm_gflops_now"), ".1f"), _fmt(r["frac_gemm"] * 100, ".0f"), note,
         ])
     return out
 
 
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets (performance.md), evaluated on this run's medians; one entry per (target, case)."""
+    """The issue's targets (performance.md), one entry per (target, case), evaluated on the medians and,
+    as a second opinion on a shared machine, on the minima (GEMM rate: the same-time probe's median, resp. best)."""
     rows = {(r["impl"], r["device"], r["dtype"], r["k"], r["T"], r["mode"]): r for r in result["rows"] if "median_s" in r}
+    largest = max(result["meta"]["options"]["tokens"])
     out = []
 
     def add(name, key, value, goal, higher_is_better=True):
-        met = value >= goal if higher_is_better else value <= goal
+        values = {stat: value(stat) for stat in ("median_s", "min_s")}
+        met = values["median_s"] >= goal if higher_is_better else values["median_s"] <= goal
         out.append({"target": name, "device": key[0], "dtype": key[1], "k": key[2], "T": key[3], "mode": key[4],
-                    "value": value, "goal": goal, "met": bool(met)})
+                    "value": values["median_s"], "value_min": values["min_s"], "goal": goal, "met": bool(met)})
 
     for (impl, device, dtype, k, T, mode), r in rows.items():
         key = (device, dtype, k, T, mode)
-        if impl == "hypermoe" and T == max(result["meta"]["options"]["tokens"]):
-            if "speedup_vs_official" in r:
-                add("× faster than the official approach", key, r["speedup_vs_official"], 5.0)
-            if "saved_ratio_vs_official" in r:
-                add("× less memory saved for backward", key, r["saved_ratio_vs_official"], 10.0)
-        if impl == "hypermoe" and T >= 1024 and ("plain-moe", *key) in rows:
-            overhead = r["median_s"] / rows[("plain-moe", *key)]["median_s"] - 1.0
-            add("HyperExpert overhead over the plain MoE", key, overhead, 0.08, higher_is_better=False)
-        if impl == "plain-moe" and T == max(result["meta"]["options"]["tokens"]):
-            add("expert FLOP rate / GEMM rate (plain MoE layer: a lower bound)", key, r["frac_gemm"], 0.90)
-        if impl.startswith("ort-") and ("hypermoe", *key) in rows:
-            add(f"{impl} × faster than torch eager (hypermoe)", key, rows[("hypermoe", *key)]["median_s"] / r["median_s"], 1.0)
+        official, plain, torch_eager = (rows.get((name, *key)) for name in ("official", "plain-moe", "hypermoe"))
+        if impl == "hypermoe" and T == largest and official:
+            add("× faster than the official approach", key, lambda stat: official[stat] / r[stat], 5.0)
+            if r.get("saved_bytes") and official.get("saved_bytes"):
+                add("× less memory saved for backward", key, lambda stat: official["saved_bytes"] / r["saved_bytes"], 10.0)
+        if impl == "hypermoe" and T >= 1024 and plain:
+            add("HyperExpert overhead over the plain MoE", key, lambda stat: r[stat] / plain[stat] - 1.0, 0.08,
+                higher_is_better=False)
+        if impl == "plain-moe" and T == largest:
+            flops = 4.0 * result["meta"]["config"]["d_model"] * result["meta"]["config"]["d_ff"] * T * k * (3 if mode == "fwd+bwd" else 1)
+            add("expert FLOP rate / GEMM rate (plain MoE layer: a lower bound)", key,
+                lambda stat: flops / r[stat] / 1e9 / r["gemm_gflops_now" if stat == "median_s" else "gemm_gflops_best_now"], 0.90)
+        if impl.startswith("ort-") and torch_eager:
+            add(f"{impl} × faster than torch eager (hypermoe)", key, lambda stat: torch_eager[stat] / r[stat], 1.0)
     return out
 
 
@@ -712,7 +756,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, numpy {meta['numpy']}, Python {meta['python']}",
         f"- CPU: {meta['cpu']}, {meta['cores']} cores; torch threads {meta['torch_threads']}; "
         f"load average at start {meta['loadavg_start'][0]:.2f}, at end {meta.get('loadavg_end', [float('nan')])[0]:.2f}",
-        "", "GEMM rate of this machine, measured in this run:", "",
+        "", "GEMM rate of this machine at the start of this run (the \"% of GEMM rate\" column divides by a GEMM probe "
+        "timed in the same interleaved rounds as each row instead: `gemm now` in the JSON):", "",
         "| shape | dtype | median ms | GFLOP/s (median) | GFLOP/s (best) |", "|---|---|---|---|---|",
     ]
     lines += [f"| {g['shape']} | {g['dtype']} | {g['median_ms']:.2f} | {g['gflops']:.1f} | {g['best_gflops']:.1f} |" for g in result["gemm"]]
@@ -730,14 +775,15 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(body[i]) + " |" for i in indices]
     checks = targets(result)
     if checks:
-        lines += ["", "#### Targets (medians of this run; the issue states the speed and memory targets for T = 8192, "
-                  "here they are evaluated at this run's largest T)", "", "| target | device | dtype | k | T | mode | value | goal | met |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "#### Targets (the issue states the speed and memory targets for T = 8192; here they are evaluated at "
+                  "this run's largest T; \"met\" judges the median)", "",
+                  "| target | device | dtype | k | T | mode | median | from the minima | goal | met |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for t in checks:
             percent = "overhead" in t["target"] or "GEMM rate" in t["target"]
-            value = f"{t['value'] * 100:.0f}%" if percent else f"{t['value']:.2f}"
+            value, value_min = (f"{v * 100:.0f}%" if percent else f"{v:.2f}" for v in (t["value"], t["value_min"]))
             goal = ("≤ " if "overhead" in t["target"] else "≥ ") + (f"{t['goal'] * 100:.0f}%" if percent else f"{t['goal']:g}")
-            lines.append(f"| {t['target']} | {t['device']} | {t['dtype']} | {t['k']} | {t['T']} | {t['mode']} | {value} | {goal} | "
+            lines.append(f"| {t['target']} | {t['device']} | {t['dtype']} | {t['k']} | {t['T']} | {t['mode']} | {value} | {value_min} | {goal} | "
                          f"{'yes' if t['met'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
@@ -768,10 +814,21 @@ def register(subparsers) -> None:
     p.add_argument("--config", metavar="FILE", help="a config.json to benchmark instead of the official sizes "
                    "(its top_k is replaced by --top-k's values)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", metavar="JSON", help="print the tables of an earlier run's --json file and exit (runs nothing)")
     p.set_defaults(func=bench_command)
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.render:
+        try:
+            with open(args.render) as f:
+                result = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--render {args.render}: cannot read a benchmark JSON ({err})") from None
+        if not isinstance(result, dict) or not {"meta", "gemm", "rows"} <= set(result):
+            raise ValueError(f"--render {args.render}: not a `hypermoe bench --json` file")
+        print(markdown(result))
+        return 0
     changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
     changes["dtypes"] = tuple(args.dtypes) if args.dtypes else (("fp32", "bf16") if args.device == "cuda" else ("fp32",))
     for name, value in (("tokens", args.tokens), ("top_ks", args.top_k), ("impls", args.impls), ("modes", args.modes)):

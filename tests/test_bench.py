@@ -78,5 +78,8 @@ def test_cli_bench_on_a_config_file(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["impl"] for r in result["rows"]] == ["official", "plain-moe"]
     assert result["meta"]["torch_threads"] == 1
-    assert "| plain-moe | 2 | 16 | fwd |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| plain-moe | 2 | 16 | fwd |" in printed
+    assert main(["bench", "--render", str(out)]) == 0  # the same tables again, from the JSON
+    assert capsys.readouterr().out.strip() == printed.strip()
     assert main(["bench", "--config", str(tmp_path / "missing.json")]) == 2
