@@ -208,41 +208,45 @@ def main_command(args: argparse.Namespace) -> int:
     if runner.notice:
         print("4. " + runner.notice)
     x = np.random.default_rng(1).standard_normal((1, args.seq, cfg.d_model)).astype(np.float32)
-    timing = runner.benchmark(x, warmup=2, runs=args.runs)
+    device = "cuda" if runner.provider == "cuda" else "cpu"
+    ort_ms, torch_ms = _latencies(runner, cfg, params, x, device, args.runs)
     print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
-          f"{cfg.d_model}), median {timing.median_ms:.2f} ms, {timing.tokens_per_s:,.0f} tokens/s")
-    torch_ms = _torch_latency(cfg, params, x, "cuda" if runner.provider == "cuda" else "cpu", args.runs)
+          f"{cfg.d_model}), median {ort_ms:.2f} ms, {args.seq / ort_ms * 1e3:,.0f} tokens/s")
     if torch_ms is not None:
-        print(f"   same input on PyTorch eager ({'CUDA' if runner.provider == 'cuda' else 'CPU'}, hypermoe.layer, "
-              f"float32): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
+        print(f"   same input on PyTorch eager ({device.upper()}, hypermoe.layer, float32, timed after "
+              f"onnxruntime): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
     print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}")
     return 0 if report.ok else 1
 
 
-def _torch_latency(cfg, params, x: np.ndarray, device: str, runs: int = 10) -> float | None:
-    """Median ms of hypermoe.layer.HyperMoELayer (eager, no grad) on x, for comparison; None if torch cannot."""
+def _latencies(runner, cfg, params, x: np.ndarray, device: str, runs: int) -> tuple[float, float | None]:
+    """Median ms of onnxruntime (runner.run_bound, device-resident I/O), then of hypermoe.layer.HyperMoELayer
+    (eager, no grad; None where torch has no such device), one block after the other: interleaving them
+    measures each one's interference (onnxruntime's idle threads spin, which slows torch; without spinning
+    onnxruntime loses ~40% on 2 cores). Four warm-up calls each (the layer's first call builds its per-set
+    adapter cache, and torch's CPU kernels settle over the next few)."""
     import statistics
 
     import torch
 
     from hypermoe.layer import HyperMoELayer
 
+    ort_ms = runner.benchmark(x, warmup=4, runs=runs).median_ms
     if device == "cuda" and not torch.cuda.is_available():
-        return None
+        return ort_ms, None
     layer = HyperMoELayer.from_ref(cfg, params, dtype=torch.float32, device=device).eval()
     xt = torch.from_numpy(x).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
-        for i in range(runs + 2):
-            if device == "cuda":
-                torch.cuda.synchronize()
+        for i in range(runs + 4):
+            sync()
             start = time.perf_counter()
             layer(xt)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:  # two warm-up calls (the first generates the per-set adapter cache)
+            sync()
+            if i >= 4:
                 times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return ort_ms, statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":
