@@ -444,3 +444,14 @@ def test_cli_export_verify_run(tmp_path, capsys):
     assert main(["export", str(tmp_path / "model"), "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "nothing.onnx")]) == 2
+
+
+@pytest.mark.slow
+def test_main_on_the_default_layer(tmp_path, capsys):
+    """`hypermoe main`: the default layer (official sizes) exported, verified against ref, run, reported."""
+    from hypermoe.cli import main
+
+    assert main(["main", "--workdir", str(tmp_path), "--seq", "16", "--runs", "2", "--provider", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "HyperExpert form sets" in text and "routing agreement 100.0%" in text and "FAIL" not in text
+    assert "tokens/s" in text and text.rstrip().splitlines()[-1].startswith("PASS")
