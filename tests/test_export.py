@@ -213,6 +213,26 @@ def test_bfloat16(export_cache):
     run_and_compare(path, cfg, params, dtype="bfloat16", seed=7)
 
 
+def test_bfloat16_graph_on_reference_evaluator(export_cache):
+    """bfloat16 coverage without a GPU: the portable bfloat16 graph under onnx.reference (ml_dtypes, which
+    onnx itself depends on, supplies the numpy dtype) agrees with ref within the bfloat16 tolerance."""
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (an onnx dependency) provides numpy bfloat16")
+    from onnx.reference import ReferenceEvaluator
+
+    cfg = ref.tiny_config()
+    params = ref.init(cfg, seed=7)
+    x = verify.inputs_with_margin(verify.layer_margins(cfg, params, "layer"), (2, 5, cfg.d_model),
+                                  np.random.default_rng(7), verify.MARGINS["bfloat16"],
+                                  round_fn=lambda v: runtime.round_to(v, runtime.ONNX_BFLOAT16))
+    output, selected, gates = ReferenceEvaluator(str(export_cache(cfg, 7, dtype="bfloat16"))).run(
+        None, {"hidden_states": x.astype(ml_dtypes.bfloat16)})
+    want = ref.layer(cfg, params, x)
+    assert output.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(selected, want.selected)
+    atol, rtol = verify.TOLERANCES["bfloat16"]
+    np.testing.assert_allclose(output.astype(np.float64), want.output, rtol=rtol, atol=atol)
+
+
 def test_bfloat16_bits_round_to_nearest_even():
     import torch
 
