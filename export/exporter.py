@@ -151,11 +151,18 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
-        program = torch.onnx.export(
-            module, (sample,), dynamo=True, input_names=[input_name], output_names=outputs, opset_version=opset,
-            dynamic_shapes=({0: batch, 1: seq},), custom_translation_table=table,
-            optimize=True, verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module, (sample,), dynamo=True, input_names=[input_name], output_names=outputs, opset_version=opset,
+                dynamic_shapes=({0: batch, 1: seq},), custom_translation_table=table,
+                optimize=True, verbose=False, report=False,
+            )
+        except Exception as err:  # torch.onnx wraps the module's own errors in TorchExportError
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ValueError(f"torch.onnx.export failed ({type(cause).__name__}): {message}") from err
     model = program.model_proto
     model.ir_version = IR_VERSION
     notes = [moe_op.TIE_NOTE] if flavour == "fused" else []
