@@ -42,6 +42,9 @@ from ref.semantics import check_params, init_std, param_shapes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CV_EPS = 1e-10  # the official cv² denominator guard (as ref.semantics.CV_EPS)
+# CUDA, T·k up to this: gather each assignment's weights (decode: no sort, no host sync, CUDA-graph friendly).
+# Not on CPU: there the gathered copy doubles the weight traffic and the sorted path was faster at every T.
+SMALL_TOKENS_CUDA = 4
 MAX_TABLE_SETS = 128  # C(N, k) up to this: adapters per set (grouped / cached / export table); above: factored form
 
 
@@ -294,6 +297,7 @@ class HyperMoELayer(nn.Module):
         self.cache_adapters = cache_adapters
         self.exportable = False  # True: always take the export path (torch.export selects it by itself)
         self.max_table_sets = MAX_TABLE_SETS
+        self.small_tokens: int | None = None  # None: SMALL_TOKENS_CUDA on CUDA, 0 on CPU
         n_sets = math.comb(c.n_experts, c.top_k)
         binom, sets = _set_tables(c.n_experts, c.top_k) if n_sets <= MAX_TABLE_SETS else (None, None)
         self.register_buffer("_binom", binom, persistent=False)  # (k + 1, N) C(n, j), for set ranks
@@ -396,16 +400,24 @@ class HyperMoELayer(nn.Module):
         gate = chosen / chosen.sum(-1, keepdim=True) if c.gate == "topk" else chosen  # §3.3 (T, k)
         kept = self._capacity_keep(selected, x.shape[-2])  # §3.4 (T,)
 
+        small = x2.shape[0] * k <= self._small_tokens(x.device)
         if exporting:
             routed = self._routed_dense(x2, selected, gate, kept)  # (T, d)
+        elif small:
+            routed = self._routed_gather(x2, selected, gate, kept)  # (T, d) decode sizes
         else:
             routed = self._routed_sorted(x2, selected, gate, kept)  # (T, d)
         out = routed
         if c.hyper_expert:
-            out = out + self._hyper_expert(x2, selected, layer_index, exporting)  # §3.8 weight 1
+            out = out + self._hyper_expert(x2, selected, layer_index, exporting, small)  # §3.8 weight 1
         routing = Routing(selected.reshape(*lead, k), gate.reshape(*lead, k), probs.reshape(*lead, N),
                           logits.reshape(*lead, N), kept.reshape(lead))
         return HyperMoEOutput(out.reshape(x.shape), routing, self._aux(logits, probs, selected, gate))
+
+    def _small_tokens(self, device: torch.device) -> int:
+        if self.small_tokens is not None:
+            return self.small_tokens
+        return SMALL_TOKENS_CUDA if device.type == "cuda" else 0
 
     def _capacity_keep(self, selected: torch.Tensor, seq_len: int) -> torch.Tensor:
         """§3.4 per sequence (rows of S consecutive tokens), count tokens per expert in sequence order; a token
@@ -449,6 +461,24 @@ class HyperMoELayer(nn.Module):
             return ys[:, 0] * gate.to(x2.dtype)
         return (ys * gate.to(x2.dtype).unsqueeze(-1)).sum(1)  # gates cast back to the input's dtype
 
+    def _routed_gather(self, x2, selected, gate, kept) -> torch.Tensor:
+        """§3.5 for a few tokens (decode): each assignment's expert weights gathered, one bmm per matrix; no
+        sort and no host sync. Reads the selected experts' weights twice (copy, then bmm), so only for tiny T·k."""
+        c, ex = self.config, self.experts
+        T, k, d = selected.shape[0], c.top_k, c.d_model
+        expert = selected.reshape(-1)  # (T·k,) assignment t·k + slot
+        xs = x2.repeat_interleave(k, dim=0).unsqueeze(1)  # (T·k, 1, d)
+        u = torch.bmm(xs, ex.w1.index_select(0, expert))  # (T·k, 1, f)
+        if ex.b1 is not None:
+            u = u + ex.b1.index_select(0, expert).unsqueeze(1)
+        y = torch.bmm(activation(c.activation, u), ex.w2.index_select(0, expert))  # (T·k, 1, d)
+        if ex.b2 is not None:
+            y = y + ex.b2.index_select(0, expert).unsqueeze(1)
+        y = y.reshape(T, k, d)
+        if c.capacity is not None:
+            y = torch.where(kept.reshape(T, 1, 1), y, x2.unsqueeze(1))  # k = 1; capacity drop: routed = g · x
+        return (y * gate.to(x2.dtype).unsqueeze(-1)).sum(1)
+
     def _routed_dense(self, x2, selected, gate, kept) -> torch.Tensor:
         """§3.5, export form: every expert on every token, combined with the dense (T, N) gate (zero off S)."""
         c, ex = self.config, self.experts
@@ -468,7 +498,7 @@ class HyperMoELayer(nn.Module):
         return y
 
     # --- the HyperExpert ---
-    def _hyper_expert(self, x2, selected, layer_index, exporting) -> torch.Tensor:
+    def _hyper_expert(self, x2, selected, layer_index, exporting, small=False) -> torch.Tensor:
         """§3.6–3.7 ê (T, d). Tables of adapters per set when C(N, k) ≤ max_table_sets, else the factored form."""
         c = self.config
         chosen = (selected.unsqueeze(-1) == torch.arange(c.n_experts, device=x2.device)).any(1)  # (T, N) S mask
@@ -482,7 +512,8 @@ class HyperMoELayer(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x2.requires_grad or any(
             p.requires_grad for p in (self.expert_embed, *self.process.parameters(), *hyper.parameters())))
         if self.cache_adapters and not self.training and not needs_grad:
-            return _grouped_adapter(x2, set_id, self._cached_adapters(layer_index))
+            table = self._cached_adapters(layer_index)
+            return _gathered_adapter(x2, set_id, table) if small else _grouped_adapter(x2, set_id, table)
         present, group = torch.unique(set_id, return_inverse=True)  # (U,), (T,) sets present, sorted
         return _grouped_adapter(x2, group, self._adapters(self._sets[present], layer_index))
 
@@ -633,6 +664,13 @@ def _grouped_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) -> 
 def _is_zero(n) -> bool:
     """n == 0 for a concrete size; False for a symbolic one (torch.export: dynamic sizes are ≥ 2)."""
     return isinstance(n, int) and n == 0
+
+
+def _gathered_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) -> torch.Tensor:
+    """The same for a few tokens: each token's adapter gathered (T, d, a), one bmm per matrix, no host sync."""
+    hidden = torch.relu(torch.bmm(x2.unsqueeze(1), table.w_down.index_select(0, group)).squeeze(1)
+                        + table.b_down.index_select(0, group))  # (T, a)
+    return torch.bmm(hidden.unsqueeze(1), table.w_up.index_select(0, group)).squeeze(1) + table.b_up.index_select(0, group)
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--small-tokens", type=int, default=None,
+                    help="layer.small_tokens: T·k up to which weights are gathered per assignment (default: the layer's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -64,6 +66,8 @@ def main() -> None:
             torch.manual_seed(0)
             layers = {"hyper": HyperMoELayer(cfg, dtype=dtype, device=device),
                       "plain": HyperMoELayer(cfg.replace(hyper_expert=False), dtype=dtype, device=device)}
+            for layer in layers.values():
+                layer.small_tokens = args.small_tokens
             for T in args.tokens:
                 x = torch.randn(1, T, cfg.d_model, dtype=dtype, device=device)
                 modes = ["infer", "train-fwd"] + (["train-fwd+bwd"] if args.backward else [])

@@ -48,6 +48,9 @@ fi
 check layer_cuda_tests "$PY" -m pytest tests/test_layer_cuda.py -q -rA -p no:cacheprovider --junitxml="$out/layer_cuda_tests.xml"
 # --- forward time, HyperMoE layer vs plain MoE, official sizes, bf16 and fp32 (CUDA events)
 check layer_cuda_bench "$PY" scripts/bench_layer.py --device cuda --dtype bfloat16 float32 --tokens 1 64 1024 8192 --repeats 20
+# --- decode sizes: sorted dispatch (small-tokens 0) vs gathered weights (small-tokens 64), to set SMALL_TOKENS_CUDA
+check layer_cuda_decode_sorted "$PY" scripts/bench_layer.py --device cuda --dtype bfloat16 --tokens 1 2 4 8 16 32 --repeats 50 --small-tokens 0
+check layer_cuda_decode_gather "$PY" scripts/bench_layer.py --device cuda --dtype bfloat16 --tokens 1 2 4 8 16 32 --repeats 50 --small-tokens 64
 
 # --- ONNX on onnxruntime's CUDA provider (export/): both flavours in fp32/fp16/bf16 vs ref, CUDA vs CPU on the
 #     default layer, IOBinding on the device, CUDA-graph capture, the fused MoE kernel's tie rule on CUDA

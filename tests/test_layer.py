@@ -45,18 +45,26 @@ def check_against_ref(out, expected, tol, what=""):
 
 
 def run_modes(layer, x, layer_index=0, **kw) -> list:
-    """The layer's three paths: inference (cached adapters), autograd recording (adapters per set present),
-    and the export formulation. A list, not a generator: a generator suspended inside `no_grad` would leak
-    the grad mode into its caller."""
+    """The layer's paths: inference (cached adapters), autograd recording (adapters per set present), the
+    decode path (weights gathered per assignment, forced here for every T), and the export formulation.
+    A list, not a generator: a generator suspended inside `no_grad` would leak the grad mode into its caller."""
     with torch.no_grad():
         cached = layer(x, layer_index, **kw)
     grouped = layer(x, layer_index, **kw)
+    small, layer.small_tokens = layer.small_tokens, 10**9
+    try:
+        gathered = layer(x, layer_index, **kw)
+        with torch.no_grad():
+            gathered_cached = layer(x, layer_index, **kw)
+    finally:
+        layer.small_tokens = small
     layer.exportable = True
     try:
         exportable = layer(x, layer_index, **kw)
     finally:
         layer.exportable = False
-    return [("cached", cached), ("grouped", grouped), ("exportable", exportable)]
+    return [("cached", cached), ("grouped", grouped), ("gathered", gathered), ("gathered-cached", gathered_cached),
+            ("exportable", exportable)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,11 +149,12 @@ def test_capacity_drops_tokens_like_ref():
 # ---------------------------------------------------------------------------------------------
 
 
-def _gradcheck_layer(cfg, exportable=False):
+def _gradcheck_layer(cfg, mode):
     params = ref.init(cfg, seed=5)
     x = inputs_with_margin(cfg, params, (2, 3, cfg.d_model), np.random.default_rng(5), 0.05)
     layer = HyperMoELayer.from_ref(cfg, params).train()
-    layer.exportable = exportable
+    layer.exportable = mode == "exportable"
+    layer.small_tokens = 10**9 if mode == "gathered" else 0
     names = list(params)
     tensors = [torch.tensor(params[n], requires_grad=True) for n in names]
 
@@ -164,11 +173,11 @@ def _gradcheck_layer(cfg, exportable=False):
                     expert_bias=False, d_adapter=2, d_expert_embed=2, d_process=3, d_hyper=2, d_layer_embed=2,
                     d_generator=3, n_layers=1),
 ], ids=["topk", "switch-capacity"])
-@pytest.mark.parametrize("exportable", [False, True], ids=["fast", "exportable"])
-def test_gradcheck(cfg, exportable):
+@pytest.mark.parametrize("mode", ["sorted", "gathered", "exportable"])
+def test_gradcheck(cfg, mode):
     """float64 finite differences for the input and every parameter (router, experts, embeddings, process,
     hypernetwork), through the output and the three aux losses."""
-    _gradcheck_layer(cfg, exportable)
+    _gradcheck_layer(cfg, mode)
 
 
 def _naive_hyper_expert(layer, x2, selected, layer_index):
