@@ -351,6 +351,16 @@ def test_fused_refusals(tmp_path):
             exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), flavour="fused")
 
 
+def test_export_failures_are_one_line_value_errors(tmp_path):
+    cfg = ref.tiny_config()
+    with pytest.raises(ValueError, match="float16 is supported on CUDA only"):  # hypermoe.layer's own check
+        exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), dtype="float16", implementation="layer")
+    with pytest.raises(ValueError, match="opset"):
+        exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), opset=17)
+    with pytest.raises(ValueError, match="routing outputs"):
+        exporter.export_model(tmp_path / "x.onnx", cfg, ref.init_stack(cfg), kind="stack", routing_outputs=True)
+
+
 def test_corrupt_and_truncated_files(export_cache, tmp_path):
     good = export_cache(ref.tiny_config(), 1).read_bytes()
     for name, data in [("garbage.onnx", b"this is not a protobuf" * 10), ("truncated.onnx", good[: len(good) // 2])]:
