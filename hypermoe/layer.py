@@ -202,7 +202,7 @@ class Process(nn.Module):
         return F.relu(s @ self.w1 + self.b1) @ self.w2 + self.b2  # (S, h)
 
 
-def _set_tables(N: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _set_tables(N: int, k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """binom (k + 1, N) int64 with binom[j, n] = C(n, j); sets (C, N) bool, row r = the set of colex rank r.
 
     A set {c_1 < … < c_k} has colex rank Σ_i C(c_i, i) ∈ [0, C(N, k)) (combinatorial number system)."""
@@ -210,7 +210,7 @@ def _set_tables(N: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     sets = torch.zeros(math.comb(N, k), N, dtype=torch.bool)
     for combo in itertools.combinations(range(N), k):
         sets[sum(math.comb(c, i + 1) for i, c in enumerate(combo)), list(combo)] = True
-    return binom, sets
+    return binom.to(device), sets.to(device)
 
 
 class Routing(NamedTuple):
@@ -299,7 +299,7 @@ class HyperMoELayer(nn.Module):
         self.max_table_sets = MAX_TABLE_SETS
         self.small_tokens: int | None = None  # None: SMALL_TOKENS_CUDA on CUDA, 0 on CPU
         n_sets = math.comb(c.n_experts, c.top_k)
-        binom, sets = _set_tables(c.n_experts, c.top_k) if n_sets <= MAX_TABLE_SETS else (None, None)
+        binom, sets = _set_tables(c.n_experts, c.top_k, device) if n_sets <= MAX_TABLE_SETS else (None, None)
         self.register_buffer("_binom", binom, persistent=False)  # (k + 1, N) C(n, j), for set ranks
         self.register_buffer("_sets", sets, persistent=False)  # (C, N) bool: the sets in colex-rank order
         self._adapter_cache: dict[int, tuple[tuple, Adapters]] = {}
@@ -400,7 +400,7 @@ class HyperMoELayer(nn.Module):
         gate = chosen / chosen.sum(-1, keepdim=True) if c.gate == "topk" else chosen  # §3.3 (T, k)
         kept = self._capacity_keep(selected, x.shape[-2])  # §3.4 (T,)
 
-        small = x2.shape[0] * k <= self._small_tokens(x.device)
+        small = not exporting and x2.shape[0] * k <= self._small_tokens(x.device)  # no guard on T when exporting
         if exporting:
             routed = self._routed_dense(x2, selected, gate, kept)  # (T, d)
         elif small:

@@ -532,6 +532,30 @@ def test_ref_round_trip_and_directories(tmp_path):
         HyperMoELayer.from_dir(tmp_path / "stack")
 
 
+def test_everything_on_the_requested_device():
+    """Buffers (set tables) follow `device=` like the parameters; the export path runs shape-only on "meta"."""
+    cfg = ref.tiny_config()
+    layer = HyperMoELayer(cfg, device="meta")
+    assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()])
+    layer.exportable = True
+    out = layer(torch.empty(2, 3, cfg.d_model, device="meta"))
+    assert out.output.shape == (2, 3, cfg.d_model) and out.output.device.type == "meta"
+
+
+@pytest.mark.parametrize("cfg", [ref.tiny_config(), ref.tiny_config(gate="switch", top_k=1, capacity=1),
+                                 ref.tiny_config(hyper_expert=False, top_k=1)], ids=["topk", "switch", "moe"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 0), (1, 1), (2, 1)])
+def test_zero_and_one_token(cfg, shape):
+    params = ref.init(cfg, seed=11)
+    x = inputs_with_margin(cfg, params, (*shape, cfg.d_model), np.random.default_rng(11), 1e-3)
+    expected = ref.layer(cfg, params, x)
+    layer = HyperMoELayer.from_ref(cfg, params).eval()
+    for mode, out in run_modes(layer, torch.tensor(x)):
+        assert out.output.shape == x.shape and out.routing.selected.shape == (*shape, cfg.top_k)
+        check_against_ref(out, expected, F64_TOL, mode)
+    layer.train()(torch.tensor(x, requires_grad=True)).output.sum().backward()  # backward on empty / one token
+
+
 def test_reset_parameters_and_repr():
     cfg = ref.tiny_config()
     layer = HyperMoELayer(cfg)
