@@ -124,12 +124,16 @@ class ExportLayer(nn.Module):
             # colex rank of a set from its selection mask m: Σ_n m_n · binom(n, cumsum(m)_n)
             binom = [[math.comb(n, j) for j in range(k + 1)] for n in range(N)]
             self.register_buffer("binom_flat", torch.tensor(binom, dtype=torch.int64).reshape(-1))  # (N·(k+1),)
+            self.register_buffer("ones_n", torch.ones(N, 1))  # (N, 1) float32 (a 1-D right operand fails at T = 0 too)
         if self.hyper_form == "sets":
             w_down, b_down, w_up, b_up = set_adapters(cfg, params, layer_index)  # (C,d,a) (C,a) (C,a,d) (C,d)
             C, a = w_down.shape[0], cfg.d_adapter
-            self.register_buffer("set_ids", torch.arange(C))
+            self.register_buffer("set_ids", torch.arange(C, dtype=torch.float32))  # compared with the float32 rank
             self.register_buffer("down_cat", _tensor(w_down.transpose(1, 0, 2).reshape(d, C * a), dtype))  # (d, C·a)
-            self.register_buffer("down_bias", _tensor(b_down, dtype))  # (C, a)
+            self.register_buffer("down_bias", _tensor(b_down.reshape(C * a), dtype))  # (C·a,)
+            # spreads a (T, C) one-hot over the C·a adapter columns: a MatMul, not a broadcast Mul, which
+            # onnxruntime's CPU broadcaster rejects at T = 0 ((0, C, a) · (0, C, 1))
+            self.register_buffer("set_columns", _tensor(np.repeat(np.eye(C), a, axis=1), dtype))  # (C, C·a)
             self.register_buffer("up_cat", _tensor(w_up.reshape(C * a, d), dtype))  # (C·a, d)
             self.register_buffer("up_bias", _tensor(b_up, dtype))  # (C, d)
         elif self.hyper_form == "factored":
@@ -190,15 +194,17 @@ class ExportLayer(nn.Module):
     def _set_rank(self, mask: torch.Tensor) -> torch.Tensor:
         k1 = self.cfg.top_k + 1
         position = torch.cumsum(mask, dim=-1)  # (T, N) number of selected experts with index ≤ n
-        coeff = self.binom_flat[self.expert_ids * k1 + position]  # (T, N) binom(n, position_n)
-        return (mask * coeff).sum(dim=-1)  # (T,) colex rank of the set
+        index = (self.expert_ids * k1 + position).reshape(-1)  # (T·N,) flat index into the (N, k+1) table
+        coeff = self.binom_flat.index_select(0, index).reshape(mask.shape)  # (T, N) binom(n, position_n)
+        # the sum over n as a MatMul: onnxruntime's ReduceSum returns (0, N) instead of (0,) for T = 0.
+        # float32 holds the integer ranks exactly (C(N, k) < 2^24 whenever the "sets" form is chosen)
+        return ((mask * coeff).to(torch.float32) @ self.ones_n).reshape(-1)  # (T,) colex rank of the set
 
     def _hyper_sets(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        T, C, a = xt.shape[0], self.set_ids.shape[0], self.cfg.d_adapter
         onehot = (self._set_rank(mask).unsqueeze(-1) == self.set_ids).to(xt.dtype)  # (T, C) the token's set
-        down = (xt @ self.down_cat).reshape(T, C, a) + self.down_bias  # (T, C, a) every set's adapter input
-        hidden = torch.relu(down) * onehot.unsqueeze(-1)  # (T, C, a) zero outside the token's set
-        return hidden.reshape(T, C * a) @ self.up_cat + onehot @ self.up_bias  # (T, d)
+        down = xt @ self.down_cat + self.down_bias  # (T, C·a) every set's adapter input, set-major columns
+        hidden = torch.relu(down) * (onehot @ self.set_columns)  # (T, C·a) zero outside the token's set
+        return hidden @ self.up_cat + onehot @ self.up_bias  # (T, d)
 
     def _hyper_factored(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T, g, a, d = xt.shape[0], self.cfg.d_generator, self.cfg.d_adapter, self.cfg.d_model

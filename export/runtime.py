@@ -255,10 +255,12 @@ class OnnxRunner:
         """One inference on the bound buffers: no host copies (IOBinding)."""
         if self._binding is None:
             raise ValueError("call bind(x) first")
-        if any(size == 0 for size in self._bound_shape):
-            return  # zero tokens: the outputs are empty (onnxruntime's CPU broadcaster rejects some 0-size Muls)
         self._binding.synchronize_inputs()
-        self.session.run_with_iobinding(self._binding)
+        try:
+            self.session.run_with_iobinding(self._binding)
+        except Exception as err:  # onnxruntime's own Fail/InvalidArgument classes
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"onnxruntime run failed on input shape {self._bound_shape}: {message}") from None
         self._binding.synchronize_outputs()
 
     def fetch(self) -> dict[str, np.ndarray]:
