@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 PROVIDERS = ("auto", "cuda", "cpu")
-ORT_ERROR = 3  # onnxruntime log severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
+ORT_LOG_SEVERITY = 4  # fatal only (0 verbose … 3 error): failures reach the caller as ValueErrors with the message
 ONNX_FLOAT, ONNX_INT64, ONNX_FLOAT16, ONNX_BFLOAT16 = 1, 7, 10, 16
 ONNX_TYPES = {"tensor(float)": ONNX_FLOAT, "tensor(float16)": ONNX_FLOAT16, "tensor(bfloat16)": ONNX_BFLOAT16,
               "tensor(int64)": ONNX_INT64}
@@ -162,9 +162,9 @@ class OnnxRunner:
         self.provider, self.notice = choose_provider(provider)
         if cuda_graph and self.provider != "cuda":
             raise ValueError("CUDA-graph capture needs the CUDA provider")
-        ort.set_default_logger_severity(ORT_ERROR)
+        ort.set_default_logger_severity(ORT_LOG_SEVERITY)
         options = ort.SessionOptions()
-        options.log_severity_level = ORT_ERROR
+        options.log_severity_level = ORT_LOG_SEVERITY
         if threads:
             options.intra_op_num_threads = threads
         if self.provider == "cuda":
