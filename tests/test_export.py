@@ -20,7 +20,7 @@ from export import exporter, runtime, verify
 from export.graph import colex_sets
 from tests.strategies import configs
 
-SHAPES = ((2, 5), (1, 1), (3, 4), (1, 9))  # (batch, seq) run on ONE exported file each
+SHAPES = ((2, 5), (1, 1), (3, 4), (1, 9), (2, 0))  # (batch, seq) run on ONE exported file each; T = 1 and T = 0 included
 FEW = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
 
@@ -153,7 +153,9 @@ def test_torch_layer_export_path_matches_ref(export_cache):
     """hypermoe.layer.HyperMoELayer's own export path (implementation "layer") traces and matches ref."""
     cfg = ref.tiny_config(gate="switch", top_k=1, capacity=2)
     params = ref.init(cfg, seed=6)
-    run_and_compare(export_cache(cfg, 6, implementation="layer"), cfg, params, seed=6)
+    # T = 0 excluded: that graph fails on onnxruntime at T = 0 (GatherElements rank error; export/README.md)
+    run_and_compare(export_cache(cfg, 6, implementation="layer"), cfg, params, seed=6,
+                    shapes=[s for s in SHAPES if 0 not in s])
 
 
 # ---------------------------------------------------------------------------------------------
