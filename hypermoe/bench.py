@@ -6,9 +6,11 @@ What is measured, per top-k k, token count T and mode (forward, forward + backwa
   and materialised as (T, d, a) and (T, a, d) tensors and applied with a batched mat-vec (bmm); the
   experts are an `nn.ModuleList` run by a loop over experts with a boolean mask and `index_add_`
   (HF-style); softmax top-k gating. It is checked against ref/ before anything is timed.
-- "hypermoe": hypermoe.layer.HyperMoELayer; "plain-moe": the same layer with the HyperExpert
-  disabled (config.hyper_expert = False, same expert weights), to show the HyperExpert's overhead.
-- "ort-portable" / "ort-fused": onnxruntime on the exported layer (export/), forward only.
+- "hypermoe": hypermoe.layer.HyperMoELayer (forward rows in eval mode: at inference it caches the
+  adapters of all C(N, k) selection sets); "hypermoe-nocache": the same without that cache (forward only,
+  what a training-mode forward pays); "plain-moe": the same layer with the HyperExpert disabled
+  (config.hyper_expert = False, same router and experts), to show the HyperExpert's overhead.
+- "ort-portable" / "ort-fused": onnxruntime on the exported layer (export/), forward only, fp32.
 Columns: median and min ms per call, tokens/s, memory (bytes saved for backward, measured with
 `torch.autograd.graph.saved_tensors_hooks`, parameters and the input excluded; peak RSS growth on CPU,
 `torch.cuda.max_memory_allocated` growth on CUDA), the ratio to the official approach, and the
@@ -19,11 +21,14 @@ Axis legend: T tokens, d model width, N experts, k selected, f expert hidden wid
 e expert-embedding width, h = d_h, l = d_l layer-embedding width, g generator width.
 
 Methodology: inputs x ~ N(0, 1) and ref.init parameters (random routing, near-uniform load; the
-routing load is reported). Each row: one call that measures memory (and warms up), more warm-up
-calls while they are cheap, then timed blocks of n calls (n so that a block lasts ≥ `block_s`);
-reps = budget / block time, clamped to [3, max_reps]: slow rows (the official approach at
-T = 8192 takes seconds) get 3 reps. Parameter gradients accumulate across calls (allocated once during
-warm-up), as in gradient accumulation, so the RSS growth of a forward + backward excludes them.
+routing load is reported). Per (k, T, mode) group, every implementation makes one call that measures
+memory (and warms up), more warm-up calls while they are cheap, then all of them are timed in
+interleaved rounds — one block of n calls of each in turn (n so that a block lasts ≥ `block_s`), plus
+a GEMM probe, so that a shared machine's changing load hits them alike and "% of GEMM rate" divides by
+the GEMM rate of the same moment. Each gets budget / block time blocks, clamped to [min_reps, max_reps]
+and spread evenly over the rounds: the official approach at T = 8192 (seconds per call) gets 3. Parameter gradients accumulate
+across calls (allocated once during warm-up), as in gradient accumulation, so the RSS growth of a
+forward + backward excludes them.
 The library never prints: progress goes to the `progress` callback (the CLI writes it to stderr).
 """
 
@@ -55,7 +60,7 @@ MiB = 1024**2
 
 @dataclass
 class Options:
-    """What one benchmark run covers. `full()` / `quick()` are the CLI's two presets."""
+    """What one benchmark run covers. The defaults are the full run; `quick()` the CLI's --quick subset."""
 
     device: str = "cpu"  # "cpu" | "cuda"
     dtypes: tuple[str, ...] = ("fp32",)  # "fp32" | "bf16" (bf16 is for CUDA; on CPU it is optional)
@@ -66,8 +71,8 @@ class Options:
     threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads
     gemm_sizes: tuple[int, ...] = (4096,)  # square GEMM n³ (plus the MoE-shaped (T·k/N, d)·(d, f))
     block_s: float = 0.2  # a timed block lasts at least this long
-    budget_s: float = 3.0  # timed seconds per row (after warm-up), before clamping reps
-    max_reps: int = 20
+    budget_s: float = 8.0  # timed seconds per row (after warm-up), before clamping reps to [min_reps, max_reps]
+    max_reps: int = 15
     min_reps: int = 3
     seed: int = 0
     cfg: HyperMoEConfig = field(default_factory=HyperMoEConfig)  # official sizes by default
@@ -125,16 +130,20 @@ def warm_up(fn: Callable[[], Any], first_call_s: float, device: str) -> float:
 
 def interleaved_times(fns: Sequence[tuple[Callable[[], Any], int, str]], per_call_s: Sequence[float], opts: Options,
                       progress: Callable[[str], None] | None = None) -> list[list[float]]:
-    """Time several functions in rounds — each round one block of each, in turn — so that a shared machine's
-    changing load hits them all alike. fns: (fn, calls per block, timer device). Rounds: the time budget
-    (budget_s per function) over one round's estimated time, clamped to [min_reps, max_reps]."""
-    round_s = sum(n * t for (_, n, _), t in zip(fns, per_call_s))
-    rounds = int(min(opts.max_reps, max(opts.min_reps, round(opts.budget_s * len(fns) / max(round_s, 1e-9)))))
+    """Time several functions in rounds — a block of each in turn — so that a shared machine's changing load
+    hits them all alike. fns: (fn, calls per block, timer device). Function i gets reps_i = budget_s / its
+    block time blocks, clamped to [min_reps, max_reps], spread evenly over max_i reps_i rounds (a slow
+    function, such as the official approach at T = 8192, joins fewer rounds than a fast one)."""
+    block_s = [n * t for (_, n, _), t in zip(fns, per_call_s)]
+    reps = [int(min(opts.max_reps, max(opts.min_reps, round(opts.budget_s / max(b, 1e-9))))) for b in block_s]
+    rounds = max(reps)
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
-        if progress and round_s > 5:
-            progress(f"  round {r + 1}/{rounds} (≈ {round_s:.0f} s each)")
-        for i, (fn, n, device) in enumerate(fns):
+        members = [i for i, n in enumerate(reps) if (r * n) // rounds != ((r + 1) * n) // rounds]  # n of the rounds
+        if progress and sum(block_s[i] for i in members) > 5:
+            progress(f"  round {r + 1}/{rounds} (≈ {sum(block_s[i] for i in members):.0f} s)")
+        for i in members:
+            fn, n, device = fns[i]
             times[i].append(time_block(fn, n, device))
     return times
 
