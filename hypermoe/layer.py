@@ -384,15 +384,7 @@ class HyperMoELayer(nn.Module):
         if self.training and gate_noise is None and c.noisy_gating:
             gate_noise = torch.randn((*lead, N), dtype=rdtype, device=x.device)
 
-        # §3.1 router, in rdtype
-        router_in = x2 if jitter is None else x2 * jitter.reshape(-1, d).to(x.dtype)  # experts see plain x
-        logits = router_in.to(rdtype) @ self.router.weight.to(rdtype)  # (T, N)
-        if self.router.bias is not None:
-            logits = logits + self.router.bias.to(rdtype)
-        if gate_noise is not None:
-            raw = x2.to(rdtype) @ self.router.noise_weight.to(rdtype)  # (T, N)
-            softplus = torch.logaddexp(raw, torch.zeros_like(raw))  # = log(1 + e^raw), as np.logaddexp(0, raw)
-            logits = logits + gate_noise.reshape(-1, N).to(rdtype) * (softplus + 0.01)
+        logits = self._router_logits(x2, jitter, gate_noise, rdtype)  # §3.1 (T, N)
         probs = torch.softmax(logits, dim=-1)  # (T, N)
         # §3.2 selection: ties → lower index
         selected = _select_dense(logits, k) if exporting else _select_sorted(logits, k)  # (T, k)
@@ -401,18 +393,33 @@ class HyperMoELayer(nn.Module):
         kept = self._capacity_keep(selected, x.shape[-2])  # §3.4 (T,)
 
         small = not exporting and x2.shape[0] * k <= self._small_tokens(x.device)  # no guard on T when exporting
+        fused = c.hyper_expert and k == 1 and not exporting and not small and self._tables()
         if exporting:
-            routed = self._routed_dense(x2, selected, gate, kept)  # (T, d)
+            out = self._routed_dense(x2, selected, gate, kept)  # (T, d)
         elif small:
-            routed = self._routed_gather(x2, selected, gate, kept)  # (T, d) decode sizes
+            out = self._routed_gather(x2, selected, gate, kept)  # (T, d) decode sizes
+        elif fused:  # k = 1: routed experts and HyperExpert in one dispatch
+            out = self._routed_sorted(x2, selected, gate, kept, self._all_set_adapters(x2, layer_index))
         else:
-            routed = self._routed_sorted(x2, selected, gate, kept)  # (T, d)
-        out = routed
-        if c.hyper_expert:
+            out = self._routed_sorted(x2, selected, gate, kept)  # (T, d)
+        if c.hyper_expert and not fused:
             out = out + self._hyper_expert(x2, selected, layer_index, exporting, small)  # §3.8 weight 1
         routing = Routing(selected.reshape(*lead, k), gate.reshape(*lead, k), probs.reshape(*lead, N),
                           logits.reshape(*lead, N), kept.reshape(lead))
         return HyperMoEOutput(out.reshape(x.shape), routing, self._aux(logits, probs, selected, gate))
+
+    def _router_logits(self, x2, jitter, gate_noise, rdtype) -> torch.Tensor:
+        """§3.1 logits = (x ⊙ u) W_r + b_r [+ ε ⊙ (softplus(x W_noise) + 0.01)] in rdtype → (T, N)."""
+        d, N, router = self.config.d_model, self.config.n_experts, self.router
+        router_in = x2 if jitter is None else x2 * jitter.reshape(-1, d).to(x2.dtype)  # experts see plain x
+        logits = router_in.to(rdtype) @ router.weight.to(rdtype)  # (T, N)
+        if router.bias is not None:
+            logits = logits + router.bias.to(rdtype)
+        if gate_noise is not None:
+            raw = x2.to(rdtype) @ router.noise_weight.to(rdtype)  # (T, N)
+            softplus = torch.logaddexp(raw, torch.zeros_like(raw))  # = log(1 + e^raw), as np.logaddexp(0, raw)
+            logits = logits + gate_noise.reshape(-1, N).to(rdtype) * (softplus + 0.01)
+        return logits
 
     def _small_tokens(self, device: torch.device) -> int:
         if self.small_tokens is not None:
@@ -430,36 +437,46 @@ class HyperMoELayer(nn.Module):
         position = onehot.cumsum(1).gather(-1, expert.unsqueeze(-1)).squeeze(-1)  # (B, S): 1, 2, ... per expert
         return (position <= C).reshape(T)
 
-    def _routed_sorted(self, x2, selected, gate, kept) -> torch.Tensor:
+    def _routed_sorted(self, x2, selected, gate, kept, adapters: Adapters | None = None) -> torch.Tensor:
         """§3.5 y = Σ_{i∈S} g_i FFN_i(x): the T·k assignments sorted by expert (stable), one GEMM pair per expert
-        on a contiguous slice, then gathered back (no scatter-add: deterministic on every device)."""
+        on a contiguous slice, then gathered back (no scatter-add: deterministic on every device).
+
+        With `adapters` (k = 1, where the selected set is the expert: row e = the HyperExpert of set {e}), the
+        HyperExpert runs on the same slices, g·FFN_e(x) + ê_e(x): one dispatch and one gather-back for both."""
         c = self.config
         T, k, N, d = selected.shape[0], c.top_k, c.n_experts, c.d_model
-        expert = selected.reshape(-1)  # (T·k,) assignment t·k + slot
+        group = selected.reshape(-1)  # (T·k,) expert of assignment t·k + slot
         if c.capacity is not None:
-            expert = torch.where(kept, expert, N)  # k = 1; dropped tokens go to pseudo-expert N: pass through
-        order = torch.sort(expert, stable=True).indices  # (T·k,) assignments grouped by expert
-        counts = torch.bincount(expert, minlength=N + 1).tolist()  # one host sync
+            group = torch.where(kept, group, group + N)  # k = 1; dropped tokens: groups N.. pass through
+        order = torch.sort(group, stable=True).indices  # (T·k,) assignments grouped by expert
+        counts = torch.bincount(group, minlength=2 * N).tolist()  # one host sync
         xs = x2.index_select(0, order // k)  # (T·k, d) tokens in expert order
+        gs = gate.reshape(-1).to(x2.dtype).index_select(0, order).unsqueeze(-1)  # (T·k, 1) cast back to x's dtype
         w1, w2 = c_unbind(self.experts.w1), c_unbind(self.experts.w2)  # per-expert views (one grad op each)
         b1, b2 = c_unbind(self.experts.b1), c_unbind(self.experts.b2)
+        if adapters is not None:
+            w_down, b_down, w_up, b_up = (t.unbind(0) for t in adapters)
         parts, start = [], 0
-        for e in range(N):
-            n = counts[e]
-            if n:
-                rows = xs[start:start + n]  # (n, d)
+        for g, n in enumerate(counts):
+            if not n:
+                continue
+            rows, e = xs[start:start + n], g % N  # (n, d)
+            if g < N:
                 u = rows @ w1[e] if b1 is None else torch.addmm(b1[e], rows, w1[e])  # (n, f)
                 u = activation(c.activation, u)
-                parts.append(u @ w2[e] if b2 is None else torch.addmm(b2[e], u, w2[e]))  # (n, d)
-                start += n
-        if counts[N]:
-            parts.append(xs[start:])  # capacity drop rule: routed = g · x (HF SwitchTransformers)
+                y = u @ w2[e] if b2 is None else torch.addmm(b2[e], u, w2[e])  # (n, d)
+            else:
+                y = rows  # capacity drop rule: routed = g · x (HF SwitchTransformers)
+            y = y * gs[start:start + n]
+            if adapters is not None:
+                hidden = F.relu(torch.addmm(b_down[e], rows, w_down[e]))  # (n, a)
+                y = torch.addmm(b_up[e], hidden, w_up[e]).add_(y)  # (n, d) ê + g·y
+            parts.append(y)
+            start += n
         ys = torch.cat(parts) if parts else x2.new_zeros((0, d))  # (T·k, d) in expert order
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        ys = ys.index_select(0, inverse).reshape(T, k, d)  # (T, k, d) back in token order
-        if k == 1:
-            return ys[:, 0] * gate.to(x2.dtype)
-        return (ys * gate.to(x2.dtype).unsqueeze(-1)).sum(1)  # gates cast back to the input's dtype
+        ys = ys.index_select(0, inverse)  # (T·k, d) back in token order
+        return ys if k == 1 else ys.reshape(T, k, d).sum(1)
 
     def _routed_gather(self, x2, selected, gate, kept) -> torch.Tensor:
         """§3.5 for a few tokens (decode): each assignment's expert weights gathered, one bmm per matrix; no
@@ -498,20 +515,32 @@ class HyperMoELayer(nn.Module):
         return y
 
     # --- the HyperExpert ---
+    def _tables(self) -> bool:
+        """Whether adapters are generated per selected set (C(N, k) ≤ max_table_sets), else the factored form."""
+        return self._sets is not None and self._sets.shape[0] <= self.max_table_sets
+
+    def _may_cache(self, x2) -> bool:
+        """Inference (eval mode, no gradient needed) with the adapter cache on."""
+        if not self.cache_adapters or self.training:
+            return False
+        return not (torch.is_grad_enabled() and (x2.requires_grad or any(
+            p.requires_grad for p in (self.expert_embed, *self.process.parameters(), *self.hypernetwork.parameters()))))
+
+    def _all_set_adapters(self, x2, layer_index: int) -> Adapters:
+        """The adapters of all C(N, k) sets, row = colex rank: cached at inference, else generated."""
+        return self._cached_adapters(layer_index) if self._may_cache(x2) else self._adapters(self._sets, layer_index)
+
     def _hyper_expert(self, x2, selected, layer_index, exporting, small=False) -> torch.Tensor:
         """§3.6–3.7 ê (T, d). Tables of adapters per set when C(N, k) ≤ max_table_sets, else the factored form."""
         c = self.config
         chosen = (selected.unsqueeze(-1) == torch.arange(c.n_experts, device=x2.device)).any(1)  # (T, N) S mask
-        if self._sets is None or math.comb(c.n_experts, c.top_k) > self.max_table_sets:
+        if not self._tables():
             return self._hyper_factored(x2, chosen, layer_index)
         count = chosen.long().cumsum(-1)  # (T, N) 1-based position among the selected
         set_id = (self._binom.gather(0, count) * chosen).sum(-1)  # (T,) colex rank Σ_i C(c_i, i)
         if exporting:
             return self._hyper_onehot(x2, set_id, self._adapters(self._sets, layer_index))
-        hyper = self.hypernetwork
-        needs_grad = torch.is_grad_enabled() and (x2.requires_grad or any(
-            p.requires_grad for p in (self.expert_embed, *self.process.parameters(), *hyper.parameters())))
-        if self.cache_adapters and not self.training and not needs_grad:
+        if self._may_cache(x2):
             table = self._cached_adapters(layer_index)
             return _gathered_adapter(x2, set_id, table) if small else _grouped_adapter(x2, set_id, table)
         present, group = torch.unique(set_id, return_inverse=True)  # (U,), (T,) sets present, sorted

@@ -213,6 +213,32 @@ def test_grouped_hyper_expert_gradients_equal_per_token(top_k, max_table_sets):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=p)
 
 
+@pytest.mark.parametrize("cfg", [
+    ref.tiny_config(n_experts=4, top_k=1),  # k = 1: experts and HyperExpert in one dispatch
+    ref.tiny_config(n_experts=4, top_k=1, gate="switch", capacity=3),  # ... with dropped tokens
+    ref.tiny_config(n_experts=5, top_k=2),
+], ids=["k=1", "switch-capacity", "k=2"])
+def test_layer_gradients_equal_per_token_formulation(cfg):
+    """The whole layer (fast path) against the plain MoE layer sharing its router and experts plus the
+    official per-token HyperExpert: same output, same gradients for the input and every parameter."""
+    torch.manual_seed(1)
+    layer = HyperMoELayer(cfg, dtype=torch.float64).train()
+    plain = HyperMoELayer(cfg.replace(hyper_expert=False), dtype=torch.float64).train()
+    plain.router, plain.experts = layer.router, layer.experts  # the same Parameter objects
+    x = torch.randn(3, 16, cfg.d_model, dtype=torch.float64, requires_grad=True)
+    fast = layer(x, 1)
+    selected = fast.routing.selected.reshape(-1, cfg.top_k)
+    naive = plain(x, 1).output + _naive_hyper_expert(layer, x.reshape(-1, cfg.d_model), selected, 1).reshape(x.shape)
+    assert not fast.routing.kept.all() if cfg.capacity else True
+    torch.testing.assert_close(fast.output, naive, rtol=1e-12, atol=1e-12)
+    weight = torch.randn_like(naive)
+    params = [x, *layer.parameters()]
+    g_fast = torch.autograd.grad((fast.output * weight).sum(), params)
+    g_naive = torch.autograd.grad((naive * weight).sum(), params)
+    for name, a, b in zip(["x", *dict(layer.named_parameters())], g_fast, g_naive):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Invariants
 # ---------------------------------------------------------------------------------------------
