@@ -109,6 +109,10 @@ class ExportLayer(nn.Module):
         self.register_buffer("router_weight", _tensor(params["router.weight"], f32))  # (d, N) float32
         self.register_buffer("router_bias", _tensor(params["router.bias"], f32) if cfg.router_bias else torch.zeros(N))
         self.register_buffer("expert_ids", torch.arange(N))  # (N,)
+        self.register_buffer("ones_n", torch.ones(N, 1))  # (N, 1) float32: sums over N as MatMuls (see _select)
+        self.register_buffer("lower", torch.ones(N, N, dtype=torch.bool).tril(-1))  # [i, j]: j < i
+        self.register_buffer("slots", torch.arange(k, dtype=torch.float32))  # (k,) ranks 0 … k-1
+        self.register_buffer("expert_col", torch.arange(N, dtype=torch.float32).reshape(N, 1))  # (N, 1)
         if flavour == "portable":
             w1 = np.asarray(params["experts.w1"], dtype=np.float64)  # (N, d, f)
             self.register_buffer("w1_cat", _tensor(w1.transpose(1, 0, 2).reshape(d, N * cfg.d_ff), dtype))  # (d, N·f)
@@ -124,15 +128,13 @@ class ExportLayer(nn.Module):
             # colex rank of a set from its selection mask m: Σ_n m_n · binom(n, cumsum(m)_n)
             binom = [[math.comb(n, j) for j in range(k + 1)] for n in range(N)]
             self.register_buffer("binom_flat", torch.tensor(binom, dtype=torch.int64).reshape(-1))  # (N·(k+1),)
-            self.register_buffer("ones_n", torch.ones(N, 1))  # (N, 1) float32 (a 1-D right operand fails at T = 0 too)
         if self.hyper_form == "sets":
             w_down, b_down, w_up, b_up = set_adapters(cfg, params, layer_index)  # (C,d,a) (C,a) (C,a,d) (C,d)
             C, a = w_down.shape[0], cfg.d_adapter
             self.register_buffer("set_ids", torch.arange(C, dtype=torch.float32))  # compared with the float32 rank
             self.register_buffer("down_cat", _tensor(w_down.transpose(1, 0, 2).reshape(d, C * a), dtype))  # (d, C·a)
             self.register_buffer("down_bias", _tensor(b_down.reshape(C * a), dtype))  # (C·a,)
-            # spreads a (T, C) one-hot over the C·a adapter columns: a MatMul, not a broadcast Mul, which
-            # onnxruntime's CPU broadcaster rejects at T = 0 ((0, C, a) · (0, C, 1))
+            # spreads the (T, C) one-hot of the token's set over the C·a adapter columns (one MatMul)
             self.register_buffer("set_columns", _tensor(np.repeat(np.eye(C), a, axis=1), dtype))  # (C, C·a)
             self.register_buffer("up_cat", _tensor(w_up.reshape(C * a, d), dtype))  # (C·a, d)
             self.register_buffer("up_bias", _tensor(b_up, dtype))  # (C, d)
@@ -172,6 +174,18 @@ class ExportLayer(nn.Module):
             return F.gelu(u, approximate="tanh")
         return F.silu(u)
 
+    def _select(self, logits: torch.Tensor) -> torch.Tensor:
+        """§3.2 the k largest logits, largest first → (T, k); ties → lower index BY CONSTRUCTION, whatever a
+        runtime's TopK does with ties: rank_i = #{j : l_j > l_i} + #{j < i : l_j = l_i}, slot r holds the
+        expert of rank r. Sums are MatMuls by a column of ones: onnxruntime's ReduceSum returns (0, N)
+        instead of (0,) for a (0, N) input, and a 1-D right operand fails at T = 0. Exact in float32 (N < 2^24)."""
+        T, N, k = logits.shape[0], self.cfg.n_experts, self.cfg.top_k
+        li, lj = logits.unsqueeze(-1), logits.unsqueeze(-2)  # (T, N, 1) expert i, (T, 1, N) expert j
+        ahead = (lj > li) | ((lj == li) & self.lower)  # (T, N, N) [t, i, j]: j ranks before i
+        rank = (ahead.to(torch.float32) @ self.ones_n).reshape(T, N)  # (T, N) 0 = largest
+        at_slot = (rank.unsqueeze(1) == self.slots.unsqueeze(-1)).to(torch.float32)  # (T, k, N) [t, r, i]: rank_i = r
+        return (at_slot @ self.expert_col).reshape(T, k).to(torch.int64)  # (T, k)
+
     def _dense_gates(self, selected: torch.Tensor, gate: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """(T, N) gate of each expert, zero outside the selection and for capacity-dropped tokens."""
         onehot = (selected.unsqueeze(-1) == self.expert_ids).to(gate.dtype)  # (T, k, N)
@@ -197,7 +211,7 @@ class ExportLayer(nn.Module):
         index = (self.expert_ids * k1 + position).reshape(-1)  # (T·N,) flat index into the (N, k+1) table
         coeff = self.binom_flat.index_select(0, index).reshape(mask.shape)  # (T, N) binom(n, position_n)
         # the sum over n as a MatMul: onnxruntime's ReduceSum returns (0, N) instead of (0,) for T = 0.
-        # float32 holds the integer ranks exactly (C(N, k) < 2^24 whenever the "sets" form is chosen)
+        # float32 holds the integer ranks exactly below 2^24 sets (far above any feasible "sets" table)
         return ((mask * coeff).to(torch.float32) @ self.ones_n).reshape(-1)  # (T,) colex rank of the set
 
     def _hyper_sets(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -225,9 +239,7 @@ class ExportLayer(nn.Module):
         xt = hidden_states.reshape(B * S, d)  # (T, d)
         logits = xt.to(torch.float32) @ self.router_weight + self.router_bias  # (T, N) float32 (SPEC.md §3.1)
         probs = torch.softmax(logits, dim=-1)  # (T, N)
-        # ONNX TopK: ties go to the lower index (SPEC.md §3.2). Eager torch.topk breaks ties differently;
-        # only the exported graph's TopK is relied on.
-        _, selected = torch.topk(logits, cfg.top_k, dim=-1)  # (T, k) largest first
+        selected = self._select(logits)  # (T, k) largest first, ties → lower index (SPEC.md §3.2)
         chosen = torch.gather(probs, 1, selected)  # (T, k)
         gate = chosen / chosen.sum(dim=-1, keepdim=True) if cfg.gate == "topk" else chosen  # (T, k) float32
 

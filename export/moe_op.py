@@ -11,11 +11,11 @@ Where that matches SPEC.md (and where export refuses):
 - capacity: refused (MoE has no capacity or pass-through of dropped tokens).
 - activation relu / silu / gelu_tanh (ORT's "gelu" is the tanh approximation); exact erf "gelu" refused.
 - experts with or without biases (optional inputs).
-- ties: NOT guaranteed. The CPU MoE kernel picks the HIGHEST index among tied logits, the graph's TopK
+- ties: NOT guaranteed. The CPU MoE kernel picks the HIGHEST index among tied logits, the graph's own selection
   (which feeds the HyperExpert, `selected_experts` and `gates`) the lowest. On exactly tied router logits
   the fused output can differ from ref; export records this in the model metadata and warns.
 - dtype: MoE's router input has the activation dtype, so in float16/bfloat16 the MoE op ranks rounded
-  logits while the HyperExpert's TopK ranks float32 ones: near-ties (gap below the half-precision
+  logits while the graph's own selection ranks float32 ones: near-ties (gap below the half-precision
   rounding of the logits) may disagree.
 
 onnx has no schema for ORT contrib ops and the exporter needs one, so a minimal OpSchema is registered
@@ -33,7 +33,7 @@ from ref import HyperMoEConfig
 DOMAIN = "com.microsoft"
 ORT_ACTIVATION = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu"}  # ORT "gelu" = tanh approximation
 TIE_NOTE = ("fused MoE node breaks exact router-logit ties toward the HIGHEST expert index (onnxruntime CPU "
-            "kernel) while SPEC.md and the graph's TopK pick the lowest; outputs may differ from ref on exact ties")
+            "kernel) while SPEC.md and the graph's own selection pick the lowest; outputs may differ from ref on exact ties")
 
 
 def check_supported(cfg: HyperMoEConfig) -> None:

@@ -303,7 +303,7 @@ def test_ties_pick_lower_index_in_portable_graph_torch_and_reference_evaluator(e
 
 def test_fused_flavour_ties_go_to_the_highest_index(export_cache):
     """Documented limitation: on exact ties the com.microsoft::MoE CPU kernel runs the HIGHEST-index experts
-    while the graph's TopK (HyperExpert, selected_experts) keeps the lowest, as SPEC.md says. The fused
+    while the graph's own selection (HyperExpert, selected_experts) keeps the lowest, as SPEC.md says. The fused
     output is then the highest experts' routed output plus the lowest set's HyperExpert."""
     cfg = ref.tiny_config(top_k=2)
     params = tied_params(cfg, 9)
@@ -312,7 +312,7 @@ def test_fused_flavour_ties_go_to_the_highest_index(export_cache):
     x = np.random.default_rng(9).standard_normal((2, 5, cfg.d_model))
     got = runtime.OnnxRunner(path, "cpu")(x.astype(np.float32))
     want = ref.layer(cfg, params, x)
-    np.testing.assert_array_equal(got["selected_experts"], want.selected)  # TopK: lowest
+    np.testing.assert_array_equal(got["selected_experts"], want.selected)  # the graph's selection: lowest
     assert not np.allclose(got["output"], want.output, atol=1e-3)  # the fused output differs from ref
     xt = x.reshape(-1, cfg.d_model)
     highest = np.broadcast_to([3, 2], (xt.shape[0], 2))
