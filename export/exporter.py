@@ -175,7 +175,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
     try:
-        if external:
+        if external:  # onnx appends to an existing data file: start from an empty one
+            (out_path.parent / (out_path.name + ".data")).unlink(missing_ok=True)
             onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out_path.name + ".data", size_threshold=1024)
         else:

@@ -346,6 +346,9 @@ def test_external_data(tmp_path, monkeypatch):
                                    source="default:seed=0")
     assert result.external_data and (tmp_path / "m.onnx.data").is_file()
     assert verify.verify(result.path, provider="cpu", shapes=((1, 3),)).ok
+    size = (tmp_path / "m.onnx.data").stat().st_size
+    exporter.export_model(tmp_path / "m.onnx", cfg, ref.init(cfg, seed=0), routing_outputs=True, source="default:seed=0")
+    assert (tmp_path / "m.onnx.data").stat().st_size == size  # re-export replaces the data file, no append
 
 
 def test_fused_refusals(tmp_path):
