@@ -6,13 +6,26 @@
     s = Σ_{j∉S} E_j;  z = process(s);  r = relu([z ; L_ℓ] Wg + cg);  W_down, b_down, W_up, b_up = heads(r)
     output = y + relu(x W_down + b_down) W_up + b_up
 
-The same numbers as the reference, computed fast (performance.md):
-- the HyperExpert depends on the token only through its selected set S, so adapters are generated once per
-  distinct set present (or, at inference, once per possible set and cached) and applied grouped by set — never
-  per token;
-- tokens are dispatched to experts by a stable sort by expert and contiguous slices, one GEMM per expert used;
-- an export path (`exportable`, or automatically under torch.export) without data-dependent shapes or Python
-  control flow: dense all-experts combine, and the adapter table of all C(N, k) sets applied by one-hot.
+The same numbers as the reference, computed fast (performance.md). Paths, chosen per call:
+- sorted (default): tokens' expert assignments sorted by expert (stable), one GEMM pair per expert on a
+  contiguous slice of per-expert views (`unbind`: one gradient op, not N full-size zeros), gathered back (no
+  scatter-add). The HyperExpert depends on a token only through its selected set S, so adapters are generated
+  once per distinct set present (sets encoded by their colex rank in [0, C(N, k))) and applied grouped by set —
+  never per token. With k = 1 the set is the expert, and both run in one dispatch.
+- cached (eval mode, no gradient needed, `cache_adapters`): the adapters of all C(N, k) sets of a layer index
+  are generated once and reused until a parameter changes (keyed on data pointers and version counters).
+- factored (C(N, k) > MAX_TABLE_SETS = 128, e.g. N = 12, k = 6): x W_down(r) = Σ_j r_j (x Hd_j) + x hd per token,
+  nothing of size (T, d, a) stored; g× the adapter FLOPs, hence only there. 128 sets of adapters are
+  128·2·d·a floats (50 MB at d = 768, a = 64); C(8, k) ≤ 70 always fits.
+- gathered (CUDA, T·k ≤ SMALL_TOKENS_CUDA; decode): each assignment's expert weights (and, at inference, its
+  cached adapter) gathered, then bmm; no sort, no host sync. Off on CPU, where it was slower at every T measured
+  (the copy doubles the weight traffic). Not yet measured on a GPU: scripts/gpu_check.sh times both.
+- torch.nn.functional.grouped_mm is not used: on CPU it is a loop of mm without bias (no faster); its CUDA bf16
+  kernel (SM90) is the candidate for the sorted path on GPUs once measured there.
+- export (`exportable = True`, or automatically under torch.export / torch.onnx.export(dynamo=True)): no
+  data-dependent shapes or control flow — rank-based top-k, all experts dense with a (T, N) gate, capacity by
+  cumsum, and the C(N, k) adapter table applied by one-hot (or the factored form).
+Every path gives the reference's routing exactly and its numbers to rounding (tests/test_layer.py).
 
 Axis legend (as ref/):
     T tokens (all leading dims flattened)   d model width          N experts        k selected experts
