@@ -366,7 +366,8 @@ class HyperMoELayer(nn.Module):
             raise ValueError(f"input is on {x.device}, the layer's parameters are on {w.device}")
         if x.dtype == torch.float16 and x.device.type == "cpu":
             raise ValueError("float16 is supported on CUDA only; use bfloat16 or float32 on CPU")
-        if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index < c.n_layers:
+        integer = isinstance(layer_index, (int, np.integer)) and not isinstance(layer_index, bool)
+        if not integer or not 0 <= layer_index < c.n_layers:
             raise ValueError(f"layer_index must be an int in [0, n_layers={c.n_layers}), got {layer_index!r}")
         if jitter is not None and (not isinstance(jitter, torch.Tensor) or jitter.shape != x.shape):
             raise ValueError(f"jitter must be a tensor of the input's shape {tuple(x.shape)}, "
@@ -387,7 +388,7 @@ class HyperMoELayer(nn.Module):
         """x (..., S, d) → HyperMoEOutput. `layer_index` picks the layer embedding ℓ of the hypernetwork;
         `jitter` (..., S, d) and `gate_noise` (..., S, N) are the training-only random draws (SPEC.md §3.1)."""
         self._check(x, layer_index, jitter, gate_noise)
-        c = self.config
+        layer_index, c = int(layer_index), self.config
         exporting = self.exportable or torch.compiler.is_exporting()
         lead, d, N, k = x.shape[:-1], c.d_model, c.n_experts, c.top_k
         x2 = x.reshape(-1, d)  # (T, d)
@@ -712,7 +713,8 @@ def _gathered_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) ->
     """The same for a few tokens: each token's adapter gathered (T, d, a), one bmm per matrix, no host sync."""
     hidden = torch.relu(torch.bmm(x2.unsqueeze(1), table.w_down.index_select(0, group)).squeeze(1)
                         + table.b_down.index_select(0, group))  # (T, a)
-    return torch.bmm(hidden.unsqueeze(1), table.w_up.index_select(0, group)).squeeze(1) + table.b_up.index_select(0, group)
+    up = torch.bmm(hidden.unsqueeze(1), table.w_up.index_select(0, group)).squeeze(1)  # (T, d)
+    return up + table.b_up.index_select(0, group)
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:

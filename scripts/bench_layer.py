@@ -55,11 +55,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--small-tokens", type=int, default=None,
-                    help="layer.small_tokens: T·k up to which weights are gathered per assignment (default: the layer's)")
+                    help="layer.small_tokens: T·k up to which weights are gathered per assignment "
+                         "(default: the layer's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, median/min of {args.repeats}")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+          f"median/min of {args.repeats}")
     for dtype in (getattr(torch, name) for name in args.dtype):
         for k in args.k:
             cfg = HyperMoEConfig(top_k=k)  # official sizes

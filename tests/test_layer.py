@@ -22,8 +22,8 @@ from tests.strategies import cases, configs, inputs_with_margin
 
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
 # float32 vs the float64 reference. Every stage is O(1)–O(10) for the reference init; the longest chain is
-# router → process → trunk → heads → two adapter matmuls, dot products of length ≤ 12, so each stage adds a few
-# ulp (6e-8) of relative error times the magnitude. The check is |err| ≤ 2e-5·(1 + |ref|); the largest
+# router → process → trunk → heads → two adapter matmuls, dot products of length ≤ 12, so each stage adds a
+# few ulp (6e-8) of relative error times the magnitude. The check is |err| ≤ 2e-5·(1 + |ref|); the largest
 # err / (1 + |ref|) observed over 2000 random cases is 1.7e-6 (12× margin), while a wrong gate, term or flipped
 # selection moves outputs by ≥ 1e-2 at these sizes.
 FP32_TOL = dict(rtol=2e-5, atol=2e-5)
@@ -167,7 +167,8 @@ def _gradcheck_layer(cfg, mode):
 
 
 @pytest.mark.parametrize("cfg", [
-    ref.tiny_config(n_heads=1, d_model=3, d_ff=4, n_experts=3, top_k=2, activation="gelu", router_bias=True, d_adapter=2,
+    ref.tiny_config(n_heads=1, d_model=3, d_ff=4, n_experts=3, top_k=2, activation="gelu", router_bias=True,
+                    d_adapter=2,
                     d_expert_embed=2, d_process=3, d_hyper=2, d_layer_embed=2, d_generator=3, n_layers=1),
     ref.tiny_config(n_heads=1, d_model=3, d_ff=4, n_experts=3, top_k=1, gate="switch", capacity=2, activation="silu",
                     expert_bias=False, d_adapter=2, d_expert_embed=2, d_process=3, d_hyper=2, d_layer_embed=2,
