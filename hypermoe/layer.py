@@ -470,23 +470,23 @@ class HyperMoELayer(nn.Module):
         b1, b2 = c_unbind(self.experts.b1), c_unbind(self.experts.b2)
         if adapters is not None:
             w_down, b_down, w_up, b_up = (t.unbind(0) for t in adapters)
-        parts, start = [], 0
-        for g, n in enumerate(counts):
-            if not n:
+        parts = []
+        # split, not xs[start:start + n]: one backward op (a cat) instead of a full-size zero gradient per slice
+        for g, (rows, g_rows) in enumerate(zip(xs.split(counts), gs.split(counts))):
+            if not rows.shape[0]:
                 continue
-            rows, e = xs[start:start + n], g % N  # (n, d)
+            e = g % N  # rows (n, d), g_rows (n, 1)
             if g < N:
                 u = rows @ w1[e] if b1 is None else torch.addmm(b1[e], rows, w1[e])  # (n, f)
                 u = activation(c.activation, u)
                 y = u @ w2[e] if b2 is None else torch.addmm(b2[e], u, w2[e])  # (n, d)
             else:
                 y = rows  # capacity drop rule: routed = g · x (HF SwitchTransformers)
-            y = y * gs[start:start + n]
+            y = y * g_rows
             if adapters is not None:
                 hidden = F.relu(torch.addmm(b_down[e], rows, w_down[e]))  # (n, a)
                 y = torch.addmm(b_up[e], hidden, w_up[e]).add_(y)  # (n, d) ê + g·y
             parts.append(y)
-            start += n
         ys = torch.cat(parts) if parts else x2.new_zeros((0, d))  # (T·k, d) in expert order
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         ys = ys.index_select(0, inverse)  # (T·k, d) back in token order
@@ -693,12 +693,11 @@ def _grouped_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) -> 
     counts = torch.bincount(group, minlength=table.w_down.shape[0]).tolist()
     xs = x2.index_select(0, order)  # (T, d)
     w_down, b_down, w_up, b_up = (t.unbind(0) for t in table)
-    parts, start = [], 0
-    for u, n in enumerate(counts):
-        if n:
-            hidden = F.relu(torch.addmm(b_down[u], xs[start:start + n], w_down[u]))  # (n, a)
+    parts = []
+    for u, rows in enumerate(xs.split(counts)):  # split: one backward op, not a zero gradient per slice
+        if rows.shape[0]:
+            hidden = F.relu(torch.addmm(b_down[u], rows, w_down[u]))  # (n, a)
             parts.append(torch.addmm(b_up[u], hidden, w_up[u]))  # (n, d)
-            start += n
     out = torch.cat(parts) if parts else x2.new_zeros((0, x2.shape[-1]))  # (T, d) in group order
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return out.index_select(0, inverse)
