@@ -138,7 +138,8 @@ def activation(name: str, u: np.ndarray) -> np.ndarray:
     if name == "gelu_tanh":  # GPT-2's "gelu_new"
         return 0.5 * u * (1 + np.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
     if name == "silu":
-        return u / (1 + np.exp(-u))
+        with np.errstate(over="ignore"):  # exp(-u) = inf for u ≪ 0 gives u / inf = -0, the right limit
+            return u / (1 + np.exp(-u))
     raise ValueError(f"unknown activation {name!r}")
 
 
