@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and any runtime); fused: routed experts "
-                "as one com.microsoft::MoE node (onnxruntime only; no capacity, no erf GELU, ties not guaranteed)")
+                "as one com.microsoft::MoE node (onnxruntime only; no capacity, no erf GELU, ties not guaranteed); sparse: "
+                "standard ops, per-expert NonZero dispatch (fastest on onnxruntime CPU; no float16 on its CPU provider)")
 
 
 def register(subparsers) -> None:
@@ -65,7 +66,7 @@ def register(subparsers) -> None:
         "(portable), verifies onnxruntime against the NumPy reference on margin-controlled inputs, runs it on "
         "the best available provider and prints a short report. Exit status 1 if verification fails.")
     p.add_argument("--workdir", default=None, help="where to write hypermoe.onnx (default: a temporary directory)")
-    p.add_argument("--flavour", choices=("portable", "fused"), default="portable", help=FLAVOUR_HELP)
+    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable", help=FLAVOUR_HELP)
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
@@ -73,10 +74,11 @@ def register(subparsers) -> None:
 
 
 def _export_options(p) -> None:
-    p.add_argument("--flavour", choices=("portable", "fused"), default="portable", help=FLAVOUR_HELP)
+    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable", help=FLAVOUR_HELP)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    p.add_argument("--hyper-form", choices=("auto", "sets", "factored"), default="auto",
-                   help="HyperExpert as per-set constants or factored hypernetwork (default: by size)")
+    p.add_argument("--hyper-form", choices=("auto", "sets", "grouped", "factored"), default="auto",
+                   help="HyperExpert as per-set constants (sets: dense one-hot, grouped: per-set dispatch) or "
+                   "factored hypernetwork (default: by size and flavour)")
     p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
     p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
     p.add_argument("--implementation", choices=("graph", "layer"), default="graph",

@@ -5,18 +5,27 @@ with dynamic batch and sequence dims and the ONNX graph computes ref.layer for e
 Axis legend (as ref/semantics.py):  B batch  S sequence  T = B·S tokens  d model  N experts  k selected
     f expert hidden  a adapter width  C = C(N, k) possible selection sets  e/p/h/l/g hypernetwork widths
 
-Two flavours of the routed experts:
+Three flavours of the routed experts:
 - "portable": standard ONNX ops only. Every expert runs on every token and the gates (zero outside the
   selection) weight the hidden activations, so the second projection is one MatMul: y = [G ⊙ act(x W1 + b1)] W2
   + G b2. N× the FLOPs of a sparse dispatch, but static shapes apart from T (CUDA-graph friendly, no NonZero).
 - "fused": the routed experts become one `com.microsoft::MoE` node (onnxruntime contrib op, sparse), see
   export/moe_op.py for where its semantics match ref and where they do not.
+- "sparse": standard ONNX ops, a sparse dispatch: per expert e, NonZero finds its tokens, Gather, two MatMuls
+  (plus biases and the activation), the gate, and ScatterND(add) back: k·4·d·f FLOPs per token, the
+  runtime's own multi-threaded GEMMs and vectorised activations. Data-dependent shapes (NonZero): not
+  CUDA-graph capturable; ScatterND(add) has no float16 kernel on onnxruntime's CPU provider. Made for
+  CPU inference: onnxruntime 1.31's CPU MoE kernel runs each expert's GEMMs single-threaded and its
+  activation as a scalar loop (tanh-GELU ≈ 45 % of the node's time at d 768, f 3072; BENCHMARKS.md).
 
 The HyperExpert never materialises per-token weights. Its weights depend only on the unselected set,
 i.e. on the selection set S, so (hyper_form):
 - "sets": the adapters of all C(N, k) sets are computed by ref at export time and stored as constants;
   each token computes relu(x W_down_c + b_down_c) for every set c, keeps its own set's row (a one-hot
-  by the set's rank) and applies the concatenated W_up: cost 2·C·d·a per token.
+  by the set's rank) and applies the concatenated W_up: cost 2·C·d·a per token. Static shapes.
+- "grouped": the same constants, applied sparsely: per set c, NonZero finds the tokens whose set rank is c,
+  Gather, relu(x W_down_c + b_down_c) W_up_c + b_up_c, ScatterND(add) back: 2·d·a per token (C× less than
+  "sets"), data-dependent shapes. The default ("auto") of the fused and sparse flavours.
 - "factored": the hypernetwork runs in the graph and the generated matrices are contracted with x first:
   x W_down(r) = Σ_j r_j (x Hd_j) + x hd, the same for W_up: cost 2·g·d·a per token, constants of the
   hypernetwork's size. Used when C(N, k) is large.
@@ -41,8 +50,8 @@ import ref
 from export import moe_op
 from ref import HyperMoEConfig
 
-FLAVOURS = ("portable", "fused")
-HYPER_FORMS = ("auto", "sets", "factored")
+FLAVOURS = ("portable", "fused", "sparse")
+HYPER_FORMS = ("auto", "sets", "grouped", "factored")
 SETS_MAX_BYTES = 256 * 2**20  # "sets" constants above this size (at the export dtype) → "factored"
 
 
@@ -50,8 +59,9 @@ def n_sets(cfg: HyperMoEConfig) -> int:
     return math.comb(cfg.n_experts, cfg.top_k)
 
 
-def choose_hyper_form(cfg: HyperMoEConfig, requested: str = "auto", itemsize: int = 4) -> str:
-    """"sets" when it is cheaper per token (C ≤ g) and its constants (C·(2·d·a + a + d) values) fit in
+def choose_hyper_form(cfg: HyperMoEConfig, requested: str = "auto", itemsize: int = 4, flavour: str = "portable") -> str:
+    """"sets" ("grouped" for the fused and sparse flavours in float32/64, whose graphs have data-dependent
+    shapes anyway) when it is cheaper per token (C ≤ g) and its constants (C·(2·d·a + a + d) values) fit in
     SETS_MAX_BYTES; else "factored". An explicit request is honoured."""
     if requested not in HYPER_FORMS:
         raise ValueError(f"hyper_form must be one of {HYPER_FORMS}, got {requested!r}")
@@ -59,7 +69,10 @@ def choose_hyper_form(cfg: HyperMoEConfig, requested: str = "auto", itemsize: in
         return requested
     C, d, a = n_sets(cfg), cfg.d_model, cfg.d_adapter
     fits = C * (2 * d * a + a + d) * itemsize <= SETS_MAX_BYTES
-    return "sets" if fits and C <= cfg.d_generator else "factored"
+    if not (fits and C <= cfg.d_generator):
+        return "factored"
+    # "grouped" scatters with ScatterND(add), which onnxruntime's CPU provider lacks in 16-bit dtypes
+    return "grouped" if flavour != "portable" and itemsize >= 4 else "sets"
 
 
 def colex_sets(N: int, k: int) -> np.ndarray:
@@ -103,7 +116,8 @@ class ExportLayer(nn.Module):
             moe_op.check_supported(cfg)
         self.cfg, self.flavour, self.routing_outputs, self.layer_index = cfg, flavour, routing_outputs, layer_index
         N, k, d = cfg.n_experts, cfg.top_k, cfg.d_model
-        self.hyper_form = choose_hyper_form(cfg, hyper_form, torch.finfo(dtype).bits // 8) if cfg.hyper_expert else "none"
+        self.hyper_form = (choose_hyper_form(cfg, hyper_form, torch.finfo(dtype).bits // 8, flavour)
+                           if cfg.hyper_expert else "none")
 
         f32 = torch.float32
         self.register_buffer("router_weight", _tensor(params["router.weight"], f32))  # (d, N) float32
@@ -117,6 +131,9 @@ class ExportLayer(nn.Module):
             w1 = np.asarray(params["experts.w1"], dtype=np.float64)  # (N, d, f)
             self.register_buffer("w1_cat", _tensor(w1.transpose(1, 0, 2).reshape(d, N * cfg.d_ff), dtype))  # (d, N·f)
             self.register_buffer("w2_cat", _tensor(np.asarray(params["experts.w2"]).reshape(N * cfg.d_ff, d), dtype))  # (N·f, d)
+        elif flavour == "sparse":
+            self.register_buffer("w1", _tensor(params["experts.w1"], dtype))  # (N, d, f)
+            self.register_buffer("w2", _tensor(params["experts.w2"], dtype))  # (N, f, d)
         else:  # com.microsoft::MoE layout [E, out, in] (= nn.Linear.weight stacked); [E, in, out] is misread
             self.register_buffer("fc1", _tensor(np.asarray(params["experts.w1"]).transpose(0, 2, 1), dtype))  # (N, f, d)
             self.register_buffer("fc2", _tensor(np.asarray(params["experts.w2"]).transpose(0, 2, 1), dtype))  # (N, d, f)
@@ -138,6 +155,10 @@ class ExportLayer(nn.Module):
             self.register_buffer("set_columns", _tensor(np.repeat(np.eye(C), a, axis=1), dtype))  # (C, C·a)
             self.register_buffer("up_cat", _tensor(w_up.reshape(C * a, d), dtype))  # (C·a, d)
             self.register_buffer("up_bias", _tensor(b_up, dtype))  # (C, d)
+        elif self.hyper_form == "grouped":
+            w_down, b_down, w_up, b_up = set_adapters(cfg, params, layer_index)  # (C,d,a) (C,a) (C,a,d) (C,d)
+            for name, value in (("set_w_down", w_down), ("set_b_down", b_down), ("set_w_up", w_up), ("set_b_up", b_up)):
+                self.register_buffer(name, _tensor(value, dtype))
         elif self.hyper_form == "factored":
             g, a, h = cfg.d_generator, cfg.d_adapter, cfg.d_hyper
             p = {n: np.asarray(v, dtype=np.float64) for n, v in params.items()}
@@ -202,6 +223,22 @@ class ExportLayer(nn.Module):
             y = y + dense_gate @ self.b2  # Σ_n g_n b2_n
         return y
 
+    def _sparse_experts(self, xt: torch.Tensor, dense_gate: torch.Tensor, mask: torch.Tensor,
+                        keep: torch.Tensor) -> torch.Tensor:
+        """Σ_n g_n FFN_n(x) over each expert's own tokens only (NonZero → Gather → FFN → ScatterND add)."""
+        y = torch.zeros_like(xt)  # (T, d)
+        for e in range(self.cfg.n_experts):
+            tokens = torch.nonzero((mask[:, e] > 0) & keep).reshape(-1)  # (T_e,) tokens routed to e, kept
+            u = xt.index_select(0, tokens) @ self.w1[e]  # (T_e, f)
+            if self.cfg.expert_bias:
+                u = u + self.b1[e]
+            out = self._activation(u) @ self.w2[e]  # (T_e, d)
+            if self.cfg.expert_bias:
+                out = out + self.b2[e]
+            gate = dense_gate.index_select(0, tokens)[:, e:e + 1]  # (T_e, 1) g_e of those tokens
+            y = y.index_add(0, tokens, out * gate)  # each token gets each of its k experts once
+        return y
+
     def _selection_mask(self, selected: torch.Tensor) -> torch.Tensor:
         return (selected.unsqueeze(-1) == self.expert_ids).sum(dim=1)  # (T, N) int64, 1 where selected
 
@@ -219,6 +256,15 @@ class ExportLayer(nn.Module):
         down = xt @ self.down_cat + self.down_bias  # (T, C·a) every set's adapter input, set-major columns
         hidden = torch.relu(down) * (onehot @ self.set_columns)  # (T, C·a) zero outside the token's set
         return hidden @ self.up_cat + onehot @ self.up_bias  # (T, d)
+
+    def _hyper_grouped(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rank = self._set_rank(mask)  # (T,) float32 colex rank of each token's set
+        out = torch.zeros_like(xt)  # (T, d)
+        for c in range(self.set_w_down.shape[0]):
+            tokens = torch.nonzero(rank == c).reshape(-1)  # (T_c,) tokens whose selection set is c
+            hidden = torch.relu(xt.index_select(0, tokens) @ self.set_w_down[c] + self.set_b_down[c])  # (T_c, a)
+            out = out.index_add(0, tokens, hidden @ self.set_w_up[c] + self.set_b_up[c])  # each token once
+        return out
 
     def _hyper_factored(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T, g, a, d = xt.shape[0], self.cfg.d_generator, self.cfg.d_adapter, self.cfg.d_model
@@ -250,9 +296,12 @@ class ExportLayer(nn.Module):
         else:
             keep = torch.ones_like(selected[:, 0], dtype=torch.bool)  # (T,)
 
-        if self.flavour == "portable":
+        if self.flavour != "fused":
             dense_gate = self._dense_gates(selected, gate, keep).to(xt.dtype)  # (T, N)
-            y = self._portable_experts(xt, dense_gate)  # (T, d)
+            if self.flavour == "portable":
+                y = self._portable_experts(xt, dense_gate)  # (T, d)
+            else:
+                y = self._sparse_experts(xt, dense_gate, self._selection_mask(selected), keep)  # (T, d)
             if cfg.capacity is not None:  # a dropped token passes through scaled by its gate
                 y = y + (~keep).to(xt.dtype).unsqueeze(-1) * gate[:, :1].to(xt.dtype) * xt
         else:
@@ -264,6 +313,8 @@ class ExportLayer(nn.Module):
 
         if self.hyper_form == "sets":
             y = y + self._hyper_sets(xt, self._selection_mask(selected))
+        elif self.hyper_form == "grouped":
+            y = y + self._hyper_grouped(xt, self._selection_mask(selected))
         elif self.hyper_form == "factored":
             y = y + self._hyper_factored(xt, self._selection_mask(selected))
         output = y.reshape(B, S, d)

@@ -122,6 +122,29 @@ def test_fused_cases(export_cache, name):
     run_and_compare(export_cache(cfg, 1, flavour="fused"), cfg, params, seed=3)
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(cfg=configs(max_experts=6), seed=st.integers(0, 2**16))
+def test_sparse_matches_ref_on_random_configs(export_cache, cfg, seed):
+    """The sparse flavour (per-expert NonZero dispatch, standard ops) with its default HyperExpert form."""
+    params = ref.init(cfg, seed=seed)
+    path = export_cache(cfg, seed, flavour="sparse")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "NonZero" in ops and "MoE" not in ops
+    run_and_compare(path, cfg, params, seed=seed)
+
+
+# the sparse flavour on every case; the grouped HyperExpert form also with the portable flavour
+@pytest.mark.parametrize("name, options", [(name, dict(flavour="sparse")) for name in CASES] +
+                         [(name, dict(hyper_form="grouped")) for name in ("topk k=2", "switch capacity 1", "k = N")])
+def test_sparse_and_grouped_cases(export_cache, name, options):
+    cfg = CASES[name]
+    params = ref.init(cfg, seed=1)
+    path = export_cache(cfg, 1, **options)
+    if cfg.hyper_expert:
+        assert exporter.read_metadata(path)["hyper_form"] == "grouped"
+    run_and_compare(path, cfg, params, seed=4)
+
+
 def test_layer_index_and_stack(export_cache):
     cfg = ref.tiny_config(n_layers=3)
     params = ref.init(cfg, seed=4)
@@ -187,7 +210,8 @@ def test_portable_graph_ops_and_no_per_token_weights(export_cache, hyper_form):
         assert dims[1:] not in ([12, 5], [5, 12]) and 60 not in dims, f"{value.name} {dims}"
 
 
-@pytest.mark.parametrize("options", [dict(hyper_form="sets"), dict(hyper_form="factored"), dict(flavour="fused")])
+@pytest.mark.parametrize("options", [dict(hyper_form="sets"), dict(hyper_form="factored"), dict(flavour="fused"),
+                                     dict(flavour="sparse"), dict(hyper_form="grouped")])
 def test_zero_tokens(export_cache, options):
     """T = 0 (batch 0 or seq 0) runs through the graph itself and gives empty outputs."""
     cfg = ref.tiny_config()
