@@ -13,7 +13,7 @@ import numpy as np
 
 FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and any runtime); fused: routed experts "
                 "as one com.microsoft::MoE node (onnxruntime only; no capacity, no erf GELU, ties not guaranteed); sparse: "
-                "standard ops, per-expert NonZero dispatch (fastest on onnxruntime CPU; no float16 on its CPU provider)")
+                "standard ops, per-expert NonZero dispatch (fastest on onnxruntime CPU; not CUDA-graph capturable)")
 
 
 def register(subparsers) -> None:

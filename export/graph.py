@@ -12,9 +12,9 @@ Three flavours of the routed experts:
 - "fused": the routed experts become one `com.microsoft::MoE` node (onnxruntime contrib op, sparse), see
   export/moe_op.py for where its semantics match ref and where they do not.
 - "sparse": standard ONNX ops, a sparse dispatch: per expert e, NonZero finds its tokens, Gather, two MatMuls
-  (plus biases and the activation), the gate, and ScatterND(add) back: k·4·d·f FLOPs per token, the
-  runtime's own multi-threaded GEMMs and vectorised activations. Data-dependent shapes (NonZero): not
-  CUDA-graph capturable; ScatterND(add) has no float16 kernel on onnxruntime's CPU provider. Made for
+  (plus biases and the activation), the gate, and one ScatterND (no reduction) of all routes back:
+  k·4·d·f FLOPs per token, the runtime's own multi-threaded GEMMs and vectorised activations.
+  Data-dependent shapes (NonZero): not CUDA-graph capturable. Made for
   CPU inference: onnxruntime 1.31's CPU MoE kernel runs each expert's GEMMs single-threaded and its
   activation as a scalar loop (tanh-GELU ≈ 45 % of the node's time at d 768, f 3072; BENCHMARKS.md).
 
@@ -24,7 +24,7 @@ i.e. on the selection set S, so (hyper_form):
   each token computes relu(x W_down_c + b_down_c) for every set c, keeps its own set's row (a one-hot
   by the set's rank) and applies the concatenated W_up: cost 2·C·d·a per token. Static shapes.
 - "grouped": the same constants, applied sparsely: per set c, NonZero finds the tokens whose set rank is c,
-  Gather, relu(x W_down_c + b_down_c) W_up_c + b_up_c, ScatterND(add) back: 2·d·a per token (C× less than
+  Gather, relu(x W_down_c + b_down_c) W_up_c + b_up_c, one ScatterND back: 2·d·a per token (C× less than
   "sets"), data-dependent shapes. The default ("auto") of the fused and sparse flavours.
 - "factored": the hypernetwork runs in the graph and the generated matrices are contracted with x first:
   x W_down(r) = Σ_j r_j (x Hd_j) + x hd, the same for W_up: cost 2·g·d·a per token, constants of the
@@ -60,8 +60,8 @@ def n_sets(cfg: HyperMoEConfig) -> int:
 
 
 def choose_hyper_form(cfg: HyperMoEConfig, requested: str = "auto", itemsize: int = 4, flavour: str = "portable") -> str:
-    """"sets" ("grouped" for the fused and sparse flavours in float32/64, whose graphs have data-dependent
-    shapes anyway) when it is cheaper per token (C ≤ g) and its constants (C·(2·d·a + a + d) values) fit in
+    """"sets" ("grouped" for the fused and sparse flavours, whose graphs have data-dependent shapes anyway)
+    when it is cheaper per token (C ≤ g) and its constants (C·(2·d·a + a + d) values) fit in
     SETS_MAX_BYTES; else "factored". An explicit request is honoured."""
     if requested not in HYPER_FORMS:
         raise ValueError(f"hyper_form must be one of {HYPER_FORMS}, got {requested!r}")
@@ -71,8 +71,7 @@ def choose_hyper_form(cfg: HyperMoEConfig, requested: str = "auto", itemsize: in
     fits = C * (2 * d * a + a + d) * itemsize <= SETS_MAX_BYTES
     if not (fits and C <= cfg.d_generator):
         return "factored"
-    # "grouped" scatters with ScatterND(add), which onnxruntime's CPU provider lacks in 16-bit dtypes
-    return "grouped" if flavour != "portable" and itemsize >= 4 else "sets"
+    return "sets" if flavour == "portable" else "grouped"
 
 
 def colex_sets(N: int, k: int) -> np.ndarray:
@@ -223,21 +222,28 @@ class ExportLayer(nn.Module):
             y = y + dense_gate @ self.b2  # Σ_n g_n b2_n
         return y
 
-    def _sparse_experts(self, xt: torch.Tensor, dense_gate: torch.Tensor, mask: torch.Tensor,
+    def _sparse_experts(self, xt: torch.Tensor, selected: torch.Tensor, gate: torch.Tensor,
                         keep: torch.Tensor) -> torch.Tensor:
-        """Σ_n g_n FFN_n(x) over each expert's own tokens only (NonZero → Gather → FFN → ScatterND add)."""
-        y = torch.zeros_like(xt)  # (T, d)
+        """Σ_j g_j FFN_{s_j}(x) over each expert's own routes only. Route r = t·k + j is token t's slot j: per
+        expert NonZero → Gather → FFN → times the gate; then ONE ScatterND (no reduction: every route is
+        written at most once, dropped ones stay 0) into a (T·k, d) buffer, summed over the k slots."""
+        k, d = self.cfg.top_k, self.cfg.d_model
+        live = keep.unsqueeze(-1)  # (T, 1) false for capacity-dropped tokens
+        gate_r = gate.reshape(-1)  # (T·k,) float32 gate of route r
+        routes, rows = [], []
         for e in range(self.cfg.n_experts):
-            tokens = torch.nonzero((mask[:, e] > 0) & keep).reshape(-1)  # (T_e,) tokens routed to e, kept
-            u = xt.index_select(0, tokens) @ self.w1[e]  # (T_e, f)
+            at = torch.nonzero((selected == e) & live)  # (R_e, 2) [t, j] of the routes to expert e
+            r = at[:, 0] * k + at[:, 1]  # (R_e,) route ids (integer ops only)
+            u = xt.index_select(0, at[:, 0]) @ self.w1[e]  # (R_e, f) their tokens
             if self.cfg.expert_bias:
                 u = u + self.b1[e]
-            out = self._activation(u) @ self.w2[e]  # (T_e, d)
+            out = self._activation(u) @ self.w2[e]  # (R_e, d)
             if self.cfg.expert_bias:
                 out = out + self.b2[e]
-            gate = dense_gate.index_select(0, tokens)[:, e:e + 1]  # (T_e, 1) g_e of those tokens
-            y = y.index_add(0, tokens, out * gate)  # each token gets each of its k experts once
-        return y
+            routes.append(r)
+            rows.append(out * gate_r.index_select(0, r).unsqueeze(-1).to(xt.dtype))  # g_j (FFN(x) + b2)
+        per_route = xt.new_zeros((gate_r.shape[0], d)).index_put((torch.cat(routes),), torch.cat(rows))  # (T·k, d)
+        return per_route.reshape(-1, k, d).sum(dim=1)  # (T, d)
 
     def _selection_mask(self, selected: torch.Tensor) -> torch.Tensor:
         return (selected.unsqueeze(-1) == self.expert_ids).sum(dim=1)  # (T, N) int64, 1 where selected
@@ -258,13 +264,16 @@ class ExportLayer(nn.Module):
         return hidden @ self.up_cat + onehot @ self.up_bias  # (T, d)
 
     def _hyper_grouped(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per set c: NonZero of its tokens → Gather → adapter; ONE ScatterND (no reduction: every token has
+        exactly one set) puts the rows back in token order."""
         rank = self._set_rank(mask)  # (T,) float32 colex rank of each token's set
-        out = torch.zeros_like(xt)  # (T, d)
+        tokens, rows = [], []
         for c in range(self.set_w_down.shape[0]):
-            tokens = torch.nonzero(rank == c).reshape(-1)  # (T_c,) tokens whose selection set is c
-            hidden = torch.relu(xt.index_select(0, tokens) @ self.set_w_down[c] + self.set_b_down[c])  # (T_c, a)
-            out = out.index_add(0, tokens, hidden @ self.set_w_up[c] + self.set_b_up[c])  # each token once
-        return out
+            t = torch.nonzero(rank == c).reshape(-1)  # (T_c,) tokens whose selection set is c
+            hidden = torch.relu(xt.index_select(0, t) @ self.set_w_down[c] + self.set_b_down[c])  # (T_c, a)
+            tokens.append(t)
+            rows.append(hidden @ self.set_w_up[c] + self.set_b_up[c])  # (T_c, d)
+        return torch.zeros_like(xt).index_put((torch.cat(tokens),), torch.cat(rows))  # (T, d)
 
     def _hyper_factored(self, xt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T, g, a, d = xt.shape[0], self.cfg.d_generator, self.cfg.d_adapter, self.cfg.d_model
@@ -297,11 +306,10 @@ class ExportLayer(nn.Module):
             keep = torch.ones_like(selected[:, 0], dtype=torch.bool)  # (T,)
 
         if self.flavour != "fused":
-            dense_gate = self._dense_gates(selected, gate, keep).to(xt.dtype)  # (T, N)
             if self.flavour == "portable":
-                y = self._portable_experts(xt, dense_gate)  # (T, d)
+                y = self._portable_experts(xt, self._dense_gates(selected, gate, keep).to(xt.dtype))  # (T, d)
             else:
-                y = self._sparse_experts(xt, dense_gate, self._selection_mask(selected), keep)  # (T, d)
+                y = self._sparse_experts(xt, selected, gate, keep)  # (T, d)
             if cfg.capacity is not None:  # a dropped token passes through scaled by its gate
                 y = y + (~keep).to(xt.dtype).unsqueeze(-1) * gate[:, :1].to(xt.dtype) * xt
         else:

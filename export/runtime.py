@@ -153,7 +153,7 @@ class OnnxRunner:
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", *, cuda_graph: bool = False,
-                 device_id: int = 0, threads: int | None = None):
+                 device_id: int = 0, threads: int | None = None, spinning: bool | None = None):
         import onnxruntime as ort
 
         path = Path(path)
@@ -167,6 +167,8 @@ class OnnxRunner:
         options.log_severity_level = ORT_LOG_SEVERITY
         if threads:
             options.intra_op_num_threads = threads
+        if spinning is not None:  # onnxruntime's default: worker threads spin-wait between (and after) parallel ops
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if self.provider == "cuda":
             cuda_options = {"device_id": str(device_id)}
             if cuda_graph:

@@ -221,7 +221,7 @@ def test_zero_tokens(export_cache, options):
         assert got["output"].shape == (*shape, cfg.d_model) and got["selected_experts"].shape == (*shape, cfg.top_k)
 
 
-@pytest.mark.parametrize("flavour", ["portable", "fused"])
+@pytest.mark.parametrize("flavour", ["portable", "fused", "sparse"])
 def test_float16(export_cache, flavour):
     cfg = ref.tiny_config(activation="gelu_tanh")
     params = ref.init(cfg, seed=7)
