@@ -147,7 +147,7 @@ class Timing(NamedTuple):
 class OnnxRunner:
     """An onnxruntime session over one exported file, with device-resident, preallocated I/O.
 
-    runner = OnnxRunner("layer.onnx")            # provider "auto"
+    runner = OnnxRunner("layer.onnx")            # provider "auto"; CPU: worker threads do not spin-wait (spinning=True: they do)
     outputs = runner(x)                           # dict name → numpy (bfloat16 outputs as float32)
     runner.bind(x); runner.run_bound(); runner.fetch()   # the same, in steps; run_bound() does no copies
     """
@@ -167,8 +167,14 @@ class OnnxRunner:
         options.log_severity_level = ORT_LOG_SEVERITY
         if threads:
             options.intra_op_num_threads = threads
-        if spinning is not None:  # onnxruntime's default: worker threads spin-wait between (and after) parallel ops
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        # onnxruntime's own default lets idle worker threads spin-wait between and after parallel ops. On the
+        # CPU provider that steals cores from whatever runs next (torch in an interleaved benchmark, the next
+        # session, other processes); measured on 2 cores, 2 threads, official sizes, T = 1024: torch eager
+        # 84 → 50 ms and the sparse export 75 → 45 ms with spinning off (BENCHMARKS.md). Off on the CPU by
+        # default; spinning=True restores onnxruntime's behaviour.
+        if spinning is None:
+            spinning = self.provider != "cpu"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if self.provider == "cuda":
             cuda_options = {"device_id": str(device_id)}
             if cuda_graph:

@@ -1,7 +1,7 @@
 """onnxruntime CPU against torch eager on the exported HyperMoE layer, interleaved, one process.
 
     python scripts/ort_cpu_compare.py [--threads 1 2] [--top-k 1 2] [--tokens 64 1024 8192] [--rounds 5]
-        [--profile] [--no-spinning] [--rows fused/sets fused/auto sparse/auto]
+        [--profile] [--spinning] [--rows fused/sets fused/auto sparse/auto]
 
 Official sizes (hypermoe's default config: d 768, f 3072, N 8, a 64, tanh-GELU, expert biases), ref.init
 seed 0, fp32, x ~ N(0, 1) of shape (1, T, d). Rows: `torch` = hypermoe.layer.HyperMoELayer in eval mode
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 1024, 8192])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--no-spinning", action="store_true",
-                        help="session.intra_op.allow_spinning = 0 (onnxruntime's idle threads do not spin-wait)")
+    parser.add_argument("--spinning", action="store_true",
+                        help="session.intra_op.allow_spinning = 1 (onnxruntime's default; OnnxRunner turns it off on the CPU)")
     parser.add_argument("--rows", nargs="+", default=[f"{f}/{h}" for f, h in ORT_ROWS],
                         help="ORT rows as flavour/hyper_form (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from hypermoe.layer import HyperMoELayer
 
     workdir = tempfile.TemporaryDirectory(prefix="ort-cpu-compare-")
-    print(f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}; spinning {not args.no_spinning}")
+    print(f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}; spinning {args.spinning}")
     for k in args.top_k:
         cfg = HyperMoEConfig().replace(top_k=k)
         params = ref.init(cfg, 0)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             files[f"ort-{flavour}/{result.hyper_form}"] = path
         for threads in args.threads:
             torch.set_num_threads(threads)
-            runners = {name: OnnxRunner(path, "cpu", threads=threads, spinning=False if args.no_spinning else None) for name, path in files.items()}
+            runners = {name: OnnxRunner(path, "cpu", threads=threads, spinning=args.spinning) for name, path in files.items()}
             for T in args.tokens:
                 x = np.random.default_rng(1).standard_normal((1, T, cfg.d_model)).astype(np.float32)
                 xt = torch.from_numpy(x[0])
