@@ -10,7 +10,8 @@ What is measured, per top-k k, token count T and mode (forward, forward + backwa
   adapters of all C(N, k) selection sets); "hypermoe-nocache": the same without that cache (forward only,
   what a training-mode forward pays); "plain-moe": the same layer with the HyperExpert disabled
   (config.hyper_expert = False, same router and experts), to show the HyperExpert's overhead.
-- "ort-portable" / "ort-fused": onnxruntime on the exported layer (export/), forward only, fp32.
+- "ort-portable" / "ort-sparse" / "ort-fused": onnxruntime on the exported layer (export/: dense standard ops,
+  per-expert dispatch in standard ops, com.microsoft::MoE), forward only, fp32.
 Columns: median and min ms per call, tokens/s, memory (bytes saved for backward, measured with
 `torch.autograd.graph.saved_tensors_hooks`, parameters and the input excluded; peak RSS growth on CPU,
 `torch.cuda.max_memory_allocated` growth on CUDA), the ratio to the official approach, and the
@@ -52,8 +53,8 @@ import numpy as np
 import ref
 from ref import HyperMoEConfig
 
-IMPLS = ("official", "hypermoe", "hypermoe-nocache", "plain-moe", "ort-portable", "ort-fused")
-FORWARD_ONLY = ("hypermoe-nocache", "ort-portable", "ort-fused")
+IMPLS = ("official", "hypermoe", "hypermoe-nocache", "plain-moe", "ort-portable", "ort-sparse", "ort-fused")
+FORWARD_ONLY = ("hypermoe-nocache", "ort-portable", "ort-sparse", "ort-fused")
 MODES = ("fwd", "fwd+bwd")
 MiB = 1024**2
 
