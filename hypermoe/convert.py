@@ -304,6 +304,22 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def assemble(cfg: HyperMoEConfig, state: Mapping[str, np.ndarray], layers: dict[int, dict[str, np.ndarray]],
+             mlp, gen: str | None, expected: Mapping[str, tuple[int, ...]], dtype) -> Converted:
+    """The stack from each sparse block's converted router and experts (`layers`: block ℓ → our names),
+    plus, where the stack has a HyperExpert, each block's expert embeddings and process MLP and the shared
+    generator; the official tensors that were not converted are reported, not dropped."""
+    params: dict[str, np.ndarray] = {}
+    for i, layer in layers.items():
+        if cfg.hyper_expert:
+            layer = {**layer, **embedding_params(state, mlp(i))}
+        params.update({f"layers.{i}.{name}": value for name, value in layer.items()})
+    if cfg.hyper_expert:
+        params.update(hyper_params(state, gen))
+    unused, ignored = leftovers(state, set(expected), [mlp(i) for i in layers] + ([gen] if gen else []))
+    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+
+
 # ---------------------------------------------------------------------------------------------
 # The official GPT-2 variant
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +377,7 @@ def from_official_gpt2(
                                        cfg.d_generator))
     check_official(state, expected)
 
-    params: dict[str, np.ndarray] = {}
+    layers: dict[int, dict[str, np.ndarray]] = {}  # block → its router and experts, our names
     for i in blocks:
         experts = [f"{mlp(i)}experts.expert_{j}." for j in range(N)]
         layer = {
@@ -374,13 +390,8 @@ def from_official_gpt2(
         }
         if keep_noise:
             layer["router.noise_weight"] = np.asarray(state[mlp(i) + "w_noise"])  # (d, N), x @ w_noise
-        if hyper:
-            layer.update(embedding_params(state, mlp(i)))
-        params.update({f"layers.{i}.{name}": value for name, value in layer.items()})
-    if hyper:
-        params.update(hyper_params(state, gen))
-    unused, ignored = leftovers(state, set(expected), [mlp(i) for i in blocks] + ([gen] if gen else []))
-    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+        layers[i] = layer
+    return assemble(cfg, state, layers, mlp, gen, expected, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +456,7 @@ def from_official_switch(
                                        cfg.d_generator))
     check_official(state, expected)
 
-    params: dict[str, np.ndarray] = {}
+    layers: dict[int, dict[str, np.ndarray]] = {}  # block → its router and experts, our names
     for i in blocks:
         experts = [f"{mlp(i)}experts.expert_{j}." for j in range(N)]
         layer = {
@@ -456,13 +467,8 @@ def from_official_switch(
         }
         if router_bias:
             layer["router.bias"] = np.asarray(state[mlp(i) + "router.classifier.bias"])  # (N,)
-        if hyper:
-            layer.update(embedding_params(state, mlp(i)))
-        params.update({f"layers.{i}.{name}": value for name, value in layer.items()})
-    if hyper:
-        params.update(hyper_params(state, gen))
-    unused, ignored = leftovers(state, set(expected), [mlp(i) for i in blocks] + ([gen] if gen else []))
-    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+        layers[i] = layer
+    return assemble(cfg, state, layers, mlp, gen, expected, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
