@@ -63,10 +63,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "main", help="the whole path on the default layer: build → export → verify → run",
         description="Builds the default HyperMoE layer (official sizes, ref.init seed 0), exports it to ONNX "
-        "(portable), verifies onnxruntime against the NumPy reference on margin-controlled inputs, runs it on "
+        "(sparse flavour on CPU, portable on CUDA), verifies onnxruntime against the NumPy reference on "
+        "margin-controlled inputs, runs it on "
         "the best available provider and prints a short report. Exit status 1 if verification fails.")
     p.add_argument("--workdir", default=None, help="where to write hypermoe.onnx (default: a temporary directory)")
-    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable", help=FLAVOUR_HELP)
+    p.add_argument("--flavour", choices=("auto", "portable", "fused", "sparse"), default="auto",
+                   help=FLAVOUR_HELP + "; auto (default): sparse on the CPU provider (fastest there, BENCHMARKS.md), "
+                   "portable on CUDA (static shapes: CUDA-graph capturable)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
@@ -192,7 +195,8 @@ def main_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
     from export.runtime import choose_provider
 
-    choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
+    provider, _ = choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
+    flavour = args.flavour if args.flavour != "auto" else ("portable" if provider == "cuda" else "sparse")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hypermoe-"))
     if not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is not a directory")
@@ -200,7 +204,7 @@ def main_command(args: argparse.Namespace) -> int:
     cfg, params, kind, source = exporter.load_source(None)
     print(f"1. build: default layer (d={cfg.d_model}, f={cfg.d_ff}, N={cfg.n_experts}, k={cfg.top_k}, "
           f"gate={cfg.gate}, a={cfg.d_adapter}), ref.init seed 0, {sum(v.size for v in params.values()):,} parameters")
-    result = exporter.export_model(workdir / "hypermoe.onnx", cfg, params, kind=kind, flavour=args.flavour,
+    result = exporter.export_model(workdir / "hypermoe.onnx", cfg, params, kind=kind, flavour=flavour,
                                    routing_outputs=True, source=source)
     print("2. ", end="")
     _print_export(result)
