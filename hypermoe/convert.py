@@ -241,6 +241,19 @@ def embedding_expected(mlp: str, N: int, e: int, p: int, h: int) -> dict[str, tu
     }
 
 
+def hyper_part_expected(cfg: HyperMoEConfig, mlps: list[str], gen: str | None) -> dict[str, tuple[int, ...]]:
+    """The HyperExpert's official tensors of a stack: each sparse block's embeddings and process MLP, then
+    the shared generator; none when the stack has no HyperExpert."""
+    if not cfg.hyper_expert:
+        return {}
+    expected: dict[str, tuple[int, ...]] = {}
+    for mlp in mlps:
+        expected.update(embedding_expected(mlp, cfg.n_experts, cfg.d_expert_embed, cfg.d_process, cfg.d_hyper))
+    expected.update(hyper_expected(gen, cfg.n_layers, cfg.d_model, cfg.d_adapter, cfg.d_hyper, cfg.d_layer_embed,
+                                   cfg.d_generator))
+    return expected
+
+
 def embedding_params(state: Mapping[str, np.ndarray], mlp: str) -> dict[str, np.ndarray]:
     """expert_embed and the embedding-process MLP (an nn.Sequential of Linear, ReLU, Linear)."""
     return {
@@ -370,11 +383,7 @@ def from_official_gpt2(
             ex = f"{mlp(i)}experts.expert_{j}."
             expected.update({ex + "c_fc.weight": (d, f), ex + "c_fc.bias": (f,),
                              ex + "c_proj.weight": (f, d), ex + "c_proj.bias": (d,)})
-        if hyper:
-            expected.update(embedding_expected(mlp(i), N, cfg.d_expert_embed, cfg.d_process, cfg.d_hyper))
-    if hyper:
-        expected.update(hyper_expected(gen, cfg.n_layers, d, cfg.d_adapter, cfg.d_hyper, cfg.d_layer_embed,
-                                       cfg.d_generator))
+    expected.update(hyper_part_expected(cfg, [mlp(i) for i in blocks], gen))
     check_official(state, expected)
 
     layers: dict[int, dict[str, np.ndarray]] = {}  # block → its router and experts, our names
@@ -449,11 +458,7 @@ def from_official_switch(
         for j in range(N):
             ex = f"{mlp(i)}experts.expert_{j}."
             expected.update({ex + "wi.weight": (f, d), ex + "wo.weight": (d, f)})
-        if hyper:
-            expected.update(embedding_expected(mlp(i), N, cfg.d_expert_embed, cfg.d_process, cfg.d_hyper))
-    if hyper:
-        expected.update(hyper_expected(gen, cfg.n_layers, d, cfg.d_adapter, cfg.d_hyper, cfg.d_layer_embed,
-                                       cfg.d_generator))
+    expected.update(hyper_part_expected(cfg, [mlp(i) for i in blocks], gen))
     check_official(state, expected)
 
     layers: dict[int, dict[str, np.ndarray]] = {}  # block → its router and experts, our names
