@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--xfails", default=None, metavar="FILE",
                    help="expected failures: one 'CASE_GLOB[@DTYPE]  # reason' per line")
     p.add_argument("--report", default=None, metavar="FILE.json", help="also write the full report as JSON")
+    p.add_argument("--force", action="store_true", help="replace an existing --report file (default: refuse it)")
     p.add_argument("--cases-dir", default=None, help="folder with manifest.json and the .npz cases (default: the package's)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--regenerate", action="store_true", help="rebuild every case from ref/ into --cases-dir")
@@ -43,6 +44,7 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from conformance import generate, runner
     from conformance.suite import CASES_DIR, load_manifest
+    from ref.files import atomic_output, check_output
 
     cases_dir = Path(args.cases_dir) if args.cases_dir else CASES_DIR
     if args.check and not args.regenerate:
@@ -58,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{c['id']:<22} {','.join(c['tags']):<48} routing margin {m(c['routing_margin']):<8} "
                   f"order margin {m(c['order_margin']):<8}{'  skipped in ' + ','.join(skips) if skips else ''}")
         return 0
+    if args.report:
+        check_output(args.report, force=args.force)  # before the run, not after it
     report = runner.run(args.impl, args.dtype, args.cases, args.xfails, cases_dir)
     table = runner.format_table(report)
     if args.quiet:
@@ -66,6 +70,7 @@ def main(args: argparse.Namespace) -> int:
         table = "\n".join(lines[:2] + keep + lines[-3:])
     print(table)
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        with atomic_output(args.report, force=args.force) as tmp:
+            tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
         print(f"report written to {args.report}")
     return report["exit_status"]

@@ -73,17 +73,36 @@ def _up2(v: float) -> float:
     return float(f"{math.ceil(v / 10.0**e - 1e-9)}e{e}")
 
 
-def _router_scale(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], h: np.ndarray, inputs: dict[str, np.ndarray]) -> float:
-    """R = max over tokens t and experts j of Σ_i |x̃_ti W_ij| (+ |ε_tj| (Σ_i |x_ti Wn_ij| + 1.01))."""
+def router_scales(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], h: np.ndarray, inputs: dict[str, np.ndarray]
+                  ) -> np.ndarray:
+    """R_t = max over experts j of Σ_i |x̃_ti W_ij| (+ |ε_tj| (Σ_i |x_ti Wn_ij| + 1.01)) → (T,)."""
     xt = h.reshape(-1, cfg.d_model)  # (T, d)
-    if xt.shape[0] == 0:
-        return 0.0
     xj = xt * inputs["jitter"].reshape(xt.shape) if "jitter" in inputs else xt  # (T, d) router input
     R = np.abs(xj) @ np.abs(lp["router.weight"])  # (T, N)
     if "gate_noise" in inputs:
         eps = np.abs(inputs["gate_noise"].reshape(-1, cfg.n_experts))  # (T, N)
         R = R + eps * (np.abs(xt) @ np.abs(lp["router.noise_weight"]) + 1.01)  # softplus(z) ≤ |z| + log 2
-    return float(R.max())
+    return R.max(axis=-1, initial=0.0)  # (T,)
+
+
+def logit_error_bound(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], R, dtype: str):
+    """ε_D of the module docstring for router scale(s) R (a float, or R_t per token → (T,))."""
+    u = UNIT_ROUNDOFF[dtype]
+    u_acc = UNIT_ROUNDOFF["float64" if dtype == "float64" else "float32"]
+    b = lp.get("router.bias", np.zeros(cfg.n_experts))
+    return (4 * u + (cfg.d_model + 2) * u_acc) * R + float(np.abs(b - round_to(dtype, b)).max() + u_acc * np.abs(b).max())
+
+
+def magnitude(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], h: np.ndarray, result, *, with_input: bool = True
+              ) -> float:
+    """S: the largest intermediate magnitude of one layer (input, any expert's FFN output, routed, HyperExpert,
+    output); 0 for no tokens. Rounding errors of a conforming implementation are a few u_D of S.
+    with_input=False leaves the input out: the output's own scale, for weights that make it much smaller
+    than its input (export/verify.py)."""
+    xt = h.reshape(-1, cfg.d_model)  # (T, d)
+    ffn = [np.abs(ref.expert_ffn(cfg, lp, i, xt)).max(initial=0.0) for i in range(cfg.n_experts)]
+    parts = (h, result.output, result.routed, result.hyper) if with_input else (result.output, result.routed, result.hyper)
+    return float(max(*ffn, *(np.abs(a).max(initial=0.0) for a in parts)))
 
 
 def _aux_tolerances(cfg: HyperMoEConfig, result, dp: float, u_r: float, K: float) -> dict[str, list[float]]:
@@ -123,12 +142,9 @@ def dtype_entry(cfg: HyperMoEConfig, layers, inputs: dict[str, np.ndarray], marg
         if exact_router and all(representable(dtype, a) for a in (W, b, h)):
             eps = 0.0  # dyadic router inputs: every product and partial sum is exact in float32
         else:
-            eps = (4 * u + (cfg.d_model + 2) * u_acc) * _router_scale(cfg, lp, h, inputs)
-            eps += float(np.abs(b - round_to(dtype, b)).max() + u_acc * np.abs(b).max())
+            eps = float(logit_error_bound(cfg, lp, float(router_scales(cfg, lp, h, inputs).max(initial=0.0)), dtype))
         bounds.append(eps)
-        xt = h.reshape(-1, cfg.d_model)  # (T, d)
-        ffn = [np.abs(ref.expert_ffn(cfg, lp, i, xt)).max(initial=0.0) for i in range(cfg.n_experts)]
-        S = max(1.0, *ffn, *(float(np.abs(a).max(initial=0.0)) for a in (h, result.output, result.routed, result.hyper)))
+        S = max(1.0, magnitude(cfg, lp, h, result))
         out_atol = K * u * S + 4 * eps * S  # Σ_i |Δg_i| |FFN_i| ≤ 4 ε Σ_i g_i S, Σ g ≤ 1
         dp = 4 * eps + 8 * u  # gates and probabilities
         tol = {"output": [out_atol, K * u], "logits": [2 * eps, 0.0], "probs": [dp, 0.0], "gates": [dp, 0.0],

@@ -4,6 +4,7 @@ default layer). Heavy imports (torch, onnx, onnxruntime) happen inside the comma
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +27,9 @@ def register(subparsers) -> None:
         "shape inference run on the written file.")
     p.add_argument("model_dir", nargs="?", default=None,
                    help="saved model directory, kind layer, stack or model (default: the built-in default layer)")
-    p.add_argument("-o", "--output", default="hypermoe.onnx", help="output .onnx file (default hypermoe.onnx)")
+    p.add_argument("-o", "--output", default="hypermoe.onnx", help="output .onnx file (default hypermoe.onnx); "
+                   "written under a temporary name, checked, then renamed in")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (default: refuse it)")
     _export_options(p)
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
@@ -35,7 +38,7 @@ def register(subparsers) -> None:
         "verify", help="run an exported file on onnxruntime and compare with the reference (float64)",
         description="Runs MODEL.onnx on onnxruntime with inputs whose routing margins are controlled, runs the "
         "reference on the same inputs and reports max abs/rel error per output and routing agreement. Exit "
-        "status 1 when an output is outside the tolerance of its dtype (export/verify.py TOLERANCES).")
+        "status 1 when an output is outside its error bound (export/verify.py).")
     p.add_argument("model", help="an .onnx file written by hypermoe export")
     p.add_argument("--source", default=None, help="the model directory it was exported from (default: as recorded)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
@@ -57,6 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--save", default=None, help="write the output tensor to this .npy file")
+    p.add_argument("--force", action="store_true", help="replace an existing --save file (default: refuse it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_command)
 
@@ -66,7 +70,10 @@ def register(subparsers) -> None:
         "(sparse flavour on CPU, portable on CUDA), verifies onnxruntime against the NumPy reference on "
         "margin-controlled inputs, runs it on "
         "the best available provider and prints a short report. Exit status 1 if verification fails.")
-    p.add_argument("--workdir", default=None, help="where to write hypermoe.onnx (default: a temporary directory)")
+    p.add_argument("--workdir", default=None, help="where to write hypermoe.onnx (default: a temporary directory, "
+                   "removed at the end unless --keep)")
+    p.add_argument("--keep", action="store_true", help="without --workdir: keep the temporary directory and say where")
+    p.add_argument("--force", action="store_true", help="replace an existing WORKDIR/hypermoe.onnx (default: refuse it)")
     p.add_argument("--flavour", choices=("auto", "portable", "fused", "sparse"), default="auto",
                    help=FLAVOUR_HELP + "; auto (default): sparse on the CPU provider (fastest there, BENCHMARKS.md), "
                    "portable on CUDA (static shapes: CUDA-graph capturable)")
@@ -111,12 +118,15 @@ def _print_export(result) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     from export import exporter
+    from ref.files import check_output
 
+    exporter.check_opset(args.opset)  # both before loading a model that may take a while
+    check_output(args.output, force=args.force)
     cfg, params, kind, source = exporter.load_source(args.model_dir, seed=args.seed)
     result = exporter.export_model(args.output, cfg, params, kind=kind, layer_index=args.layer_index,
                                    dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
                                    routing_outputs=args.routing_outputs, opset=args.opset, source=source,
-                                   implementation=args.implementation)
+                                   implementation=args.implementation, force=args.force)
     _print_export(result)
     if args.verify:
         return _print_verify(result.path, source=args.model_dir, provider="auto")
@@ -132,6 +142,9 @@ def _print_verify(path, **kwargs) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    if Path(args.model).is_dir():
+        raise ValueError(f"{args.model} is a directory: verify takes the exported .onnx file, and --source "
+                         f"{args.model} for the model directory it was exported from")
     return _print_verify(args.model, source=args.source, provider=args.provider, shapes=_shapes(args.shapes),
                          seed=args.seed)
 
@@ -143,10 +156,19 @@ def _input(args, runner) -> np.ndarray:
         path = Path(args.input)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if not head.startswith(b"\x93NUMPY"):  # np.load would try it as a pickle, or an .npz archive
+            raise ValueError(f"{path}: not a .npy file (starts with {head.hex(' ') or 'nothing: empty file'}; "
+                             "a .npy file starts with 93 4e 55 4d 50 59, np.save writes one)")
         try:
             x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError) as err:
             raise ValueError(f"{path}: not a readable .npy array ({err})") from None
+        try:
+            runner.check_input(x)  # dtype and shape against the model's input, before anything runs
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         return x
     if args.batch < 1 or args.seq < 0:
         raise ValueError(f"--batch must be ≥ 1 and --seq ≥ 0, got {args.batch} and {args.seq}")
@@ -168,9 +190,13 @@ def _input(args, runner) -> np.ndarray:
 
 def run_command(args: argparse.Namespace) -> int:
     from export.runtime import OnnxRunner
+    from ref.files import atomic_output, check_output
 
     if args.runs < 1 or args.warmup < 0:
         raise ValueError(f"--runs must be ≥ 1 and --warmup ≥ 0, got {args.runs} and {args.warmup}")
+    save = None
+    if args.save:  # numpy's convention: a name without .npy gets it appended
+        save = check_output(args.save if args.save.endswith(".npy") else args.save + ".npy", force=args.force)
     runner = OnnxRunner(args.model, args.provider, cuda_graph=args.cuda_graph)
     if runner.notice:
         print(runner.notice)
@@ -180,32 +206,50 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"{Path(args.model).name} on onnxruntime {runner.provider.upper()} provider: input {x.shape}, "
           f"median {timing.median_ms:.3f} ms over {timing.runs} runs, {timing.tokens_per_s:,.0f} tokens/s")
     print("outputs: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outputs.items()))
-    if args.save:
-        np.save(args.save, outputs[runner.outputs[0].name])
-        print(f"wrote {args.save}")
+    if save:
+        with atomic_output(save, force=args.force) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, outputs[runner.outputs[0].name])
+        print(f"wrote {save}")
     return 0
 
 
 def main_command(args: argparse.Namespace) -> int:
+    """Export into --workdir (an existing hypermoe.onnx refused unless --force), or into a temporary directory
+    that is removed at the end, on failure and on interrupt too, unless --keep."""
+    from export.runtime import choose_provider
+    from ref.files import check_output
+
+    if args.seq < 1 or args.runs < 1:
+        raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
+    if args.keep and args.workdir:
+        raise ValueError("--keep goes without --workdir (a --workdir is always kept)")
+    provider, _ = choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
+    flavour = args.flavour if args.flavour != "auto" else ("portable" if provider == "cuda" else "sparse")
+    if args.workdir:
+        if not Path(args.workdir).is_dir():
+            raise ValueError(f"--workdir {args.workdir} is not a directory")
+        return _main_steps(args, check_output(Path(args.workdir) / "hypermoe.onnx", force=args.force), flavour)
+    workdir = Path(tempfile.mkdtemp(prefix="hypermoe-"))
+    try:
+        return _main_steps(args, workdir / "hypermoe.onnx", flavour)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _main_steps(args: argparse.Namespace, out: Path, flavour: str) -> int:
     from export import exporter
     from export.runtime import OnnxRunner
     from export.verify import verify
 
-    if args.seq < 1 or args.runs < 1:
-        raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
-    from export.runtime import choose_provider
-
-    provider, _ = choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
-    flavour = args.flavour if args.flavour != "auto" else ("portable" if provider == "cuda" else "sparse")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hypermoe-"))
-    if not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} is not a directory")
     t0 = time.perf_counter()
     cfg, params, kind, source = exporter.load_source(None)
     print(f"1. build: default layer (d={cfg.d_model}, f={cfg.d_ff}, N={cfg.n_experts}, k={cfg.top_k}, "
           f"gate={cfg.gate}, a={cfg.d_adapter}), ref.init seed 0, {sum(v.size for v in params.values()):,} parameters")
-    result = exporter.export_model(workdir / "hypermoe.onnx", cfg, params, kind=kind, flavour=flavour,
-                                   routing_outputs=True, source=source)
+    result = exporter.export_model(out, cfg, params, kind=kind, flavour=flavour, routing_outputs=True, source=source,
+                                   force=args.force)
     print("2. ", end="")
     _print_export(result)
     runner = OnnxRunner(result.path, args.provider)
@@ -221,7 +265,9 @@ def main_command(args: argparse.Namespace) -> int:
     if torch_ms is not None:
         print(f"   same input on PyTorch eager ({device.upper()}, hypermoe.layer, float32, timed after "
               f"onnxruntime): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
-    print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}")
+    kept = args.workdir or args.keep
+    print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}"
+          + ("" if kept else " (removed at exit; --keep or --workdir keeps it)"))
     return 0 if report.ok else 1
 
 

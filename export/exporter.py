@@ -66,14 +66,18 @@ def load_source(source: str | os.PathLike | None, seed: int = 0) -> tuple[HyperM
     return cfg, params, kind, str(path.resolve())
 
 
-def check_writable(path: Path) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ValueError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
-    if not parent.is_dir():
-        raise ValueError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"output path {path} is not writable")
+def supported_opsets() -> range:
+    """The opsets the installed torch exporter supports: from torchlib's own (18) to torch's ONNX_MAX_OPSET."""
+    from torch.onnx import _constants  # private, but where torch states the newest opset it targets
+
+    return range(18, _constants.ONNX_MAX_OPSET + 1)
+
+
+def check_opset(opset: int) -> None:
+    opsets = supported_opsets()
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset not in opsets:
+        raise ValueError(f"opset must be an int in [{opsets[0]}, {opsets[-1]}] (what the installed torch exporter "
+                         f"supports), got {opset!r}")
 
 
 def _torch_dtype(name: str):
@@ -94,6 +98,7 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
     tdtype = _torch_dtype(dtype)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    ref.check_finite_params(params)  # a NaN weight would export fine and make every later run fail
     if implementation == "layer":
         if kind != "layer" or flavour != "portable" or hyper_form != "auto":
             raise ValueError("implementation 'layer' (hypermoe.layer's export path) exports a single layer, "
@@ -118,17 +123,31 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
 def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *,
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
-                 source: str = "", implementation: str = "graph") -> ExportResult:
-    """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference."""
+                 source: str = "", implementation: str = "graph", force: bool = False) -> ExportResult:
+    """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
+
+    Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
+    `force`); the file (and its .data) is written under a temporary name next to it, checked, then renamed in.
+    On any failure or interrupt nothing new is left at `out_path` and an existing file is untouched."""
+    from ref.files import atomic_output
+
+    check_opset(opset)
+    with atomic_output(out_path, force=force) as tmp:
+        result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
+                            hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset, source=source,
+                            implementation=implementation, name=Path(out_path))
+    return result._replace(path=Path(out_path))
+
+
+def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
+               dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
+               implementation: str, name: Path) -> ExportResult:
+    """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
 
     from export import moe_op
 
-    out_path = Path(out_path)
-    check_writable(out_path)
-    if not isinstance(opset, int) or opset < 18:
-        raise ValueError(f"opset must be an int ≥ 18, got {opset!r}")
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                           hyper_form=hyper_form, routing_outputs=routing_outputs,
@@ -175,20 +194,20 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
     try:
-        if external:  # onnx appends to an existing data file: start from an empty one
-            (out_path.parent / (out_path.name + ".data")).unlink(missing_ok=True)
+        if external:  # the location names the final data file: it is staged next to out_path under that name
             onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out_path.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(model, str(out_path))
     except OSError as err:
-        raise ValueError(f"cannot write {out_path}: {err}") from None
-    check_file(out_path)
+        raise ValueError(f"cannot write {name}: {err}") from None
+    check_file(out_path, name=name)
     return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes))
 
 
-def check_file(path: str | os.PathLike) -> None:
-    """onnx.checker (full_check, by path so external data works) and strict shape inference; ValueError on failure."""
+def check_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None) -> None:
+    """onnx.checker (full_check, by path so external data works) and strict shape inference; ValueError on failure
+    (naming `name`, default `path`)."""
     import onnx
 
     from export import moe_op
@@ -200,7 +219,7 @@ def check_file(path: str | os.PathLike) -> None:
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred.tmp", check_type=True, strict_mode=True,
                                                data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise ValueError(f"{path}: ONNX check failed: {err}") from None
+        raise ValueError(f"{name or path}: ONNX check failed: {err}") from None
     finally:
         Path(str(path) + ".inferred.tmp").unlink(missing_ok=True)
 
@@ -210,6 +229,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an .onnx file written by hypermoe export")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:

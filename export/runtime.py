@@ -157,6 +157,8 @@ class OnnxRunner:
         import onnxruntime as ort
 
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not an .onnx file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         self.provider, self.notice = choose_provider(provider)
@@ -207,7 +209,8 @@ class OnnxRunner:
 
     # --- shapes -------------------------------------------------------------------------------
 
-    def _check_input(self, x: np.ndarray) -> None:
+    def check_input(self, x: np.ndarray) -> None:
+        """ValueError unless x fits the model's input: rank, fixed dims, integer ids or floating point."""
         want = self.input.shape
         if not isinstance(x, np.ndarray) or x.ndim != len(want):
             raise ValueError(f"input must be a numpy array of rank {len(want)} {want}, got "
@@ -217,9 +220,25 @@ class OnnxRunner:
                 raise ValueError(f"input dim {axis} is {have}, the model expects {dim} (shape {want})")
         if self.input_type == ONNX_INT64:
             if not np.issubdtype(x.dtype, np.integer):
-                raise ValueError(f"input must be integer token ids, got {x.dtype}")
+                raise ValueError(f"input must be integer token ids (the model takes {self.input.type}), got {x.dtype}")
         elif not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"input must be floating point, got {x.dtype}")
+            raise ValueError(f"input must be floating point (the model takes {self.input.type}), got {x.dtype}")
+
+    def _check_finite(self, x: np.ndarray, host: np.ndarray) -> None:
+        """SPEC.md §3.9 for exported graphs: non-finite input is refused, naming the first bad token. The
+        graphs would fail the whole batch (portable, sparse: an out-of-range GatherElements index) or give
+        that token a NaN row silently (fused). `host` is x in the model's dtype, so a float16 overflow counts."""
+        if self.input_type == ONNX_INT64:
+            return
+        values = x if self.input_type == ONNX_BFLOAT16 else host  # bfloat16 travels as uint16 bits
+        finite = np.isfinite(values).all(axis=-1)  # (batch, seq): tokens whose d values are all finite
+        if finite.all():
+            return
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        where = f"batch {first[0]}, position {first[1]}" if len(first) == 2 else f"index {first}"
+        cause = "" if not np.isfinite(x[first]).all() else f" after rounding to {self.input.type[7:-1]}"
+        raise ValueError(f"input has NaN/Inf{cause} at token ({where}), {int((~finite).sum())} of {finite.size} "
+                         "token(s) non-finite; exported graphs take finite input only (SPEC.md §3.9)")
 
     def _output_shape(self, output, x_shape: tuple[int, ...]) -> tuple[int, ...]:
         symbols = {dim: size for dim, size in zip(self.input.shape, x_shape) if isinstance(dim, str)}
@@ -237,12 +256,15 @@ class OnnxRunner:
 
     def bind(self, x: np.ndarray) -> None:
         """Copy x to the device (once) and bind preallocated device outputs. Re-binding with the same
-        shape reuses the buffers (stable addresses, as CUDA graphs need)."""
+        shape reuses the buffers (stable addresses, as CUDA graphs need). NaN/Inf in x is a ValueError naming
+        the first bad token, checked here on the host (np.isfinite, no device sync); run_bound() adds no check."""
         import onnxruntime as ort
 
-        self._check_input(x)
+        self.check_input(x)
         device, device_id = self.device
-        host = _host_buffer(x, self.input_type)
+        with np.errstate(over="ignore"):  # a float16 overflow becomes ±Inf, which _check_finite reports
+            host = _host_buffer(x, self.input_type)
+        self._check_finite(x, host)  # on the host, before the copy: run_bound() reuses what was checked here
         if self._bound_shape != x.shape:
             if self.cuda_graph and self._bound_shape is not None:
                 raise ValueError(f"CUDA graph captured for shape {self._bound_shape}; got {x.shape}: "

@@ -51,7 +51,9 @@ from typing import Any
 import numpy as np
 
 import ref
+import ref.io
 from ref import HyperMoEConfig
+from ref.files import atomic_output, check_output
 
 IMPLS = ("official", "hypermoe", "hypermoe-nocache", "plain-moe", "ort-portable", "ort-sparse", "ort-fused")
 FORWARD_ONLY = ("hypermoe-nocache", "ort-portable", "ort-sparse", "ort-fused")
@@ -80,7 +82,8 @@ class Options:
 
     @classmethod
     def quick(cls, **changes: Any) -> Options:
-        """About a minute on 2 cores: k = 1, T = 64 and 1024, small GEMM, short budgets."""
+        """k = 1, T = 64 and 1024, small GEMM, short budgets: 2½–3 minutes on 2 cores (measured: 2 min 36 s on a
+        2-core AMD EPYC, 3 min 0 s on a 2-core machine shared with other jobs, load 4)."""
         base = dict(top_ks=(1,), tokens=(64, 1024), gemm_sizes=(2048,), block_s=0.05, budget_s=0.6, max_reps=7)
         return cls(**{**base, **changes})
 
@@ -489,6 +492,10 @@ def run(opts: Options, progress: Callable[[str], None] | None = None) -> dict[st
             raise ValueError(f"unknown {name}(s) {bad}; expected some of {allowed}")
     if opts.threads is not None and opts.threads < 1:
         raise ValueError(f"--threads must be ≥ 1, got {opts.threads}")
+    # float32 parameters from ref.init and their float64 copy for the check against ref are held at once
+    # (3 × 4 bytes); the implementations' own copies come on top, so this is a lower bound
+    ref.check_memory(opts.cfg.replace(top_k=max(opts.top_ks)), "layer", 4, copies=3, tokens=max(opts.tokens),
+                     what="hypermoe bench")
     previous_threads = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -811,11 +818,12 @@ def register(subparsers) -> None:
         "and onnxruntime on the exported layer, at the official sizes (d=768, f=3072, N=8, a=64, hypernetwork "
         "widths 128, layer embedding 10). Progress goes to stderr, the tables to stdout.",
     )
-    p.add_argument("--quick", action="store_true", help="a subset that finishes in about a minute on 2 cores (k=1, T=64 and 1024)")
+    p.add_argument("--quick", action="store_true", help="a subset that takes 2½–3 minutes on 2 cores (k=1, T=64 and 1024)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: torch's, = cores)")
     p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
+    p.add_argument("--force", action="store_true", help="replace existing --json/--markdown files (default: refuse them)")
     p.add_argument("--tokens", type=int, nargs="+", help="token counts T (default 64 1024 8192)")
     p.add_argument("--top-k", type=int, nargs="+", dest="top_k", help="top-k values (default 1 2)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), help="default fp32 on cpu, fp32 bf16 on cuda")
@@ -847,11 +855,13 @@ def bench_command(args: argparse.Namespace) -> int:
     if any(T < 1 for T in changes.get("tokens", ())) or any(k < 1 for k in changes.get("top_ks", ())):
         raise ValueError("--tokens and --top-k must be ≥ 1")
     if args.config:
-        try:
-            text = open(args.config).read()
+        try:  # a bare config JSON, a model directory's config.json (kind, spec_version), or the directory
+            changes["cfg"], _ = ref.io.read_config(args.config)
         except OSError as err:
             raise ValueError(f"--config {args.config}: cannot read it ({err.strerror})") from None
-        changes["cfg"] = HyperMoEConfig.from_json(text)
+    for out in (args.json, args.markdown):
+        if out:
+            check_output(out, force=args.force)  # before the run, which takes minutes
     if args.device == "cuda" and not args.quick:
         changes["gemm_sizes"] = (4096, 8192)  # a GPU needs the larger GEMM to approach its peak
     opts = Options.quick(**changes) if args.quick else Options(**changes)
@@ -862,9 +872,9 @@ def bench_command(args: argparse.Namespace) -> int:
     text = markdown(result)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        with atomic_output(args.json, force=args.force) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+        with atomic_output(args.markdown, force=args.force) as tmp:
+            tmp.write_text(text)
     return 0

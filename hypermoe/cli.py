@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -39,17 +42,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C raises KeyboardInterrupt: every `finally` then
+    runs (ref.files removes its staging folders, `hypermoe main` its temporary directory) before the exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: its own; 2 with one line on bad input; 128 + the signal's number when
+    interrupted (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), with one line saying what was not written."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+        previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s}
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         print(f"hypermoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # ref.files.atomic_output notes the destinations it left untouched
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"hypermoe {args.command}: interrupted ({signal.Signals(signum).name})"
+              + "".join(f"; {note}" for note in getattr(err, "__notes__", ())), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +115,8 @@ def demo(args: argparse.Namespace) -> int:
     counts = np.bincount(result.selected.reshape(-1), minlength=cfg.n_experts)
     print("tokens per expert: " + " ".join(f"{i}:{c}" for i, c in enumerate(counts)))
     sets = {tuple(sorted(s)) for s in result.selected.reshape(-1, cfg.top_k).tolist()}
-    print(f"distinct selection sets: {len(sets)} of C(N, k) possible")
+    print(f"distinct selection sets: {len(sets)} of C({cfg.n_experts}, {cfg.top_k}) = "
+          f"{math.comb(cfg.n_experts, cfg.top_k)} possible")
     if T:
         rms = lambda a: float(np.sqrt(np.mean(a**2)))  # noqa: E731
         print(f"gates: mean {result.gates.mean():.4f}, min {result.gates.min():.4f}, max {result.gates.max():.4f}")

@@ -26,6 +26,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 import ref
 import ref.io
 from ref.config import ACTIVATIONS, HyperMoEConfig
+from ref.files import check_output
 
 SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp")
 KIND = "stack"  # every conversion writes a stack: layers.{ℓ}.* for the HyperMoE blocks + hyper.*
@@ -74,23 +76,30 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".npz":
+    kind = file_kind(path)
+    if kind not in ("zip", "pickle"):
+        raise ValueError(f"{path}: {kind}; convert reads torch checkpoints (.bin, .pt) and .npz archives of named arrays")
+    if path.suffix == ".npz" or kind == "zip" and _npy_members_only(path):
         try:
-            archive = np.load(path, allow_pickle=False)  # an ndarray when the file is a single .npy
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an archive of named arrays")
-            with archive:
-                return {name: archive[name] for name in archive.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            return ref.io.read_npz(path)  # never unpickles; sizes checked against each header before allocating
+        except ValueError as err:
             raise ValueError(f"{path}: not a readable .npz state dict ({err})") from None
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ...": the error below says it better
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is long advice; keep its one line that names the offending object
         detail = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
         detail = " ".join(detail.split()).split(". ")[0] or "unpickling refused"
+        found = "global" in detail.lower() or pickle_global(path)
+        if not found:  # an opcode torch's safe unpickler lacks, in a pickle that names no class or function
+            raise ValueError(f"{path}: a pickle that is not a torch checkpoint (torch.load weights_only=True: "
+                             f"{detail})") from None
+        if isinstance(found, str):
+            detail += f"; the pickle references {found}"
         raise ValueError(
             f"{path}: refused: the file holds objects other than tensors and plain containers, and loading it "
             f"would execute pickled code (torch.load weights_only=True: {detail})") from None
@@ -116,6 +125,54 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except (TypeError, RuntimeError) as err:  # sparse, quantized, meta tensors, ...
             raise ValueError(f"{path}: tensor {name!r} cannot be read as an array ({err})") from None
     return out
+
+
+def file_kind(path: Path) -> str:
+    """"zip" (torch's checkpoint format, .npz) or "pickle" (torch's legacy format) from the first bytes;
+    anything else is described (empty, a .npy array, safetensors, or its size and first bytes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, pickle protocol 2–5
+        return "pickle"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array, not a state dict of named arrays"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "a safetensors file, which convert does not read yet"
+    return f"unrecognised content ({path.stat().st_size} bytes, starting {head[:8].hex(' ')})"
+
+
+def pickle_global(path: Path) -> str:
+    """The first class or function a pickle file names ("" if none), read with pickletools, which only
+    decodes opcodes and never imports or calls anything."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL":
+                    return ".".join(strings[-2:])
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except (ValueError, EOFError, pickle.UnpicklingError):
+        pass
+    return ""
+
+
+def _npy_members_only(path: Path) -> bool:
+    """An .npz under another name (a zip of .npy files; torch's zip checkpoints hold data.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +364,10 @@ def finish(cfg: HyperMoEConfig, params: dict[str, np.ndarray], dtype) -> dict[st
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    params = {name: np.array(value, dtype=dtype, order="C") for name, value in params.items()}  # copies, never views
+    with np.errstate(over="ignore"):  # a float32 overflow becomes ±Inf, reported below with the parameter's name
+        params = {name: np.array(value, dtype=dtype, order="C") for name, value in params.items()}  # copies, no views
     ref.check_params(params, ref.stack_param_shapes(cfg), dtype)
+    ref.check_finite_params(params, what="converted parameter")  # NaN/Inf in the source, or float32 overflow
     return params
 
 
@@ -507,6 +566,7 @@ def upcycle_gpt2_mlp(
     moe = ref.stack_layers(cfg)
     if not moe:
         raise ValueError(f"moe_every = {moe_every} selects no block of the {n_layers} blocks")
+    ref.check_memory(cfg, "stack", 8, what="upcycling")  # ref.init_stack draws float64 (finish() then casts)
     expected: dict[str, tuple[int, ...]] = {}
     for i in moe:
         expected.update({mlp(i) + "c_fc.weight": (d, f), mlp(i) + "c_fc.bias": (f,),
@@ -551,7 +611,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
     p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...) or a .npz")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write (staged "
+                   "next to it, then renamed in; its parent must exist)")
+    p.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR (default: refuse it)")
     p.add_argument("--stack", choices=tuple(SWITCH_FF_LAYER), help="official-switch: which stack to convert (required)")
     p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, the official "
                    "config's expert_capacity (HF default 64), or 'none' for no limit (required)")
@@ -602,8 +664,9 @@ def run(args: argparse.Namespace) -> int:
             options["d_adapter"] = args.d_adapter
         if args.hyper_width is not None:
             options.update({k: args.hyper_width for k in ("d_expert_embed", "d_process", "d_hyper", "d_generator")})
-    result = convert(args.state_dict, args.source, **options)
-    out = ref.io.save_dir(args.output, result.config, result.params, KIND)
+    check_output(args.output, force=args.force, directory=True, entries=(ref.io.CONFIG_FILE, ref.io.WEIGHTS_FILE))
+    result = convert(args.state_dict, args.source, **options)  # slow on big checkpoints: the output is checked first
+    out = ref.io.save_dir(args.output, result.config, result.params, KIND, force=args.force)
 
     cfg = result.config
     layers = ref.stack_layers(cfg)

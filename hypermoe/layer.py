@@ -81,6 +81,19 @@ class Linear(nn.Module):
         return f"in={self.weight.shape[0]}, out={self.weight.shape[1]}"
 
 
+def check_memory(config: HyperMoEConfig, kind: str, *, device=None, dtype=None, what: str) -> None:
+    """ref.check_memory for parameters about to be allocated on `device` (torch's default when None): the
+    host's available memory on the CPU, the device's free memory on CUDA; other devices are not checked."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type not in ("cpu", "cuda"):
+        return
+    dtype_bytes = torch.empty((), dtype=dtype, device="meta").element_size()  # dtype None: torch's default
+    available, where = None, "this machine's"
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], f"{device}'s"
+    ref.check_memory(config, kind, dtype_bytes, what=what, available=available, where=where)
+
+
 def _param(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
 
@@ -286,6 +299,8 @@ class HyperMoELayer(nn.Module):
         super().__init__()
         if not isinstance(config, HyperMoEConfig):
             raise ValueError(f"config must be a HyperMoEConfig, got {type(config).__name__}")
+        if hyper is None:  # with a shared hypernetwork its owner (the model) has checked the whole
+            check_memory(config, "layer", device=device, dtype=dtype, what="HyperMoELayer")
         self.config = config
         c, kw = config, dict(device=device, dtype=dtype)
         self.router = Router(c, **kw)
@@ -652,9 +667,10 @@ class HyperMoELayer(nn.Module):
             raise ValueError(f"{Path(path) / ref.io.CONFIG_FILE}: kind is {kind!r}, expected 'layer'")
         return cls.from_ref(cfg, params, device=device, dtype=dtype, **kwargs)
 
-    def save_dir(self, path: str | os.PathLike) -> Path:
-        """Write config.json + weights.npz (kind "layer"; 16-bit parameters are saved as float32)."""
-        return ref.io.save_dir(path, self.config, params_to_ref(self), "layer")
+    def save_dir(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write config.json + weights.npz (kind "layer"; 16-bit parameters are saved as float32) atomically; an
+        existing non-empty `path` is refused unless `force` (ref.io.save_dir)."""
+        return ref.io.save_dir(path, self.config, params_to_ref(self), "layer", force=force)
 
 
 # ---------------------------------------------------------------------------------------------

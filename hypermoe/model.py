@@ -31,7 +31,9 @@ import ref.io
 from ref.config import HyperMoEConfig
 from ref.model import model_init_std, model_param_shapes
 from ref.semantics import check_params
-from hypermoe.layer import HyperMoELayer, HyperMoEOutput, HyperNetwork, Linear, Routing, activation, params_to_ref
+from hypermoe.layer import (
+    HyperMoELayer, HyperMoEOutput, HyperNetwork, Linear, Routing, activation, check_memory, params_to_ref,
+)
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -137,6 +139,7 @@ class HyperMoETransformer(nn.Module):
     def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
         super().__init__()
         model_param_shapes(config)  # ValueError for a config without a HyperMoE block
+        check_memory(config, "model", device=device, dtype=dtype, what="HyperMoETransformer")
         self.config = config
         d, V, P = config.d_model, config.vocab_size, config.max_seq_len
         self.token_embed = nn.Parameter(torch.empty(V, d, device=device, dtype=dtype))
@@ -246,9 +249,10 @@ class HyperMoETransformer(nn.Module):
             dtype = _TORCH_DTYPES.get(np.asarray(next(iter(params.values()))).dtype, torch.float32) if params else None
         return cls(config, device=device, dtype=dtype).load_ref(params)
 
-    def save_dir(self, path: str | os.PathLike) -> Path:
-        """Write config.json + weights.npz (kind "model") into `path` (16-bit parameters as float32)."""
-        return ref.io.save_dir(path, self.config, params_to_ref(self), "model")
+    def save_dir(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write config.json + weights.npz (kind "model") as `path` (16-bit parameters as float32) atomically; an
+        existing non-empty `path` is refused unless `force` (ref.io.save_dir)."""
+        return ref.io.save_dir(path, self.config, params_to_ref(self), "model", force=force)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, *, device=None, dtype=None) -> HyperMoETransformer:

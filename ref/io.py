@@ -8,8 +8,10 @@ kinds: "layer" (ref.param_shapes), "stack" (ref.stack_param_shapes), "model" (re
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,8 +37,10 @@ def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]
     raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 
 
-def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str) -> Path:
-    """Write config.json + weights.npz into `path` (created if needed). Arrays must be float32/float64."""
+def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *,
+             force: bool = False) -> Path:
+    """Write config.json + weights.npz as the directory `path`, atomically (ref.files): staged next to it, then
+    renamed in. An existing non-empty `path` is refused unless `force`. Arrays must be float32/float64."""
     shapes = expected_shapes(cfg, kind)
     dtypes = {np.asarray(v).dtype for v in params.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
@@ -44,13 +48,14 @@ def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, 
     from ref.semantics import check_params
 
     check_params({k: np.asarray(v) for k, v in params.items()}, shapes, next(iter(dtypes)))
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps({"spec_version": SPEC_VERSION, "kind": kind, **cfg.to_dict()},
-                                               indent=2, sort_keys=True) + "\n")
-    with open(path / WEIGHTS_FILE, "wb") as fh:
-        np.savez(fh, **{k: np.asarray(v) for k, v in sorted(params.items())})
-    return path
+    from ref.files import atomic_output
+
+    with atomic_output(path, force=force, directory=True, entries=(CONFIG_FILE, WEIGHTS_FILE)) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps({"spec_version": SPEC_VERSION, "kind": kind, **cfg.to_dict()},
+                                                  indent=2, sort_keys=True) + "\n")
+        with open(tmp / WEIGHTS_FILE, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in sorted(params.items())})
+    return Path(path)
 
 
 def load_config(path: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
@@ -58,6 +63,17 @@ def load_config(path: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    return read_config(file)
+
+
+def read_config(file: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
+    """(config, kind) of a config JSON file: a model directory's config.json (with kind and spec_version) or
+    a bare config (kind "layer"); a directory stands for its config.json."""
+    file = Path(file)
+    if file.is_dir():
+        return load_config(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -76,6 +92,56 @@ def load_config(path: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
         raise ValueError(f"{file}: {err}") from None
 
 
+def read_npy(fh, size: int) -> np.ndarray:
+    """The array of a .npy stream `fh` of `size` bytes, never unpickled. Its header is read and checked against
+    `size` before anything is allocated: numpy's own reader allocates whatever a (corrupted) header declares."""
+    version = np.lib.format.read_magic(fh)  # ValueError unless the file starts with the .npy magic
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here (np.save writes 1.0)")
+    shape, fortran_order, dtype = read_header(fh)
+    if dtype.hasobject:
+        raise ValueError(f"holds Python objects ({dtype}), stored pickled: not loaded")
+    declared, held = dtype.itemsize * math.prod(shape), size - fh.tell()
+    if declared != held:
+        raise ValueError(f"its header declares shape {shape} of {dtype} ({declared} bytes) but {held} bytes follow it")
+    data = bytearray(fh.read(held))  # a bytearray: the array is writable, as np.load's
+    if len(data) != held:
+        raise ValueError(f"{len(data)} of the {held} bytes of its data could be read")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def read_npy_file(path: str | os.PathLike) -> np.ndarray:
+    """The array of a .npy file (read_npy: never unpickled, its size checked against the header)."""
+    with open(path, "rb") as fh:
+        return read_npy(fh, os.fstat(fh.fileno()).st_size)
+
+
+def read_npz(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: array} of an .npz archive (np.savez), each member read by read_npy; ValueError naming the member
+    (the caller names the file)."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            arrays = {}
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                if info.compress_type == zipfile.ZIP_STORED and info.file_size > os.path.getsize(file):
+                    raise ValueError(f"member {name!r} claims {info.file_size} bytes, more than the whole archive")
+                with archive.open(info) as member:
+                    try:
+                        arrays[name] = read_npy(member, info.file_size)
+                    except ValueError as err:
+                        raise ValueError(f"array {name!r}: {err}") from None
+            return arrays
+    except zipfile.BadZipFile as err:
+        with open(file, "rb") as fh:
+            if fh.read(6) == b"\x93NUMPY":
+                raise ValueError("a single .npy array, not an .npz archive of named arrays") from None
+        raise ValueError(str(err)) from None
+    except (OSError, EOFError, NotImplementedError, RuntimeError, zlib.error) as err:  # zipfile: unsupported
+        raise ValueError(f"{type(err).__name__}: {err}") from None  # compression, encrypted member, bad deflate data
+
+
 def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
     """(config, params, kind) of a saved model directory, every parameter checked against the config."""
     cfg, kind = load_config(path)
@@ -83,12 +149,8 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
     try:
-        loaded = np.load(file, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a plain .npy array, not an archive
-            raise ValueError("a single .npy array, not an .npz archive of named arrays")
-        with loaded as archive:
-            params = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        params = read_npz(file)
+    except ValueError as err:
         raise ValueError(f"{file}: not a readable .npz weights file ({err})") from None
     dtypes = {v.dtype for v in params.values()}
     if not params:
@@ -97,10 +159,14 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
         raise ValueError(f"{file}: weights mix dtypes {sorted(map(str, dtypes))}")
     if next(iter(dtypes)) not in (np.float32, np.float64):
         raise ValueError(f"{file}: weights must be float32 or float64, got {next(iter(dtypes))}")
-    from ref.semantics import check_params
+    from ref.semantics import check_finite_params, check_params
 
     try:
         check_params(params, expected_shapes(cfg, kind), next(iter(dtypes)))
     except ValueError as err:
         raise ValueError(f"{file} does not match {CONFIG_FILE}: {err}") from None
+    try:
+        check_finite_params(params)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
     return cfg, params, kind

@@ -103,6 +103,18 @@ def check_params(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[in
             raise ValueError(f"parameter {name!r} has dtype {value.dtype}, the input has {dtype}")
 
 
+def check_finite_params(params: Mapping[str, np.ndarray], what: str = "parameter") -> None:
+    """ValueError naming the first tensor (in name order) that holds NaN or ±Inf, with the count of bad values.
+    Checked where weights enter (ref.io.load_dir, hypermoe convert, export), not on every layer call."""
+    for name in sorted(params):
+        value = np.asarray(params[name])
+        if np.issubdtype(value.dtype, np.floating):
+            bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if bad:
+                raise ValueError(f"{what} {name!r} holds {bad} NaN/Inf value(s) of {value.size}; "
+                                 "weights must be finite")
+
+
 def layer_params(params: Mapping[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
     """The standalone-layer view of layer `layer` of a stack's parameters."""
     prefix = f"layers.{layer}."

@@ -9,6 +9,7 @@ import pytest
 
 import ref
 from export import exporter, runtime, verify
+from tests.strategies import magnitude
 
 CUDA_OK, CUDA_WHY = runtime.cuda_status()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason=f"onnxruntime CUDA provider unusable: {CUDA_WHY}")]
@@ -48,7 +49,8 @@ def test_cuda_and_cpu_agree_on_the_default_layer(exported):
     on_cpu = runtime.OnnxRunner(path, "cpu")(x)
     on_gpu = runtime.OnnxRunner(path, "cuda")(x)
     np.testing.assert_array_equal(on_gpu["selected_experts"], on_cpu["selected_experts"])
-    np.testing.assert_allclose(on_gpu["output"], on_cpu["output"], rtol=1e-3, atol=1e-3)
+    # float32 fused kernels on two providers: errors ~1e-6 of the magnitude S, bounded here by 1e-3 · S
+    np.testing.assert_allclose(on_gpu["output"], on_cpu["output"], rtol=1e-3, atol=1e-3 * magnitude(on_cpu["output"], x))
 
 
 def test_iobinding_outputs_stay_on_the_device(exported):
@@ -71,7 +73,7 @@ def test_cuda_graph_capture(exported, flavour):
     graph.benchmark(x, warmup=3, runs=3)
     replay = graph.fetch()
     np.testing.assert_array_equal(replay["selected_experts"], plain["selected_experts"])
-    np.testing.assert_allclose(replay["output"], plain["output"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(replay["output"], plain["output"], rtol=1e-5, atol=1e-5 * magnitude(plain["output"], x))
     with pytest.raises(ValueError, match="one runner per shape"):
         graph.bind(np.zeros((1, 3, cfg.d_model), np.float32))
 
@@ -86,5 +88,5 @@ def test_fused_tie_rule_on_cuda(exported):
     got = runtime.OnnxRunner(path, "cuda")(x.astype(np.float32))
     want = ref.layer(cfg, params, x)
     np.testing.assert_array_equal(got["selected_experts"], want.selected)
-    np.testing.assert_allclose(got["output"], want.output, rtol=1e-4, atol=1e-4,
+    np.testing.assert_allclose(got["output"], want.output, rtol=1e-4, atol=1e-4 * magnitude(want.output, x),
                                err_msg="CUDA MoE kernel did not break the tie toward the lowest index")

@@ -1,8 +1,11 @@
 """hypermoe.layer against the NumPy reference (ref.layer) and its own invariants.
 
 Routing is compared exactly first (inputs are drawn with a routing margin, tests/strategies.py), values after.
-Tolerances: float64 1e-10 (the reference and the layer compute the same math in a different order; observed
-errors are ≤ 5e-14 over 2000 random cases). float32: see FP32_TOL below.
+Every absolute tolerance is a multiple of the magnitude S of the values compared (tests/strategies.py):
+float64 against ref 1e-10 · S (the same math in a different order: ≤ REORDER_K u S = 4.5e-13 S by the bound
+in tests/strategies.py, observed ≤ 5e-14 over 2000 random cases; a wrong term moves outputs by ≥ 1e-2 S);
+two paths of this layer against each other reorder_atol(S); float32: see FP32_TOL below.
+Every draw is seeded (np.random.default_rng(seed), torch.manual_seed or a torch.Generator).
 """
 
 from __future__ import annotations
@@ -18,15 +21,22 @@ from torch.func import functional_call
 
 import ref
 from hypermoe.layer import MAX_TABLE_SETS, HyperMoELayer, HyperNetwork, params_from_ref, params_to_ref
-from tests.strategies import cases, configs, inputs_with_margin
+from tests.strategies import (
+    U32, U64, cases, configs, inputs_with_margin, layer_magnitude, magnitude, reorder_atol,
+)
 
-F64_TOL = dict(rtol=1e-10, atol=1e-10)
+F64_TOL = dict(rtol=1e-10, atol=1e-10)  # atol is multiplied by the magnitude S of what is compared
 # float32 vs the float64 reference. Every stage is O(1)–O(10) for the reference init; the longest chain is
 # router → process → trunk → heads → two adapter matmuls, dot products of length ≤ 12, so each stage adds a
 # few ulp (6e-8) of relative error times the magnitude. The check is |err| ≤ 2e-5·(1 + |ref|); the largest
 # err / (1 + |ref|) observed over 2000 random cases is 1.7e-6 (12× margin), while a wrong gate, term or flipped
-# selection moves outputs by ≥ 1e-2 at these sizes.
+# selection moves outputs by ≥ 1e-2 at these sizes. As F64_TOL, atol is multiplied by S.
 FP32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def scaled(tol: dict, *values) -> dict:
+    """`tol` with its atol multiplied by S = magnitude(*values)."""
+    return dict(rtol=tol["rtol"], atol=tol["atol"] * magnitude(*values))
 
 
 def make_layer(case, dtype=torch.float64, **kw) -> HyperMoELayer:
@@ -34,8 +44,10 @@ def make_layer(case, dtype=torch.float64, **kw) -> HyperMoELayer:
 
 
 def check_against_ref(out, expected, tol, what=""):
+    """Routing exactly, then values within `tol` with atol scaled by the reference's magnitudes S."""
     np.testing.assert_array_equal(out.routing.selected.numpy(), expected.selected, err_msg=f"selected {what}")
     np.testing.assert_array_equal(out.routing.kept.numpy(), expected.kept, err_msg=f"kept {what}")
+    tol = scaled(tol, expected.output, expected.routed, expected.hyper, expected.logits)
     for name in ("gates", "probs", "logits"):
         np.testing.assert_allclose(getattr(out.routing, name).detach().double().numpy(), getattr(expected, name),
                                    **tol, err_msg=f"{name} {what}")
@@ -92,7 +104,7 @@ def test_random_draws_match_ref(case, training):
     out = layer(torch.tensor(case.x), case.layer_index, jitter=torch.tensor(jitter),
                 gate_noise=None if noise is None else torch.tensor(noise))
     # explicit draws can make routing margins small; compare routing first, values only where it agrees
-    np.testing.assert_allclose(out.routing.logits.detach().numpy(), expected.logits, **F64_TOL)
+    np.testing.assert_allclose(out.routing.logits.detach().numpy(), expected.logits, **scaled(F64_TOL, expected.logits))
     margins = ref.routing_margins(expected.logits, case.cfg.top_k)
     if np.all(margins > 1e-8):
         check_against_ref(out, expected, F64_TOL, str(case.cfg))
@@ -130,7 +142,7 @@ def test_exact_ties_pick_lower_index(exportable, n_experts, top_k, tied, expecte
     out = layer(torch.tensor(x))
     np.testing.assert_array_equal(result.selected, np.broadcast_to(expected, result.selected.shape))
     np.testing.assert_array_equal(out.routing.selected.numpy(), result.selected)
-    np.testing.assert_allclose(out.output.detach().numpy(), result.output, **F64_TOL)
+    np.testing.assert_allclose(out.output.detach().numpy(), result.output, **scaled(F64_TOL, result.output, x))
 
 
 def test_capacity_drops_tokens_like_ref():
@@ -195,23 +207,24 @@ def _naive_hyper_expert(layer, x2, selected, layer_index):
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_grouped_hyper_expert_gradients_equal_per_token(top_k, max_table_sets):
     cfg = ref.tiny_config(n_experts=4, top_k=top_k, d_model=6, d_adapter=3)
+    torch.manual_seed(0)  # the layer's init, x2, the sets and the output gradient
     layer = HyperMoELayer(cfg, dtype=torch.float64).train()
     layer.max_table_sets = max_table_sets
-    torch.manual_seed(0)
     x2 = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
     selected = torch.stack([torch.randperm(4)[:top_k] for _ in range(40)])  # (T, k) random distinct
     params = [x2, *layer.parameters()]
     fast = layer._hyper_expert(x2, selected, 1, exporting=False)
     naive = _naive_hyper_expert(layer, x2, selected, 1)
-    torch.testing.assert_close(fast, naive, rtol=1e-12, atol=1e-12)
+    # the same sums grouped differently (tables per set vs per-token weights): reorder_atol of the magnitudes
+    torch.testing.assert_close(fast, naive, rtol=0, atol=reorder_atol(magnitude(x2, naive)))
     weight = torch.randn_like(fast)  # a real (non-constant) output gradient
     g_fast = torch.autograd.grad((fast * weight).sum(), params, allow_unused=True)
     g_naive = torch.autograd.grad((naive * weight).sum(), params, allow_unused=True)
     for p, a, b in zip(["x", *dict(layer.named_parameters())], g_fast, g_naive):
         if b is None:
             assert a is None or not a.any(), p
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=p)
+        else:  # backward: twice the stages, sums over ≤ 48 tokens: ≤ 4× the forward bound, of the gradient's S
+            torch.testing.assert_close(a, b, rtol=0, atol=reorder_atol(4 * magnitude(b)), msg=p)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -231,13 +244,15 @@ def test_layer_gradients_equal_per_token_formulation(cfg):
     selected = fast.routing.selected.reshape(-1, cfg.top_k)
     naive = plain(x, 1).output + _naive_hyper_expert(layer, x.reshape(-1, cfg.d_model), selected, 1).reshape(x.shape)
     assert not fast.routing.kept.all() if cfg.capacity else True
-    torch.testing.assert_close(fast.output, naive, rtol=1e-12, atol=1e-12)
+    S = layer_magnitude(cfg, params_to_ref(layer), x, 1)
+    torch.testing.assert_close(fast.output, naive, rtol=0, atol=reorder_atol(S))  # same sums, other grouping
     weight = torch.randn_like(naive)
     params = [x, *layer.parameters()]
     g_fast = torch.autograd.grad((fast.output * weight).sum(), params)
     g_naive = torch.autograd.grad((naive * weight).sum(), params)
     for name, a, b in zip(["x", *dict(layer.named_parameters())], g_fast, g_naive):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11, msg=name)
+        # backward: twice the stages, sums over ≤ 48 tokens: ≤ 4× the forward bound, of the gradient's S
+        torch.testing.assert_close(a, b, rtol=0, atol=reorder_atol(4 * magnitude(b)), msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +268,8 @@ def test_token_permutation_equivariance(case, data):
     with torch.no_grad():
         a, b = layer(x, case.layer_index), layer(x[perm], case.layer_index)
     assert torch.equal(a.routing.selected[perm], b.routing.selected)
-    torch.testing.assert_close(a.output[perm], b.output, rtol=1e-12, atol=1e-12)
+    S = layer_magnitude(case.cfg, case.params, case.x, case.layer_index)
+    torch.testing.assert_close(a.output[perm], b.output, rtol=0, atol=reorder_atol(S))  # rows in other GEMM groups
 
 
 @given(cases(), st.data())
@@ -272,9 +288,12 @@ def test_expert_relabelling_invariance(case, data):
     b = HyperMoELayer.from_ref(case.cfg, params).eval()(torch.tensor(case.x), case.layer_index)
     inv = np.argsort(perm)
     np.testing.assert_array_equal(np.sort(inv[a.routing.selected.numpy()], -1), np.sort(b.routing.selected.numpy(), -1))
-    torch.testing.assert_close(a.output, b.output, rtol=1e-10, atol=1e-10)
+    # the same sums with the experts (and the selected slots) in another order: the reorder bound, and for the
+    # aux losses (sums over tokens and experts of terms ≤ max(1, |aux|)) the same bound of their magnitude
+    S = layer_magnitude(case.cfg, case.params, case.x, case.layer_index)
+    torch.testing.assert_close(a.output, b.output, rtol=0, atol=reorder_atol(S))
     for name in a.aux:
-        torch.testing.assert_close(a.aux[name], b.aux[name], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a.aux[name], b.aux[name], rtol=0, atol=reorder_atol(magnitude(a.aux[name]) * S))
 
 
 @given(cases(configs(capacity=False)), st.integers(0, 20))
@@ -286,7 +305,8 @@ def test_batch_invariance_without_capacity(case, cut):
     with torch.no_grad():
         full = layer(x, case.layer_index).output
         parts = torch.cat([layer(x[:cut], case.layer_index).output, layer(x[cut:], case.layer_index).output])
-    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+    S = layer_magnitude(case.cfg, case.params, case.x, case.layer_index)
+    torch.testing.assert_close(parts, full, rtol=0, atol=reorder_atol(S))  # the same rows in smaller GEMMs
 
 
 @given(cases(configs(hyper_expert=True)))
@@ -312,32 +332,45 @@ def test_adapter_cache_equals_uncached(case):
         for index in {case.layer_index, 0}:  # also a second layer index through the same cache
             a, b = cached(x, index), uncached(x, index)
             # the cache generates all C(N, k) sets at once, the uncached path the U present: same math per row
-            torch.testing.assert_close(a.output, b.output, rtol=1e-13, atol=1e-13)
+            S = layer_magnitude(case.cfg, case.params, case.x, index)
+            torch.testing.assert_close(a.output, b.output, rtol=0, atol=reorder_atol(S))
 
 
 def test_adapter_cache_invalidation():
+    """The adapter cache follows in-place updates, load_state_dict and .to(dtype). Each check compares the
+    cached layer with a fresh uncached clone: the same sums grouped differently (all C(N, k) sets at once vs
+    the sets present), so they differ by ≤ reorder_atol(S) (tests/strategies.py: ≤ 12 dependent stages of
+    ≤ 33 terms, two evaluations, 4096 u S), S the layer's largest magnitude on x under the current weights
+    (input, expert outputs, routed part, HyperExpert, output; ref in float64). The state loaded below is
+    N(0, 1) in every entry, not the reference init, so outputs reach ~100: a fixed atol of 1e-13 failed there
+    (4.5e-13 seen), the bound scaled by S does not. A stale cache would be off by O(S)."""
     cfg = ref.tiny_config()
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)  # the layer's own init
     layer = HyperMoELayer(cfg, dtype=torch.float64).eval()
-    x = torch.randn(3, 5, cfg.d_model, dtype=torch.float64)
+    x = torch.randn(3, 5, cfg.d_model, dtype=torch.float64, generator=gen)
 
     def fresh(index=0, dtype=torch.float64):
         clone = HyperMoELayer(cfg, dtype=dtype, cache_adapters=False).eval()
         clone.load_state_dict(layer.state_dict())
         return clone(x.to(dtype), index).output
 
+    def bound(index=0, u=U64):
+        return dict(rtol=0, atol=reorder_atol(layer_magnitude(cfg, params_to_ref(layer), x, index), u))
+
     with torch.no_grad():
         layer(x)  # fills the cache for layer 0
         assert 0 in layer._adapter_cache
         layer.hyper.w_up.bias.add_(0.5)  # in-place update (an optimizer step)
-        torch.testing.assert_close(layer(x).output, fresh(), rtol=0, atol=1e-13)
+        torch.testing.assert_close(layer(x).output, fresh(), **bound())
         layer.expert_embed.mul_(2.0)
-        torch.testing.assert_close(layer(x).output, fresh(), rtol=0, atol=1e-13)
-        state = {n: torch.randn_like(t) for n, t in layer.state_dict().items()}
+        torch.testing.assert_close(layer(x).output, fresh(), **bound())
+        state = {n: torch.randn(t.shape, dtype=t.dtype, generator=gen) for n, t in layer.state_dict().items()}
         layer.load_state_dict(state)
-        torch.testing.assert_close(layer(x).output, fresh(), rtol=0, atol=1e-13)
-        torch.testing.assert_close(layer(x, 1).output, fresh(1), rtol=0, atol=1e-13)  # other layer index
+        torch.testing.assert_close(layer(x).output, fresh(), **bound())
+        torch.testing.assert_close(layer(x, 1).output, fresh(1), **bound(1))  # other layer index
         layer.float()  # .to(dtype): new storage
-        torch.testing.assert_close(layer(x.float()).output, fresh(0, torch.float32), rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer(x.float()).output, fresh(0, torch.float32), **bound(0, U32))
 
 
 @given(cases())
@@ -349,7 +382,8 @@ def test_fast_path_equals_exportable_path(case):
     export = layer(x, case.layer_index)
     assert torch.equal(fast.routing.selected, export.routing.selected)
     assert torch.equal(fast.routing.kept, export.routing.kept)
-    torch.testing.assert_close(fast.output, export.output, rtol=1e-11, atol=1e-11)
+    S = layer_magnitude(case.cfg, case.params, case.x, case.layer_index)
+    torch.testing.assert_close(fast.output, export.output, rtol=0, atol=reorder_atol(S))  # dense vs sorted dispatch
 
 
 def test_factored_fallback_matches_ref():
@@ -366,7 +400,9 @@ def test_factored_fallback_matches_ref():
 
 
 def test_deterministic_run_after_run():
+    """Bitwise: the same layer on the same input in the same process takes the same kernels (no atomics)."""
     cfg = ref.tiny_config(n_experts=8, top_k=2)
+    torch.manual_seed(2)
     layer = HyperMoELayer(cfg)
     x = torch.randn(4, 9, cfg.d_model)
     first = layer(x)
@@ -405,11 +441,13 @@ def test_training_lowers_loss(cfg):
     layer.eval()
     with torch.no_grad():  # the inference (cached) path sees the trained parameters
         uncached = HyperMoELayer.from_ref(cfg, params_to_ref(layer), cache_adapters=False).eval()
-        torch.testing.assert_close(layer(x).output, uncached(x).output, rtol=1e-6, atol=1e-6)
+        S = layer_magnitude(cfg, params_to_ref(layer), x)  # float32: the reorder bound in u = 2^-24
+        torch.testing.assert_close(layer(x).output, uncached(x).output, rtol=0, atol=reorder_atol(S, U32))
 
 
 def test_training_mode_draws_noise_eval_does_not():
     cfg = ref.tiny_config(noisy_gating=True, router_jitter=0.2)
+    torch.manual_seed(3)
     layer = HyperMoELayer(cfg, dtype=torch.float64)
     x = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
     layer.train()
@@ -422,7 +460,7 @@ def test_training_mode_draws_noise_eval_does_not():
     layer.eval()
     params = params_to_ref(layer)
     expected = ref.layer(cfg, params, x.numpy())  # no draws
-    np.testing.assert_allclose(layer(x).routing.logits.detach().numpy(), expected.logits, **F64_TOL)
+    np.testing.assert_allclose(layer(x).routing.logits.detach().numpy(), expected.logits, **scaled(F64_TOL, expected.logits))
 
 
 def test_bfloat16_cpu_close_to_float32_where_routing_agrees():
@@ -430,7 +468,7 @@ def test_bfloat16_cpu_close_to_float32_where_routing_agrees():
     params = ref.init(cfg, seed=4, dtype=np.float32)
     layer32 = HyperMoELayer.from_ref(cfg, params).eval()
     layer16 = HyperMoELayer.from_ref(cfg, params, dtype=torch.bfloat16).eval()
-    x = torch.randn(4, 16, cfg.d_model)
+    x = torch.randn(4, 16, cfg.d_model, generator=torch.Generator().manual_seed(4))
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             a, b = layer32(x), layer16(x.bfloat16())
@@ -451,6 +489,7 @@ def test_bfloat16_cpu_close_to_float32_where_routing_agrees():
 
 def test_bad_inputs_raise_value_error():
     cfg = ref.tiny_config()
+    torch.manual_seed(6)  # the values do not matter here, only that each call is rejected
     layer = HyperMoELayer(cfg)
     x = torch.randn(2, 3, cfg.d_model)
     bad = [
@@ -492,6 +531,7 @@ def test_bad_inputs_raise_value_error():
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_tokens_stay_in_their_rows(value):
     cfg = ref.tiny_config(n_experts=4, top_k=2)
+    torch.manual_seed(7)
     layer = HyperMoELayer(cfg).eval()
     x = torch.randn(1, 10, cfg.d_model)
     bad = x.clone()
@@ -501,7 +541,10 @@ def test_non_finite_tokens_stay_in_their_rows(value):
             clean, dirty = layer(x).output, layer(bad).output
         assert not torch.isfinite(dirty[0, 3]).all()
         rows = [i for i in range(10) if i != 3]
-        torch.testing.assert_close(dirty[0, rows], clean[0, rows], rtol=1e-6, atol=1e-6)
+        # float32; the clean rows may sit in other GEMM groups once token 3 routes elsewhere: reorder bound
+        # (a leak of the bad token would be NaN/Inf, caught whatever the tolerance)
+        S = layer_magnitude(cfg, params_to_ref(layer), x)
+        torch.testing.assert_close(dirty[0, rows], clean[0, rows], rtol=0, atol=reorder_atol(S, U32))
         assert (layer(bad).routing.selected >= 0).all() and (layer(bad).routing.selected < 4).all()
 
 
@@ -521,6 +564,7 @@ def test_state_dict_names_are_refs(cfg):
 
 def test_shared_hypernetwork_is_referenced_not_registered():
     cfg = ref.tiny_config(n_layers=2)
+    torch.manual_seed(8)
     hyper = HyperNetwork(cfg)
     assert set(hyper.state_dict()) == {n[len("hyper."):] for n in ref.semantics.hyper_param_shapes(cfg)}
     layers = torch.nn.ModuleList([HyperMoELayer(cfg, hyper=hyper) for _ in range(2)])
@@ -531,7 +575,8 @@ def test_shared_hypernetwork_is_referenced_not_registered():
     x = torch.randn(2, 4, cfg.d_model, dtype=torch.float64)
     hyper.double(), layers.double()
     expected = ref.layer(cfg, params_to_ref(layers[1]), x.numpy(), 1)
-    np.testing.assert_allclose(layers[1](x, 1).output.detach().numpy(), expected.output, **F64_TOL)
+    np.testing.assert_allclose(layers[1](x, 1).output.detach().numpy(), expected.output,
+                               **scaled(F64_TOL, expected.output, expected.routed, expected.hyper))
     # load_ref writes the hyper.* entries into the shared hypernetwork
     params = ref.init(cfg, seed=9)
     layers[0].load_ref(params)
@@ -546,11 +591,11 @@ def test_ref_round_trip_and_directories(tmp_path):
     layer = HyperMoELayer.from_ref(cfg, params)
     assert layer.router.weight.dtype == torch.float64
     back = params_to_ref(layer)
-    assert all(np.array_equal(back[n], params[n]) for n in params)
+    assert all(np.array_equal(back[n], params[n]) for n in params)  # copied, not computed
     layer.save_dir(tmp_path / "layer")
     loaded = HyperMoELayer.from_dir(tmp_path / "layer")
     assert loaded.config == cfg
-    x = torch.randn(2, 3, cfg.d_model, dtype=torch.float64)
+    x = torch.randn(2, 3, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     assert torch.equal(loaded.eval()(x).output, layer.eval()(x).output)
     HyperMoELayer(cfg, dtype=torch.bfloat16).save_dir(tmp_path / "bf16")  # saved as float32
     assert HyperMoELayer.from_dir(tmp_path / "bf16").router.weight.dtype == torch.float32
@@ -585,6 +630,7 @@ def test_zero_and_one_token(cfg, shape):
 
 def test_reset_parameters_and_repr():
     cfg = ref.tiny_config()
+    torch.manual_seed(10)
     layer = HyperMoELayer(cfg)
     before = {n: t.clone() for n, t in layer.state_dict().items()}
     layer.reset_parameters()
@@ -603,7 +649,7 @@ def test_torch_export_dynamic_batch_and_sequence(cfg):
     params = ref.init(cfg, seed=8, dtype=np.float32)
     layer = HyperMoELayer.from_ref(cfg, params).eval()
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.export.export(layer, (torch.randn(2, 5, cfg.d_model),),
+    program = torch.export.export(layer, (torch.randn(2, 5, cfg.d_model, generator=torch.Generator().manual_seed(8)),),
                                   dynamic_shapes={"x": {0: batch, 1: seq}})
     for shape in [(3, 7), (2, 2), (4, 3)]:
         x = inputs_with_margin(cfg, params, (*shape, cfg.d_model), np.random.default_rng(sum(shape)), 1e-3)

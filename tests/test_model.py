@@ -16,7 +16,7 @@ import ref.io
 from ref import model as ref_model
 from hypermoe.layer import params_to_ref
 from hypermoe.model import HyperMoETransformer
-from tests.strategies import configs
+from tests.strategies import configs, magnitude, reorder_atol
 
 MARGIN = 1e-9  # float64: torch and NumPy router logits differ by ~1e-15, so a selection cannot flip
 
@@ -64,6 +64,9 @@ def unambiguous(cfg, results) -> bool:
 
 
 def assert_matches_ref(cfg, params, tokens, model, rtol=1e-10, atol=1e-10):
+    """Routing exactly, block by block; then gates (≤ 1), logits and aux losses within rtol and atol · S, S the
+    magnitude of the compared values (torch and NumPy: the same math in a different order, float64 errors
+    ≤ ~1e-13 S; 1e-10 S stays far below what a wrong block moves the logits by)."""
     logits, aux, results = ref_model.forward(cfg, params, tokens)
     out = model(torch.from_numpy(tokens))
     assert sorted(out.routing) == sorted(results) == ref_model.moe_blocks(cfg)
@@ -72,10 +75,10 @@ def assert_matches_ref(cfg, params, tokens, model, rtol=1e-10, atol=1e-10):
         np.testing.assert_array_equal(routing.selected.numpy(), result.selected, err_msg=f"block {block} selection")
         np.testing.assert_array_equal(routing.kept.numpy(), result.kept, err_msg=f"block {block} capacity")
         np.testing.assert_allclose(routing.gates.detach().numpy(), result.gates, rtol=rtol, atol=atol)
-    np.testing.assert_allclose(out.logits.detach().numpy(), logits, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(out.logits.detach().numpy(), logits, rtol=rtol, atol=atol * magnitude(logits))
     assert sorted(out.aux) == sorted(aux)
     for name, value in aux.items():
-        np.testing.assert_allclose(out.aux[name].item(), value, rtol=rtol, atol=atol, err_msg=name)
+        np.testing.assert_allclose(out.aux[name].item(), value, rtol=rtol, atol=atol * magnitude(value), err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +183,11 @@ def test_causal(case, data):
     model = HyperMoETransformer.from_ref(cfg, params).eval()  # eval: no jitter / gate noise drawn
     for run in (lambda x: ref_model.forward(cfg, params, x)[0],
                 lambda x: model(torch.from_numpy(x)).logits.detach().numpy()):
-        # not bit-equal: tokens are grouped by expert for the GEMMs, and the groups change with the token
-        np.testing.assert_allclose(run(tokens)[:, :t], run(changed)[:, :t], rtol=1e-12, atol=1e-12)
+        # not bit-equal: tokens are grouped by expert for the GEMMs, and the groups change with the token;
+        # the same sums in another grouping: the reorder bound (tests/strategies.py) of the logits' magnitude
+        # (LayerNorm keeps the blocks' inputs O(1), so the logits are the largest values of the final stage)
+        before, after = run(tokens), run(changed)
+        np.testing.assert_allclose(before[:, :t], after[:, :t], rtol=0, atol=reorder_atol(magnitude(before)))
 
 
 def test_dropout_only_in_training():
@@ -222,6 +228,7 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 def test_tampered_weights_are_rejected(tmp_path):
     cfg = ref.tiny_config()
+    torch.manual_seed(0)  # the values do not matter, only the file's names and shapes
     HyperMoETransformer(cfg).save_dir(tmp_path)
     weights = tmp_path / "weights.npz"
     with np.load(weights) as archive:
@@ -362,7 +369,7 @@ def test_cuda_matches_reference_and_trains():
     out = model(torch.from_numpy(tokens).cuda())
     for block, result in results.items():
         np.testing.assert_array_equal(out.routing[block].selected.cpu().numpy(), result.selected)
-    np.testing.assert_allclose(out.logits.detach().cpu().numpy(), logits, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out.logits.detach().cpu().numpy(), logits, rtol=1e-10, atol=1e-10 * magnitude(logits))
     loss = out.logits.logsumexp(-1).mean() + out.aux["switch_balance"]
     loss.backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
