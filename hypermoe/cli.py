@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypermoe {args.command}: interrupted ({signal.Signals(signum).name})"
               + "".join(f"; {note}" for note in getattr(err, "__notes__", ())), file=sys.stderr)
         return 128 + signum
+    except BrokenPipeError:  # `hypermoe ... | head`: the reader left; say nothing more (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as if killed by SIGPIPE, as other command-line tools are
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

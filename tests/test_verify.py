@@ -59,7 +59,7 @@ def test_correct_export_passes_and_shifted_source_fails(exported, s):
     text = "\n".join(report.lines())
     assert report.ok, text
     assert 0.3 * s < output_scale(report) < 30 * s, text  # the outputs really have magnitude ~s
-    # the bound is not barely met: measured ≤ 0.05 of it on these files (module docstring of export/verify.py)
+    # the bound is not barely met: measured ≤ 0.13 of it on these files (scripts/verify_scales.py)
     assert all(c.max_abs <= 0.25 * c.bound for r in report.shapes for c in r.comparisons if c.name == "output"), text
 
     bad = verify.verify(path, source=wrong, provider="cpu", shapes=SHAPES)
@@ -70,9 +70,14 @@ def test_correct_export_passes_and_shifted_source_fails(exported, s):
 
 
 @pytest.mark.parametrize("s", SCALES)
-def test_float32_reference_within_the_bound(s):
-    """An honest float32 implementation (ref itself on float32 parameters and inputs) meets the bound, with
-    room to spare: the bound is not too tight. Measured ratios 0.01-0.04 (export/verify.py)."""
+def test_torch_float32_within_the_bound(s):
+    """Another honest float32 implementation (hypermoe.layer in float32, its own summation order and kernels)
+    meets the bound with room to spare: the bound is not too tight. (ref in float32 meets it by construction:
+    the bound holds YARDSTICK × its deviation.) Measured ratios ≤ 0.18 (scripts/verify_scales.py)."""
+    import torch
+
+    from hypermoe.layer import HyperMoELayer
+
     for changes in ({}, {"gate": "switch", "top_k": 1}, {"top_k": 1}):
         cfg = ref.tiny_config(**changes)
         params = scaled(ref.init(cfg, seed=3), s)
@@ -80,18 +85,21 @@ def test_float32_reference_within_the_bound(s):
         x = verify.inputs_with_margin(margins, (3, 40, cfg.d_model), np.random.default_rng(0), verify.MARGIN_FACTOR,
                                       round_fn=lambda v: v.astype(np.float32).astype(np.float64))
         want = verify.expected(cfg, params, "layer", x, "float32")
-        got = ref.layer(cfg, {n: v.astype(np.float32) for n, v in params.items()}, x.astype(np.float32))
-        for name, value in (("output", got.output), ("gates", got.gates)):
-            err = float(np.abs(value - want.values[name]).max())
-            assert err <= 0.25 * want.bounds[name], (changes, s, name, err, want.bounds[name])
-        np.testing.assert_array_equal(got.selected, want.values["selected_experts"])
+        layer = HyperMoELayer.from_ref(cfg, params, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = layer(torch.from_numpy(x.astype(np.float32)))
+        for name, value in (("output", got.output), ("gates", got.routing.gates)):
+            err = float(np.abs(value.double().numpy() - want.values[name]).max())
+            assert err <= 0.5 * want.bounds[name], (changes, s, name, err, want.bounds[name])
+        np.testing.assert_array_equal(got.routing.selected.numpy(), want.values["selected_experts"])
 
 
-@pytest.mark.parametrize("s", (1e3, 1e5))
+@pytest.mark.parametrize("s", (1e-1, 1e3, 1e5))
 def test_stack_passes_and_shifted_source_fails(exported, s):
     """A stack's output is x + Σ layer outputs, so only scales ≥ 1 make the layers visible in it (at s = 1e-3
     the shift moves the output by ~1e-8 of |x|, below float32's resolution). Scaling every layer's output side
-    makes the second layer's output ~s²; measured: correct ≤ 0.09 of the bound, shifted ≥ 6.7× it."""
+    makes the second layer's output ~s²; measured: correct ≤ 0.16 of the bound, shifted ≥ 14× it at s ≥ 0.1
+    (scripts/verify_scales.py)."""
     path, source, wrong = exported("stack", s)
     report = verify.verify(path, source=source, provider="cpu", shapes=SHAPES)
     assert report.ok, "\n".join(report.lines())
@@ -106,7 +114,7 @@ def test_margin_is_in_units_of_the_logit_error_bound():
     params = ref.init(cfg, seed=2)
     x = np.random.default_rng(1).standard_normal((2, 6, cfg.d_model))
     base = verify.layer_margins(cfg, params, "layer", "float32")(x)
-    for c in (1e-4, 1e4):
+    for c in (2.0**-14, 2.0**14):  # powers of two: the float32 run (measured drift) scales exactly too
         m = verify.layer_margins(cfg, {**params, "router.weight": params["router.weight"] * c}, "layer", "float32")(x)
         np.testing.assert_allclose(m, base, rtol=1e-9)  # float64 ratios of quantities both scaled by c
     assert np.isfinite(base).all() and (base > 0).all()
