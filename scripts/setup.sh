@@ -9,5 +9,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch ${HYPERMOE_TORCH:-2.13.0} (CPU build where the platform offers one)"
     "$PY" -m pip install --quiet "torch==${HYPERMOE_TORCH:-2.13.0}"
 fi
-echo "setup: installing hypermoe and its test dependencies"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+echo "setup: installing hypermoe, its test and its train dependencies (tqdm, matplotlib)"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,train]"

@@ -1,0 +1,659 @@
+"""Training the small HyperMoE transformer on a tokenized corpus: `hypermoe train` and `hypermoe.train.train`.
+
+    loss   = CE(logits, next tokens) + balance_coef · aux[balance_loss] + z_loss_coef · aux["z_loss"]
+             (aux: SPEC.md §4, each term summed over the HyperMoE blocks; balance_loss "switch_balance" or "cv_balance")
+    lr(s)  = lr · s / warmup_steps                                              s ≤ warmup_steps
+           = min_lr + ½ (lr − min_lr) (1 + cos(π · (s − warmup_steps) / (steps − warmup_steps)))   after
+    update s (1-based) = AdamW on the mean of grad_accum micro-batches, gradients clipped to grad_clip (global norm)
+
+Data: a corpus directory (`train.bin`, `val.bin`, `test.bin`: flat token ids, uint8 bytes or uint16 BPE; `meta.json`
+{"vocab_size", "dtype", "sha256": {split: hex}, "source"}), read through np.memmap. The batch of update s is a
+function of (seed, s) only: np.random.default_rng([seed, s]) draws the window offsets, so a resumed run reads the
+same batches as an uninterrupted one without any saved data position. Evaluation uses fixed, contiguous,
+non-overlapping windows from the start of val.bin covering eval_tokens.
+
+Run directory RUN_DIR: train.json (the TrainConfig), log.jsonl (one JSON object per logged step and per eval),
+checkpoint/ (model/ = a "model" directory as HyperMoETransformer.save_dir, optimizer.npz + state.json for AdamW,
+rng.npz for torch's generator), each file written through ref.files.atomic_output; docs/train.md has the formats.
+
+Axis legend: B sequences per micro-batch, S positions (seq_len), V vocabulary, N experts, k selected experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import ref.io
+from ref.config import HyperMoEConfig
+from ref.files import atomic_output
+
+SPLITS = ("train", "val", "test")
+TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
+BALANCE_LOSSES = ("switch_balance", "cv_balance")
+RUN_ENTRIES = ("train.json", "log.jsonl", "checkpoint")  # what --force may replace in RUN_DIR, nothing else
+
+# Built-in model configs (--config NAME). A dense baseline is a preset too: one expert, k = 1, no HyperExpert is a
+# dense MLP of width d_ff (the gate of the only expert is 1; its router gets gradient only from z_loss).
+_HYPER_SMALL = dict(d_expert_embed=64, d_process=64, d_hyper=64, d_layer_embed=10, d_generator=64, d_adapter=16)
+PRESETS: dict[str, HyperMoEConfig] = {
+    # seconds per run on a CPU: tests and smoke checks
+    "tiny": HyperMoEConfig(d_model=16, d_ff=32, n_experts=4, top_k=2, d_expert_embed=8, d_process=8, d_hyper=8,
+                           d_layer_embed=4, d_generator=8, d_adapter=4, n_layers=2, n_heads=2, max_seq_len=32,
+                           vocab_size=256),
+    # the CPU experiment: byte vocabulary, 4 blocks, 8 experts top-1
+    "cpu-small": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
+                                max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
+    "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
+                                    max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-dense": HyperMoEConfig(d_model=128, d_ff=256, n_experts=1, top_k=1, n_layers=4, n_heads=4,
+                                      max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: HyperMoEConfig  # the model (a config.json or a preset); hyper_expert False = plain MoE ablation
+    data: str  # corpus directory: train.bin, val.bin, meta.json
+    seed: int = 0  # model init (torch.manual_seed) and batch draws (default_rng([seed, step]))
+    steps: int = 1000  # optimizer updates; also the cosine schedule's horizon
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # S tokens per sequence (≤ model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per update (tokens per update = grad_accum · batch_size · seq_len)
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4  # the cosine decays to this at `steps`
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps
+    weight_decay: float = 0.1  # AdamW, on matrices only (dim ≥ 2), as nanoGPT
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.95  # AdamW β2 (0.95: the usual choice for small transformers)
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = no clipping (the norm is still logged)
+    dtype: str = "float32"  # "float32" or "bfloat16" (torch.autocast; weights and optimizer stay float32)
+    device: str = "cpu"  # "cpu" or "cuda"
+    balance_loss: str = "switch_balance"  # which §3.8 balance loss is trained: switch_balance | cv_balance
+    balance_coef: float = 0.01  # its coefficient (Switch Transformer: 0.01)
+    z_loss_coef: float = 0.001  # router z-loss coefficient (ST-MoE: 0.001)
+    eval_every: int = 200  # steps between validation passes (and one at the last step); 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per pass (whole windows of seq_len, capped by val.bin)
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the last step); 0 = only at the end
+    log_every: int = 10  # steps between log.jsonl lines (and the last step)
+    freeze_hyper_heads: bool = False  # ablation: HyperExpert output heads zero and frozen, so ê = 0 throughout
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, HyperMoEConfig):
+            raise ValueError(f"train config field 'model' must be a HyperMoEConfig, got {type(self.model).__name__}")
+        for name in ("seed", "steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "eval_every",
+                     "eval_tokens", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"train config field {name!r} must be an int, got {value!r}")
+            low = 0 if name in ("seed", "warmup_steps", "eval_every", "checkpoint_every") else 1
+            if value < low:
+                raise ValueError(f"train config field {name!r} must be ≥ {low}, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "balance_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"train config field {name!r} must be a finite number ≥ 0, got {value!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"train config fields 'beta1', 'beta2' must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train config field 'min_lr' ({self.min_lr}) must be ≤ lr ({self.lr})")
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train config field 'seq_len' ({self.seq_len}) exceeds the model's max_seq_len "
+                             f"({self.model.max_seq_len})")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train config field 'dtype' must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"train config field 'device' must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"train config field 'balance_loss' must be one of {BALANCE_LOSSES}, "
+                             f"got {self.balance_loss!r}")
+        if not isinstance(self.freeze_hyper_heads, bool):
+            raise ValueError(f"train config field 'freeze_hyper_heads' must be a bool, got {self.freeze_hyper_heads!r}")
+        if self.freeze_hyper_heads and not self.model.hyper_expert:
+            raise ValueError("train config field 'freeze_hyper_heads' needs a model with hyper_expert=True")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise ValueError("train config must be a JSON object with a 'model' object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**{**data, "model": HyperMoEConfig.from_dict(data["model"])})
+
+
+def model_config(spec: str) -> HyperMoEConfig:
+    """A preset name (PRESETS) or a config JSON file / model directory (ref.io.read_config)."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if not os.path.exists(spec):
+        raise ValueError(f"--config {spec!r} is neither a file nor a preset ({', '.join(PRESETS)})")
+    return ref.io.read_config(spec)[0]
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of update `step` (1-based): linear warmup, then cosine decay to min_lr at cfg.steps."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus
+# ---------------------------------------------------------------------------------------------
+
+
+class Corpus(NamedTuple):
+    train: np.ndarray  # (n_train,) memmap of token ids
+    val: np.ndarray  # (n_val,)
+    vocab_size: int
+    meta: dict[str, Any]
+
+
+def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
+    """train.bin and val.bin of a corpus directory as memmaps, after checking meta.json, each file's size (a
+    multiple of the token size) and, when `verify`, its sha256. ValueError/FileNotFoundError naming the problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"corpus directory {path} does not exist (make one with scripts/fetch_corpus.py)")
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: no such file (a corpus directory holds meta.json, train.bin, val.bin)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("dtype") not in TOKEN_DTYPES:
+        raise ValueError(f"{meta_file}: 'dtype' must be one of {tuple(TOKEN_DTYPES)}")
+    dtype = np.dtype(TOKEN_DTYPES[meta["dtype"]])
+    vocab = meta.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= np.iinfo(dtype).max + 1:
+        raise ValueError(f"{meta_file}: 'vocab_size' must be an int in [1, {np.iinfo(dtype).max + 1}], got {vocab!r}")
+    sha = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    arrays = {}
+    for split in ("train", "val"):
+        file = path / f"{split}.bin"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file")
+        size = file.stat().st_size
+        if size % dtype.itemsize:
+            raise ValueError(f"{file}: {size} bytes is not a multiple of {dtype.itemsize} ({meta['dtype']} tokens); "
+                             f"the file is truncated or corrupt")
+        if size == 0:
+            raise ValueError(f"{file}: empty")
+        if verify and split in sha and _sha256(file) != sha[split]:
+            raise ValueError(f"{file}: sha256 differs from meta.json's; the file is corrupt or was changed")
+        arrays[split] = np.memmap(file, dtype=dtype, mode="r")  # (n,)
+    return Corpus(arrays["train"], arrays["val"], vocab, meta)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets), each (B, S) int64: tokens[o : o + S] and tokens[o + 1 : o + S + 1] for each offset o."""
+    window = offsets[:, None] + np.arange(seq_len + 1)  # (B, S + 1)
+    chunk = np.asarray(tokens[window], dtype=np.int64)  # (B, S + 1)
+    if chunk.max() >= vocab_size:  # cheap here, and it catches a corpus tokenized for a larger vocabulary
+        raise ValueError(f"corpus token id {int(chunk.max())} is ≥ the model's vocab_size ({vocab_size})")
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def train_offsets(cfg: TrainConfig, step: int, n_tokens: int) -> np.ndarray:
+    """Window starts of update `step`: (grad_accum · B,) uniform in [0, n − S − 1], from (seed, step) only."""
+    return np.random.default_rng([cfg.seed, step]).integers(0, n_tokens - cfg.seq_len, cfg.grad_accum * cfg.batch_size)
+
+
+def eval_offsets(cfg: TrainConfig, n_tokens: int) -> np.ndarray:
+    """Contiguous non-overlapping windows from the start of val.bin: min(eval_tokens, n − 1) // S of them."""
+    windows = min(cfg.eval_tokens, n_tokens - 1) // cfg.seq_len
+    return np.arange(windows) * cfg.seq_len  # (W,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimizer, losses
+# ---------------------------------------------------------------------------------------------
+
+HYPER_HEADS = ("hyper.w_down.", "hyper.w_up.", "hyper.b_down.", "hyper.b_up.")  # the generator's output projections
+
+
+def build_model(cfg: TrainConfig):
+    import torch
+
+    from hypermoe.model import HyperMoETransformer
+
+    torch.manual_seed(cfg.seed)
+    model = HyperMoETransformer(cfg.model, device=cfg.device, dtype=torch.float32)
+    if cfg.freeze_hyper_heads:  # W_down = b_down = W_up = b_up = 0 ⇒ ê = relu(0) · 0 + 0 = 0 exactly
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(HYPER_HEADS):
+                    p.zero_()
+                    p.requires_grad_(False)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+
+
+def total_loss(cfg: TrainConfig, out, targets) -> tuple[Any, dict[str, Any]]:
+    """loss = CE + balance_coef · aux[balance_loss] + z_loss_coef · aux["z_loss"] → (loss, its parts)."""
+    import torch.nn.functional as F
+
+    V = out.logits.shape[-1]
+    lm = F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1))  # mean over B·S tokens
+    loss = lm + cfg.balance_coef * out.aux[cfg.balance_loss] + cfg.z_loss_coef * out.aux["z_loss"]
+    return loss, {"lm_loss": lm, **out.aux}
+
+
+def _autocast(cfg: TrainConfig):
+    import contextlib
+
+    import torch
+
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(cfg.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
+    """Validation loss and perplexity over eval_offsets, and per HyperMoE block ℓ: expert_fraction[ℓ] (share of the
+    T·k assignments each expert got; sums to 1) and hyper_share[ℓ] = ‖ê‖ / (‖y‖ + ‖ê‖), Frobenius norms over all
+    eval tokens, y the routed part, ê the HyperExpert (0 for a plain MoE)."""
+    import torch
+
+    offsets = eval_offsets(cfg, len(val))
+    if not len(offsets):
+        raise ValueError(f"val.bin holds {len(val)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    c = cfg.model
+    blocks = [b for b in model.blocks if b.moe is not None]
+    counts = {b.index: torch.zeros(c.n_experts, dtype=torch.float64) for b in blocks}
+    sq = {b.index: [0.0, 0.0] for b in blocks}  # (‖y‖², ‖ê‖²)
+
+    def hook(module, args, kwargs, out):  # ê again from the layer's own HyperExpert path (eval only)
+        x, index = args[0], (args[1] if len(args) > 1 else kwargs.get("layer_index", 0))
+        x2 = x.reshape(-1, c.d_model)  # (T, d)
+        hyper = module._hyper_expert(x2, out.routing.selected.reshape(-1, c.top_k), index, False)  # (T, d)
+        routed = out.output.reshape(-1, c.d_model) - hyper  # (T, d)
+        sq[index][0] += float(routed.float().pow(2).sum())
+        sq[index][1] += float(hyper.float().pow(2).sum())
+
+    handles = [b.moe.register_forward_hook(hook, with_kwargs=True) for b in blocks if c.hyper_expert]
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        with torch.no_grad(), _autocast(cfg):
+            for start in range(0, len(offsets), cfg.batch_size):
+                x, y = batch(val, offsets[start:start + cfg.batch_size], cfg.seq_len, c.vocab_size)
+                out = model(torch.from_numpy(x).to(cfg.device))
+                logits = out.logits.float()  # (B, S, V)
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, c.vocab_size), torch.from_numpy(y).to(cfg.device).reshape(-1), reduction="sum"))
+                n += y.size
+                for index, routing in out.routing.items():
+                    counts[index] += torch.bincount(routing.selected.reshape(-1).cpu(), minlength=c.n_experts).double()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    val_loss = total / n
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "expert_fraction": {str(i): (v / v.sum()).tolist() for i, v in counts.items()},
+        "hyper_share": {str(i): (math.sqrt(h) / (math.sqrt(r) + math.sqrt(h)) if h > 0 else 0.0)
+                        for i, (r, h) in sq.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, cfg: TrainConfig, step: int, model, optimizer) -> None:
+    """RUN_DIR/checkpoint, replaced as a whole (atomic): model/, optimizer.npz, state.json, rng.npz."""
+    import torch
+
+    names = {p: n for n, p in model.named_parameters()}
+    arrays, steps = {}, {}
+    for p, state in optimizer.state.items():
+        name = names[p]
+        arrays[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().numpy()
+        arrays[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().numpy()
+        steps[name] = float(state["step"])
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    rng = {"torch": torch.get_rng_state().numpy()}
+    if cfg.device == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state().numpy()
+    with atomic_output(run_dir / "checkpoint", directory=True, force=True) as tmp:
+        model.save_dir(tmp / "model")
+        with open(tmp / "optimizer.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "train_config": cfg.to_dict(), "adam_step": steps, "param_groups": groups},
+            indent=2, sort_keys=True, default=list) + "\n")
+        with open(tmp / "rng.npz", "wb") as fh:
+            np.savez(fh, **rng)
+
+
+def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
+    """Restore model, optimizer and RNG from RUN_DIR/checkpoint → its step. ValueError if it belongs to another
+    model config or another run."""
+    import torch
+
+    ckpt = run_dir / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{ckpt / 'state.json'}: no such file (the run wrote no checkpoint yet)")
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = TrainConfig.from_dict(state["train_config"])
+    differ = _differing(saved.model.to_dict(), cfg.model.to_dict())
+    if differ:
+        raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
+    differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("model", "steps"))
+    if differ:
+        raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
+    model_cfg, params, kind = ref.io.load_dir(ckpt / "model")
+    if model_cfg != cfg.model or kind != "model":
+        raise ValueError(f"{ckpt / 'model'} holds another model config than the run's")
+    model.load_ref(params)
+    arrays = ref.io.read_npz(ckpt / "optimizer.npz")
+    for name, p in model.named_parameters():
+        if name in state["adam_step"]:
+            optimizer.state[p] = {
+                "step": torch.tensor(state["adam_step"][name], dtype=torch.float32),
+                "exp_avg": torch.from_numpy(arrays[f"{name}.exp_avg"]).to(p.device),
+                "exp_avg_sq": torch.from_numpy(arrays[f"{name}.exp_avg_sq"]).to(p.device),
+            }
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
+    rng = ref.io.read_npz(ckpt / "rng.npz")
+    torch.set_rng_state(torch.from_numpy(rng["torch"]))
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(torch.from_numpy(rng["cuda"]))
+    return int(state["step"])
+
+
+def _differing(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainResult(NamedTuple):
+    step: int  # updates done in total
+    loss: float  # training loss of the last update
+    val_loss: float | None  # of the last evaluation (None if there was none)
+    val_ppl: float | None
+    tokens_per_s: float  # training tokens per second of this invocation
+    run_dir: Path
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, force: bool = False,
+          progress: bool = True, callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train from scratch into `run_dir` (refused if it holds a run, unless `force`), or with `resume` continue the
+    run there from its checkpoint, with the same config except `steps`. `progress`: a tqdm bar on stderr when it
+    is a terminal. `callback(record)` sees every log.jsonl record as it is written (a KeyboardInterrupt raised there
+    stops the run like Ctrl-C: the last checkpoint stays)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    corpus = open_corpus(cfg.data)
+    if corpus.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"corpus vocab_size {corpus.vocab_size} exceeds the model's vocab_size {cfg.model.vocab_size}")
+    if len(corpus.train) < cfg.seq_len + 1:
+        raise ValueError(f"train.bin holds {len(corpus.train)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    if len(corpus.val) < cfg.seq_len + 1:
+        raise ValueError(f"val.bin holds {len(corpus.val)} tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train config device 'cuda' but torch sees no CUDA device")
+
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    log_file = run_dir / "log.jsonl"
+    if resume:
+        saved = _read_train_json(run_dir)
+        differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("steps",))
+        if differ:
+            raise ValueError(f"cannot resume {run_dir}: train config field(s) {', '.join(differ)} differ from its "
+                             f"train.json (only steps may change)")
+        start = load_checkpoint(run_dir, cfg, model, optimizer)
+        _truncate_log(log_file, start)  # lines past the checkpoint belong to steps that are redone
+        if cfg.steps != saved.steps:
+            with atomic_output(run_dir / "train.json", force=True) as tmp:
+                tmp.write_text(cfg.to_json())
+    else:
+        with atomic_output(run_dir, directory=True, force=force, entries=RUN_ENTRIES) as tmp:
+            (tmp / "train.json").write_text(cfg.to_json())
+            (tmp / "log.jsonl").write_text("")
+        start = 0
+
+    bar = _progress_bar(cfg, start) if progress and sys.stderr.isatty() else None
+    tokens_per_update = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_value, last_eval, began = float("nan"), None, time.perf_counter()
+    window_start, window_tokens = began, 0
+    model.train()
+    try:
+        with open(log_file, "a") as log:
+            for step in range(start + 1, cfg.steps + 1):
+                lr = lr_at(cfg, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                offsets = train_offsets(cfg, step, len(corpus.train))  # (grad_accum · B,)
+                parts_sum: dict[str, float] = {}
+                loss_value = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = batch(corpus.train, offsets[micro * cfg.batch_size:(micro + 1) * cfg.batch_size],
+                                 cfg.seq_len, cfg.model.vocab_size)
+                    with _autocast(cfg):
+                        out = model(torch.from_numpy(x).to(cfg.device))
+                        loss, parts = total_loss(cfg, out, torch.from_numpy(y).to(cfg.device))
+                    (loss / cfg.grad_accum).backward()
+                    loss_value += float(loss.detach()) / cfg.grad_accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                window_tokens += tokens_per_update
+                if not math.isfinite(loss_value):
+                    raise ValueError(f"training loss is {loss_value} at step {step}; lower --lr or use float32")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                last = step == cfg.steps
+                if step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    record = {"step": step, "lr": lr, "loss": loss_value, **parts_sum, "grad_norm": float(norm),
+                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+                    _write(log, record, callback)
+                    window_start, window_tokens = now, 0
+                if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                    last_eval = {"step": step, **evaluate(cfg, model, corpus.val)}
+                    _write(log, last_eval, callback)
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+                    log.flush()
+                    os.fsync(log.fileno())
+                    save_checkpoint(run_dir, cfg, step, model, optimizer)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - began
+    done = max(cfg.steps - start, 0)
+    return TrainResult(max(cfg.steps, start), loss_value, last_eval and last_eval["val_loss"],
+                       last_eval and last_eval["val_ppl"], done * tokens_per_update / max(elapsed, 1e-9), run_dir)
+
+
+def _write(log, record: dict[str, Any], callback) -> None:
+    log.write(json.dumps(record) + "\n")  # one write per line: a killed run leaves at most one partial last line
+    log.flush()
+    if callback is not None:
+        callback(record)
+
+
+def _read_train_json(run_dir: Path) -> TrainConfig:
+    file = run_dir / "train.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (not a run directory of hypermoe train)")
+    try:
+        return TrainConfig.from_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Keep the records of steps ≤ `step` (rewritten atomically); drop later ones and a partial last line."""
+    kept = []
+    if log_file.is_file():
+        for line in log_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record.get("step", 0) > step:
+                break
+            kept.append(line)
+    with atomic_output(log_file, force=True) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _progress_bar(cfg: TrainConfig, start: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ValueError("the progress bar needs tqdm: pip install 'hypermoe[train]', or pass --quiet") from None
+    return tqdm(total=cfg.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def read_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of RUN_DIR/log.jsonl (a partial last line, from a killed run, is skipped)."""
+    records = []
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# hypermoe train
+# ---------------------------------------------------------------------------------------------
+
+# CLI option → TrainConfig field (None defaults: "not given", so that --resume can tell an explicit change)
+_OPTIONS = {
+    "data": "data", "seed": "seed", "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
+    "grad_accum": "grad_accum", "lr": "lr", "min_lr": "min_lr", "warmup_steps": "warmup_steps",
+    "weight_decay": "weight_decay", "grad_clip": "grad_clip", "dtype": "dtype", "device": "device",
+    "balance_loss": "balance_loss", "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef",
+    "eval_every": "eval_every", "eval_tokens": "eval_tokens", "checkpoint_every": "checkpoint_every",
+    "log_every": "log_every", "freeze_hyper_heads": "freeze_hyper_heads",
+}
+
+
+def register(subparsers) -> None:
+    d = TrainConfig.__dataclass_fields__
+    p = subparsers.add_parser(
+        "train", help="train the HyperMoE transformer on a tokenized corpus (checkpoints, exact resume)",
+        description="Trains HyperMoETransformer with AdamW (warmup + cosine), writing RUN_DIR/train.json, "
+        "RUN_DIR/log.jsonl and RUN_DIR/checkpoint/ (docs/train.md). --resume RUN_DIR continues a run from its "
+        "checkpoint; on CPU in float32 the losses equal an uninterrupted run's. Presets: " + ", ".join(PRESETS) + ".",
+    )
+    p.add_argument("--config", help="model config JSON (or a model directory) or a preset name "
+                   f"({', '.join(PRESETS)}); with --resume, taken from the run")
+    p.add_argument("--data", help="corpus directory (train.bin, val.bin, meta.json; scripts/fetch_corpus.py)")
+    p.add_argument("--out", help="run directory to create (refused if it holds a run, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the run in --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its checkpoint (options given "
+                   "must match its train.json, except --steps)")
+    hyper = p.add_mutually_exclusive_group()
+    hyper.add_argument("--hyper-expert", dest="hyper_expert", action="store_true", default=None,
+                       help="model with the HyperExpert (the config's setting by default)")
+    hyper.add_argument("--no-hyper-expert", dest="hyper_expert", action="store_false",
+                       help="plain MoE ablation: no HyperExpert")
+    p.add_argument("--freeze-hyper-heads", action="store_true", default=None,
+                   help="ablation: the HyperExpert's output heads zero and frozen (its output is 0 throughout)")
+    for flag, kind in (("seed", int), ("steps", int), ("batch-size", int), ("seq-len", int), ("grad-accum", int),
+                       ("lr", float), ("min-lr", float), ("warmup-steps", int), ("weight-decay", float),
+                       ("grad-clip", float), ("balance-coef", float), ("z-loss-coef", float), ("eval-every", int),
+                       ("eval-tokens", int), ("checkpoint-every", int), ("log-every", int)):
+        field = flag.replace("-", "_")
+        p.add_argument(f"--{flag}", type=kind, default=None, help=f"default {d[field].default}")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 (bfloat16: autocast)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cpu")
+    p.add_argument("--balance-loss", choices=BALANCE_LOSSES, default=None, help="default switch_balance")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: bitwise-reproducible runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    import torch
+
+    given = {field: getattr(args, opt) for opt, field in _OPTIONS.items() if getattr(args, opt) is not None}
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ValueError("--out and --resume name different run directories; --resume RUN_DIR alone continues it")
+        run_dir, base = Path(args.resume), _read_train_json(Path(args.resume))
+        model = model_config(args.config) if args.config else base.model
+        cfg = TrainConfig.from_dict({**base.to_dict(), "model": model.to_dict()}).replace(**given)
+    else:
+        if not (args.config and args.data and args.out):
+            raise ValueError("--config, --data and --out are required (or --resume RUN_DIR)")
+        run_dir, model = Path(args.out), model_config(args.config)
+        cfg = None
+    if args.hyper_expert is not None:
+        model = model.replace(hyper_expert=args.hyper_expert)
+    cfg = (cfg.replace(model=model) if cfg else TrainConfig(model=model, **given))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
+    val = "" if result.val_loss is None else f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})"
+    print(f"{run_dir}: step {result.step}, loss {result.loss:.4f}{val}, {result.tokens_per_s:,.0f} tokens/s")
+    return 0
+
+
+__all__ = ["TrainConfig", "TrainResult", "PRESETS", "train", "evaluate", "open_corpus", "lr_at", "read_log"]
