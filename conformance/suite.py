@@ -83,7 +83,71 @@ def load_manifest(cases_dir: str | Path = CASES_DIR) -> dict[str, Any]:
         raise IntegrityError(f"conformance manifest {path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA or not isinstance(manifest.get("cases"), list):
         raise IntegrityError(f"conformance manifest {path} is not a schema-{MANIFEST_SCHEMA} manifest")
+    for key in ("suite_version", "spec_version"):
+        if not isinstance(manifest.get(key), str):
+            raise IntegrityError(f"conformance manifest {path}: {key!r} must be a string, got {manifest.get(key)!r}")
+    for i, entry in enumerate(manifest["cases"]):
+        problem = _entry_problem(entry)
+        if problem:
+            name = entry.get("id") if isinstance(entry, dict) and isinstance(entry.get("id"), str) else f"number {i}"
+            raise IntegrityError(f"conformance manifest {path}: case {name}: {problem}")
     return manifest
+
+
+PER_LAYER = ("output", "selected", "gates", "probs", "logits", "kept", "routed", "hyper") + tuple(
+    f"aux.{name}" for name in AUX_NAMES)  # what the runner reads of each layer's expected results
+TOLERANCES = ("output", "logits", "probs", "gates") + tuple(f"aux.{name}" for name in AUX_NAMES)
+
+
+def _entry_problem(entry: Any) -> str:
+    """What in one manifest entry the runner cannot use ("" if nothing): the case files are covered by their
+    sha256, the manifest only by this check, so an edited field is an integrity error, not a KeyError later."""
+    if not isinstance(entry, dict):
+        return f"not a JSON object but {type(entry).__name__}"
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    pair = lambda v: isinstance(v, list) and len(v) == 2 and all(number(x) for x in v)  # noqa: E731  [atol, rtol]
+    fields = {
+        "id": lambda v: isinstance(v, str) and v != "",
+        "file": lambda v: isinstance(v, str) and v.endswith(".npz") and Path(v).name == v,
+        "sha256": lambda v: isinstance(v, str),
+        "kind": lambda v: v in ("layer", "stack"),
+        "layer_index": lambda v: entry.get("kind") == "stack" or isinstance(v, int) and not isinstance(v, bool),
+        "config": lambda v: isinstance(v, dict),
+        "shapes": lambda v: isinstance(v, dict) and all(
+            isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in s) for s in v.values()),
+        "tags": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+        "routing_margin": lambda v: v is None or number(v),
+        "order_margin": lambda v: v is None or number(v),
+        "dtypes": lambda v: isinstance(v, dict) and all(isinstance(v.get(d), dict) for d in DTYPES),
+    }
+    for key, valid in fields.items():
+        if key not in entry or not valid(entry[key]):
+            return f"field {key!r} is missing or invalid ({entry.get(key)!r:.60})"
+    try:
+        cfg = case_config(entry)
+    except (TypeError, ValueError) as err:
+        return f"invalid config: {err}"
+    layers = cfg.n_layers if entry["kind"] == "stack" else 1
+    prefixes = [f"layers.{ell}." for ell in range(layers)] if entry["kind"] == "stack" else [""]
+    needed = {"input.x"} | {f"expected.{p}{q}" for p in prefixes for q in PER_LAYER}
+    if entry["kind"] == "stack":
+        needed |= {"expected.output"} | {f"expected.{p}input" for p in prefixes}
+    missing = sorted(needed - set(entry["shapes"]))
+    if missing:
+        return f"the {entry['kind']} case lists no array(s) {', '.join(missing[:3])}"
+    for dtype in DTYPES:
+        spec = entry["dtypes"][dtype]
+        if spec.get("skip") is not None:
+            if not isinstance(spec["skip"], str) or not spec["skip"]:
+                return f"dtypes.{dtype}.skip must be null or a reason, got {spec['skip']!r:.60}"
+            continue
+        tolerances = spec.get("layers")
+        if not (isinstance(tolerances, list) and len(tolerances) == layers and all(
+                isinstance(t, dict) and all(pair(t.get(name)) for name in TOLERANCES) for t in tolerances)):
+            return f"dtypes.{dtype}.layers must be {layers} object(s) of [atol, rtol] for {', '.join(TOLERANCES)}"
+        if entry["kind"] == "stack" and not pair(spec.get("output")):
+            return f"dtypes.{dtype}.output must be [atol, rtol], got {spec.get('output')!r:.60}"
+    return ""
 
 
 def select_cases(manifest: dict[str, Any], patterns: str | None) -> list[dict[str, Any]]:

@@ -161,9 +161,11 @@ def _input(args, runner) -> np.ndarray:
         if not head.startswith(b"\x93NUMPY"):  # np.load would try it as a pickle, or an .npz archive
             raise ValueError(f"{path}: not a .npy file (starts with {head.hex(' ') or 'nothing: empty file'}; "
                              "a .npy file starts with 93 4e 55 4d 50 59, np.save writes one)")
+        from ref.io import read_npy_file
+
         try:
-            x = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+            x = read_npy_file(path)  # never unpickles; the header's size is checked against the file before allocating
+        except (ValueError, OSError) as err:
             raise ValueError(f"{path}: not a readable .npy array ({err})") from None
         try:
             runner.check_input(x)  # dtype and shape against the model's input, before anything runs

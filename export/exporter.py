@@ -225,8 +225,11 @@ def check_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The hypermoe.* model properties of an exported file (without the prefix). ValueError if not a hypermoe export."""
+    """The hypermoe.* model properties of an exported file (without the prefix). ValueError if not a hypermoe export
+    or if the config, kind, dtype or layer_index it records is invalid."""
     import onnx
+
+    from ref.io import KINDS
 
     path = Path(path)
     if path.is_dir():
@@ -240,6 +243,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     meta = {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
     if "config" not in meta:
         raise ValueError(f"{path}: not a hypermoe export (no {META_PREFIX}config metadata)")
+    try:  # what verify reads from the metadata is checked here, once: a value edited by hand gets one line
+        cfg = metadata_config(meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: metadata {META_PREFIX}config: {err}") from None
+    for key, allowed in (("kind", KINDS), ("dtype", DTYPES)):
+        if key in meta and meta[key] not in allowed:
+            raise ValueError(f"{path}: metadata {META_PREFIX}{key} is {meta[key]!r}, expected one of {allowed}")
+    index = meta.get("layer_index", "0")
+    if not (index.isdigit() and int(index) < cfg.n_layers):
+        raise ValueError(f"{path}: metadata {META_PREFIX}layer_index is {index!r}, expected an int in "
+                         f"[0, n_layers={cfg.n_layers})")
     return meta
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -99,7 +100,10 @@ def read_npy(fh, size: int) -> np.ndarray:
     read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     if read_header is None:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here (np.save writes 1.0)")
-    shape, fortran_order, dtype = read_header(fh)
+    try:
+        shape, fortran_order, dtype = read_header(fh)
+    except (SyntaxError, tokenize.TokenError) as err:  # numpy parses the header as a Python literal
+        raise ValueError(f"unreadable .npy header ({type(err).__name__}: {err})") from None
     if dtype.hasobject:
         raise ValueError(f"holds Python objects ({dtype}), stored pickled: not loaded")
     declared, held = dtype.itemsize * math.prod(shape), size - fh.tell()
