@@ -58,6 +58,8 @@ PRESETS: dict[str, HyperMoEConfig] = {
                                 max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
     "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
                                     max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-moe-k2": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=2, n_layers=4, n_heads=4,
+                                       max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
     "cpu-small-dense": HyperMoEConfig(d_model=128, d_ff=256, n_experts=1, top_k=1, n_layers=4, n_heads=4,
                                       max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
 }
@@ -169,12 +171,13 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 class Corpus(NamedTuple):
     train: np.ndarray  # (n_train,) memmap of token ids
     val: np.ndarray  # (n_val,)
+    test: np.ndarray | None  # (n_test,); None where the corpus has no test.bin (evaluated once, at the end)
     vocab_size: int
     meta: dict[str, Any]
 
 
 def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
-    """train.bin and val.bin of a corpus directory as memmaps, after checking meta.json, each file's size (a
+    """train.bin, val.bin (and test.bin where present) of a corpus directory as memmaps, after checking meta.json, each file's size (a
     multiple of the token size) and, when `verify`, its sha256. ValueError/FileNotFoundError naming the problem."""
     path = Path(path)
     if not path.is_dir():
@@ -194,8 +197,11 @@ def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
         raise ValueError(f"{meta_file}: 'vocab_size' must be an int in [1, {np.iinfo(dtype).max + 1}], got {vocab!r}")
     sha = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
     arrays = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         file = path / f"{split}.bin"
+        if split == "test" and not file.is_file():
+            arrays[split] = None
+            continue
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no such file")
         size = file.stat().st_size
@@ -207,7 +213,7 @@ def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
         if verify and split in sha and _sha256(file) != sha[split]:
             raise ValueError(f"{file}: sha256 differs from meta.json's; the file is corrupt or was changed")
         arrays[split] = np.memmap(file, dtype=dtype, mode="r")  # (n,)
-    return Corpus(arrays["train"], arrays["val"], vocab, meta)
+    return Corpus(arrays["train"], arrays["val"], arrays["test"], vocab, meta)
 
 
 def _sha256(file: Path) -> str:
@@ -510,6 +516,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                     last_eval = {"step": step, **evaluate(cfg, model, corpus.val)}
                     _write(log, last_eval, callback)
+                if last and corpus.test is not None and len(corpus.test) > cfg.seq_len:  # held out until the end
+                    test = evaluate(cfg, model, corpus.test)
+                    _write(log, {"step": step, "test_loss": test["val_loss"], "test_ppl": test["val_ppl"]}, callback)
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
                     log.flush()
                     os.fsync(log.fileno())
