@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import ref
-from ref.files import sha256_file  # noqa: F401  (re-exported: runner, generate)
+from ref.files import sha256_file
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 MANIFEST = "manifest.json"
