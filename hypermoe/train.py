@@ -496,7 +496,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     raise ValueError(f"training loss is {loss_value} at step {step}; lower --lr or use float32")
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    rate = (step - start) * tokens_per_update / max(time.perf_counter() - began, 1e-9)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tokens_per_s=f"{rate:,.0f}", refresh=False)
                 last = step == cfg.steps
                 if step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
