@@ -160,7 +160,7 @@ def pickle_global(path: Path) -> str:
                     return ".".join(strings[-2:])
                 if isinstance(arg, str):
                     strings.append(arg)
-    except (ValueError, EOFError, pickle.UnpicklingError):
+    except Exception:  # a corrupt pickle (any decoding error, a huge declared length): no name to report
         pass
     return ""
 
@@ -170,8 +170,8 @@ def _npy_members_only(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError):
+        return False  # not a readable zip (a flipped version field: NotImplementedError); torch.load says why
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
