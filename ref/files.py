@@ -132,7 +132,10 @@ def _swap_directory(staging: Path, path: Path) -> None:
     except BaseException:
         os.rename(aside, path)
         raise
-    shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink()
 
 
 def _fsync_tree(staging: Path) -> None:
