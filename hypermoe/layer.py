@@ -22,10 +22,10 @@ The same numbers as the reference, computed fast (performance.md). Paths, chosen
   (the copy doubles the weight traffic). Not yet measured on a GPU: scripts/gpu_check.sh times both.
 - torch.nn.functional.grouped_mm is not used: on CPU it is a loop of mm without bias (no faster); its CUDA bf16
   kernel (SM90) is the candidate for the sorted path on GPUs once measured there.
-- export (`exportable = True`, or automatically under torch.export / torch.onnx.export(dynamo=True)): no
-  data-dependent shapes or control flow — rank-based top-k, all experts dense with a (T, N) gate, capacity by
-  cumsum, and the C(N, k) adapter table applied by one-hot (or the factored form).
 Every path gives the reference's routing exactly and its numbers to rounding (tests/test_layer.py).
+None is exportable (data-dependent shapes: sort, bincount, unique); torch.export / torch.onnx.export(dynamo=True)
+of this layer is refused with a one-line error. The exportable formulation is export/graph.py's ExportLayer
+(`hypermoe export`), built from the same reference parameters.
 
 Axis legend (as ref/):
     T tokens (all leading dims flattened)   d model width          N experts        k selected experts
@@ -58,7 +58,10 @@ CV_EPS = 1e-10  # the official cv² denominator guard (as ref.semantics.CV_EPS)
 # CUDA, T·k up to this: gather each assignment's weights (decode: no sort, no host sync, CUDA-graph friendly).
 # Not on CPU: there the gathered copy doubles the weight traffic and the sorted path was faster at every T.
 SMALL_TOKENS_CUDA = 4
-MAX_TABLE_SETS = 128  # C(N, k) up to this: adapters per set (grouped / cached / export table); above: factored form
+# torch.export / torch.onnx.export(dynamo=True) of the layer: refused up front (its paths have data-dependent shapes)
+EXPORT_REFUSAL = ("HyperMoELayer is not exportable (data-dependent shapes); export with `hypermoe export` or "
+                  "export.graph.ExportLayer (the same reference parameters, same numbers)")
+MAX_TABLE_SETS = 128  # C(N, k) up to this: adapters per set (grouped / cached); above: factored form
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +326,6 @@ class HyperMoELayer(nn.Module):
             raise ValueError("a hypernetwork was given but config field 'hyper_expert' is False")
         self.check_finite = check_finite
         self.cache_adapters = cache_adapters
-        self.exportable = False  # True: always take the export path (torch.export selects it by itself)
         self.max_table_sets = MAX_TABLE_SETS
         self.small_tokens: int | None = None  # None: SMALL_TOKENS_CUDA on CUDA, 0 on CPU
         n_sets = math.comb(c.n_experts, c.top_k)
@@ -402,40 +404,45 @@ class HyperMoELayer(nn.Module):
                 gate_noise: torch.Tensor | None = None) -> HyperMoEOutput:
         """x (..., S, d) → HyperMoEOutput. `layer_index` picks the layer embedding ℓ of the hypernetwork;
         `jitter` (..., S, d) and `gate_noise` (..., S, N) are the training-only random draws (SPEC.md §3.1)."""
+        if torch.compiler.is_exporting():
+            raise ValueError(EXPORT_REFUSAL)
         self._check(x, layer_index, jitter, gate_noise)
         layer_index, c = int(layer_index), self.config
-        exporting = self.exportable or torch.compiler.is_exporting()
         lead, d, N, k = x.shape[:-1], c.d_model, c.n_experts, c.top_k
         x2 = x.reshape(-1, d)  # (T, d)
-        rdtype = torch.promote_types(x.dtype, torch.float32)  # router dtype: float32 at least
-        if self.training and jitter is None and c.router_jitter > 0:
-            jitter = torch.empty_like(x).uniform_(1.0 - c.router_jitter, 1.0 + c.router_jitter)
-        if self.training and gate_noise is None and c.noisy_gating:
-            gate_noise = torch.randn((*lead, N), dtype=rdtype, device=x.device)
+        selected, gate, probs, logits, kept = self._route(x, jitter, gate_noise)  # §3.1–3.4, (T, ·)
 
-        logits = self._router_logits(x2, jitter, gate_noise, rdtype)  # §3.1 (T, N)
-        probs = torch.softmax(logits, dim=-1)  # (T, N)
-        # §3.2 selection: ties → lower index
-        selected = _select_dense(logits, k) if exporting else _select_sorted(logits, k)  # (T, k)
-        chosen = probs.gather(-1, selected)  # (T, k)
-        gate = chosen / chosen.sum(-1, keepdim=True) if c.gate == "topk" else chosen  # §3.3 (T, k)
-        kept = self._capacity_keep(selected, x.shape[-2])  # §3.4 (T,)
-
-        small = not exporting and x2.shape[0] * k <= self._small_tokens(x.device)  # no guard on T when exporting
-        fused = c.hyper_expert and k == 1 and not exporting and not small and self._tables()
-        if exporting:
-            out = self._routed_dense(x2, selected, gate, kept)  # (T, d)
-        elif small:
+        small = x2.shape[0] * k <= self._small_tokens(x.device)
+        fused = c.hyper_expert and k == 1 and not small and self._tables()
+        if small:
             out = self._routed_gather(x2, selected, gate, kept)  # (T, d) decode sizes
         elif fused:  # k = 1: routed experts and HyperExpert in one dispatch
             out = self._routed_sorted(x2, selected, gate, kept, self._all_set_adapters(x2, layer_index))
         else:
             out = self._routed_sorted(x2, selected, gate, kept)  # (T, d)
         if c.hyper_expert and not fused:
-            out = out + self._hyper_expert(x2, selected, layer_index, exporting, small)  # §3.8 weight 1
+            out = out + self._hyper_expert(x2, selected, layer_index, small)  # §3.8 weight 1
         routing = Routing(selected.reshape(*lead, k), gate.reshape(*lead, k), probs.reshape(*lead, N),
                           logits.reshape(*lead, N), kept.reshape(lead))
         return HyperMoEOutput(out.reshape(x.shape), routing, self._aux(logits, probs, selected, gate))
+
+    def _route(self, x, jitter, gate_noise) -> Routing:
+        """§3.1–3.4 for x (..., S, d): Routing with the token axes flattened (T, ·). In training mode, draws the
+        jitter / gate noise not given (torch's RNG)."""
+        c = self.config
+        x2 = x.reshape(-1, c.d_model)  # (T, d)
+        rdtype = torch.promote_types(x.dtype, torch.float32)  # router dtype: float32 at least
+        if self.training and jitter is None and c.router_jitter > 0:
+            jitter = torch.empty_like(x).uniform_(1.0 - c.router_jitter, 1.0 + c.router_jitter)
+        if self.training and gate_noise is None and c.noisy_gating:
+            gate_noise = torch.randn((*x.shape[:-1], c.n_experts), dtype=rdtype, device=x.device)
+        logits = self._router_logits(x2, jitter, gate_noise, rdtype)  # §3.1 (T, N)
+        probs = torch.softmax(logits, dim=-1)  # (T, N)
+        selected = _select_sorted(logits, c.top_k)  # §3.2 (T, k): ties → lower index
+        chosen = probs.gather(-1, selected)  # (T, k)
+        gate = chosen / chosen.sum(-1, keepdim=True) if c.gate == "topk" else chosen  # §3.3 (T, k)
+        kept = self._capacity_keep(selected, x.shape[-2])  # §3.4 (T,)
+        return Routing(selected, gate, probs, logits, kept)
 
     def _router_logits(self, x2, jitter, gate_noise, rdtype) -> torch.Tensor:
         """§3.1 logits = (x ⊙ u) W_r + b_r [+ ε ⊙ (softplus(x W_noise) + 0.01)] in rdtype → (T, N)."""
@@ -492,9 +499,8 @@ class HyperMoELayer(nn.Module):
                 continue
             e = g % N  # rows (n, d), g_rows (n, 1)
             if g < N:
-                u = rows @ w1[e] if b1 is None else torch.addmm(b1[e], rows, w1[e])  # (n, f)
-                u = activation(c.activation, u)
-                y = u @ w2[e] if b2 is None else torch.addmm(b2[e], u, w2[e])  # (n, d)
+                bias1, bias2 = (None if b is None else b[e] for b in (b1, b2))
+                y = expert_ffn(c.activation, rows, w1[e], bias1, w2[e], bias2)  # (n, d)
             else:
                 y = rows  # capacity drop rule: routed = g · x (HF SwitchTransformers)
             y = y * g_rows
@@ -525,24 +531,6 @@ class HyperMoELayer(nn.Module):
             y = torch.where(kept.reshape(T, 1, 1), y, x2.unsqueeze(1))  # k = 1; capacity drop: routed = g · x
         return (y * gate.to(x2.dtype).unsqueeze(-1)).sum(1)
 
-    def _routed_dense(self, x2, selected, gate, kept) -> torch.Tensor:
-        """§3.5, export form: every expert on every token, combined with the dense (T, N) gate (zero off S)."""
-        c, ex = self.config, self.experts
-        u = torch.matmul(x2, ex.w1)  # (N, T, f)
-        if ex.b1 is not None:
-            u = u + ex.b1.unsqueeze(1)
-        y_all = torch.matmul(activation(c.activation, u), ex.w2)  # (N, T, d)
-        if ex.b2 is not None:
-            y_all = y_all + ex.b2.unsqueeze(1)
-        onehot = selected.unsqueeze(-1) == torch.arange(c.n_experts, device=x2.device)  # (T, k, N)
-        dense_gate = (onehot.to(gate.dtype) * gate.unsqueeze(-1)).sum(1)  # (T, N)
-        if c.capacity is not None:
-            dense_gate = dense_gate * kept.unsqueeze(-1).to(gate.dtype)
-        y = torch.einsum("tn,ntd->td", dense_gate.to(x2.dtype), y_all)  # (T, d)
-        if c.capacity is not None:
-            y = y + (gate[:, :1] * (~kept).unsqueeze(-1).to(gate.dtype)).to(x2.dtype) * x2  # drop: g · x
-        return y
-
     # --- the HyperExpert ---
     def _tables(self) -> bool:
         """Whether adapters are generated per selected set (C(N, k) ≤ max_table_sets), else the factored form."""
@@ -559,7 +547,7 @@ class HyperMoELayer(nn.Module):
         """The adapters of all C(N, k) sets, row = colex rank: cached at inference, else generated."""
         return self._cached_adapters(layer_index) if self._may_cache(x2) else self._adapters(self._sets, layer_index)
 
-    def _hyper_expert(self, x2, selected, layer_index, exporting, small=False) -> torch.Tensor:
+    def _hyper_expert(self, x2, selected, layer_index, small=False) -> torch.Tensor:
         """§3.6–3.7 ê (T, d). Tables of adapters per set when C(N, k) ≤ max_table_sets, else the factored form."""
         c = self.config
         chosen = (selected.unsqueeze(-1) == torch.arange(c.n_experts, device=x2.device)).any(1)  # (T, N) S mask
@@ -567,8 +555,6 @@ class HyperMoELayer(nn.Module):
             return self._hyper_factored(x2, chosen, layer_index)
         count = chosen.long().cumsum(-1)  # (T, N) 1-based position among the selected
         set_id = (self._binom.gather(0, count) * chosen).sum(-1)  # (T,) colex rank Σ_i C(c_i, i)
-        if exporting:
-            return self._hyper_onehot(x2, set_id, self._adapters(self._sets, layer_index))
         if self._may_cache(x2):
             table = self._cached_adapters(layer_index)
             return _gathered_adapter(x2, set_id, table) if small else _grouped_adapter(x2, set_id, table)
@@ -592,15 +578,6 @@ class HyperMoELayer(nn.Module):
         self._adapter_cache[layer_index] = (key, table)
         return table
 
-    def _hyper_onehot(self, x2, set_id, table: Adapters) -> torch.Tensor:
-        """Export form: x against all C adapters at once, each token keeping its own set's (one-hot over C)."""
-        C, d, a = table.w_down.shape
-        onehot = (set_id.unsqueeze(-1) == torch.arange(C, device=x2.device)).to(x2.dtype)  # (T, C)
-        down_all = (x2 @ table.w_down.permute(1, 0, 2).reshape(d, C * a)).reshape(-1, C, a)  # (T, C, a)
-        hidden = F.relu((down_all * onehot.unsqueeze(-1)).sum(1) + onehot @ table.b_down)  # (T, a)
-        spread = (onehot.unsqueeze(-1) * hidden.unsqueeze(1)).reshape(-1, C * a)  # (T, C·a) zero off the set
-        return spread @ table.w_up.reshape(C * a, d) + onehot @ table.b_up  # (T, d)
-
     def _hyper_factored(self, x2, chosen, layer_index) -> torch.Tensor:
         """Per token, without materialising weights: x W_down(r) = Σ_j r_j (x Hd_j) + x hd, and likewise
         h W_up(r) = (r ⊗ h) Hu + h hu. FLOPs grow with g, so used only when C(N, k) > max_table_sets."""
@@ -617,21 +594,8 @@ class HyperMoELayer(nn.Module):
 
     # --- §3.8 auxiliary losses ---
     def _aux(self, logits, probs, selected, gate) -> dict[str, torch.Tensor]:
-        """switch_balance = N Σ_i f_i P_i, z_loss = mean logsumexp², cv_balance = cv²(importance) + cv²(load);
-        selection before any capacity drop; all 0 for T = 0. Differentiable through probs, logits and gates."""
-        T, N = probs.shape
-        if _is_zero(T):
-            zero = probs.sum() * 0  # keeps the graph connected
-            return {"switch_balance": zero, "z_loss": zero, "cv_balance": zero}
-        onehot = (selected.unsqueeze(-1) == torch.arange(N, device=probs.device)).to(probs.dtype)  # (T, k, N)
-        chosen = onehot.sum(1)  # (T, N) 1 where selected
-        importance = (onehot * gate.unsqueeze(-1)).sum((0, 1))  # (N,) Σ_tokens gates
-        load = chosen.sum(0)  # (N,) tokens per expert
-        return {
-            "switch_balance": N * (chosen.mean(0) * probs.mean(0)).sum(),
-            "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
-            "cv_balance": _cv_squared(importance) + _cv_squared(load),
-        }
+        """§3.8 over the T tokens of this call (selection before any capacity drop; all 0 for T = 0)."""
+        return aux_from_sums(aux_sums(logits, probs, selected, gate))
 
     # --- reference parameters and saved directories ---
     def load_ref(self, params: Mapping[str, np.ndarray]) -> HyperMoELayer:
@@ -674,7 +638,7 @@ class HyperMoELayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers of the fast and export paths
+# Helpers of the fast paths
 # ---------------------------------------------------------------------------------------------
 
 
@@ -689,17 +653,6 @@ def _select_sorted(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return logits.argmax(-1, keepdim=True)
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
-
-
-def _select_dense(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Export form of _select_sorted (exporters reject stable sorts): the rank of expert i is
-    #{j : l_j > l_i} + #{j < i : l_j = l_i} (lower index first on ties); slot r holds the expert of rank r."""
-    N = logits.shape[-1]
-    li, lj = logits.unsqueeze(-1), logits.unsqueeze(-2)  # (T, N, 1) expert i, (T, 1, N) expert j
-    lower = torch.ones(N, N, dtype=torch.bool, device=logits.device).tril(-1)  # [i, j]: j < i
-    rank = ((lj > li) | ((lj == li) & lower)).sum(-1)  # (T, N)
-    slot = torch.arange(k, device=logits.device)
-    return (rank.unsqueeze(-2) == slot.unsqueeze(-1)).long().argmax(-1)  # (T, k)
 
 
 def _grouped_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) -> torch.Tensor:
@@ -720,7 +673,7 @@ def _grouped_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) -> 
 
 
 def _is_zero(n) -> bool:
-    """n == 0 for a concrete size; False for a symbolic one (torch.export: dynamic sizes are ≥ 2)."""
+    """n == 0 for a concrete size; False for a symbolic one (torch.compile with dynamic sizes: they are ≥ 2)."""
     return isinstance(n, int) and n == 0
 
 
@@ -730,6 +683,40 @@ def _gathered_adapter(x2: torch.Tensor, group: torch.Tensor, table: Adapters) ->
                         + table.b_down.index_select(0, group))  # (T, a)
     up = torch.bmm(hidden.unsqueeze(1), table.w_up.index_select(0, group)).squeeze(1)  # (T, d)
     return up + table.b_up.index_select(0, group)
+
+
+def aux_sums(logits, probs, selected, gate) -> torch.Tensor:
+    """The sums over tokens that §3.8's losses are made of, packed in one vector (3N + 2,), router dtype:
+    [T, Σ_t logsumexp(logits_t)², importance_i = Σ_t G_ti (N), load_i = Σ_t sel_ti (N), Σ_t p_ti (N)].
+    Sums over disjoint batches add, so aux_from_sums(Σ over batches) is the losses of their union (the
+    expert-parallel layer all-reduces this vector). Differentiable through logits, probs and gates."""
+    T, N = probs.shape
+    onehot = (selected.unsqueeze(-1) == torch.arange(N, device=probs.device)).to(probs.dtype)  # (T, k, N)
+    importance = (onehot * gate.unsqueeze(-1)).sum((0, 1))  # (N,) Σ_tokens gates
+    load = onehot.sum((0, 1))  # (N,) tokens per expert: exact integers (float32: up to 2^24 tokens)
+    lse2 = torch.logsumexp(logits, dim=-1).pow(2).sum()  # () Σ_t (logsumexp_i logits_ti)²; 0 for T = 0
+    return torch.cat([probs.new_full((1,), float(T)), lse2.reshape(1), importance, load, probs.sum(0)])
+
+
+def aux_from_sums(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """§3.8 from aux_sums' vector: switch_balance = N Σ_i f_i P_i (f_i = load_i / T, P_i = Σ_t p_ti / T),
+    z_loss = Σ_t lse² / T, cv_balance = cv²(importance) + cv²(load). T = 0: every sum is 0, and dividing by
+    max(T, 1) gives the spec's 0 for all three without a branch on T (no host sync)."""
+    N = (sums.shape[0] - 2) // 3
+    T, lse2, importance, load, prob_sum = sums[0].clamp(min=1), sums[1], *sums[2:].split(N)
+    return {
+        "switch_balance": N * ((load / T) * (prob_sum / T)).sum(),
+        "z_loss": lse2 / T,
+        "cv_balance": _cv_squared(importance) + _cv_squared(load),
+    }
+
+
+def expert_ffn(act: str, x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """§3.5 FFN_i(x) = act(x W1_i + c1_i) W2_i + c2_i of one expert on rows x (n, d) → (n, d); b1, b2 None
+    without expert_bias."""
+    u = x @ w1 if b1 is None else torch.addmm(b1, x, w1)  # (n, f)
+    u = activation(act, u)
+    return u @ w2 if b2 is None else torch.addmm(b2, u, w2)  # (n, d)
 
 
 def _cv_squared(v: torch.Tensor) -> torch.Tensor:

@@ -304,7 +304,7 @@ def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
     def hook(module, args, kwargs, out):  # ê again from the layer's own HyperExpert path (eval only)
         x, index = args[0], (args[1] if len(args) > 1 else kwargs.get("layer_index", 0))
         x2 = x.reshape(-1, c.d_model)  # (T, d)
-        hyper = module._hyper_expert(x2, out.routing.selected.reshape(-1, c.top_k), index, False)  # (T, d)
+        hyper = module._hyper_expert(x2, out.routing.selected.reshape(-1, c.top_k), index)  # (T, d)
         routed = out.output.reshape(-1, c.d_model) - hyper  # (T, d)
         sq[index][0] += float(routed.float().pow(2).sum())
         sq[index][1] += float(hyper.float().pow(2).sum())

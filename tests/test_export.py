@@ -174,15 +174,6 @@ def test_model_export_matches_ref(tmp_path, flavour):
     assert main(["run", str(out), "--seq", str(cfg.max_seq_len + 1)]) == 2
 
 
-def test_torch_layer_export_path_matches_ref(export_cache):
-    """hypermoe.layer.HyperMoELayer's own export path (implementation "layer") traces and matches ref."""
-    cfg = ref.tiny_config(gate="switch", top_k=1, capacity=2)
-    params = ref.init(cfg, seed=6)
-    # T = 0 excluded: that graph fails on onnxruntime at T = 0 (GatherElements rank error; export/README.md)
-    run_and_compare(export_cache(cfg, 6, implementation="layer"), cfg, params, seed=6,
-                    shapes=[s for s in SHAPES if 0 not in s])
-
-
 # ---------------------------------------------------------------------------------------------
 # Shapes, dtypes, the portable graph on onnx.reference
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +381,6 @@ def test_fused_refusals(tmp_path):
 
 def test_export_failures_are_one_line_value_errors(tmp_path):
     cfg = ref.tiny_config()
-    with pytest.raises(ValueError, match="float16 is supported on CUDA only"):  # hypermoe.layer's own check
-        exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), dtype="float16", implementation="layer")
     with pytest.raises(ValueError, match="opset"):
         exporter.export_model(tmp_path / "x.onnx", cfg, ref.init(cfg), opset=17)
     with pytest.raises(ValueError, match="routing outputs"):

@@ -58,7 +58,7 @@ def check_against_ref(out, expected, tol, what=""):
 
 def run_modes(layer, x, layer_index=0, **kw) -> list:
     """The layer's paths: inference (cached adapters), autograd recording (adapters per set present), the
-    decode path (weights gathered per assignment, forced here for every T), and the export formulation.
+    decode path (weights gathered per assignment, forced here for every T), cached or not.
     A list, not a generator: a generator suspended inside `no_grad` would leak the grad mode into its caller."""
     with torch.no_grad():
         cached = layer(x, layer_index, **kw)
@@ -70,13 +70,7 @@ def run_modes(layer, x, layer_index=0, **kw) -> list:
             gathered_cached = layer(x, layer_index, **kw)
     finally:
         layer.small_tokens = small
-    layer.exportable = True
-    try:
-        exportable = layer(x, layer_index, **kw)
-    finally:
-        layer.exportable = False
-    return [("cached", cached), ("grouped", grouped), ("gathered", gathered), ("gathered-cached", gathered_cached),
-            ("exportable", exportable)]
+    return [("cached", cached), ("grouped", grouped), ("gathered", gathered), ("gathered-cached", gathered_cached)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +113,6 @@ def test_matches_ref_float32(case):
         check_against_ref(out, expected, FP32_TOL, f"({mode}, {case.cfg})")
 
 
-@pytest.mark.parametrize("exportable", [False, True])
 @pytest.mark.parametrize("n_experts,top_k,tied,expected", [
     (4, 2, [0, 1, 2, 3], [0, 1]),  # all logits equal
     (4, 2, [1, 2, 3], [0, 1]),  # expert 0 largest, then a 3-way tie at the boundary
@@ -127,7 +120,7 @@ def test_matches_ref_float32(case):
     (6, 3, [1, 3, 5], [1, 3, 5]),  # ties inside the selected set keep index order
     (3, 3, [0, 1, 2], [0, 1, 2]),  # k = N
 ])
-def test_exact_ties_pick_lower_index(exportable, n_experts, top_k, tied, expected):
+def test_exact_ties_pick_lower_index(n_experts, top_k, tied, expected):
     cfg = ref.tiny_config(n_experts=n_experts, top_k=top_k, d_model=4)
     params = ref.init(cfg, seed=3)
     w = params["router.weight"]
@@ -138,7 +131,6 @@ def test_exact_ties_pick_lower_index(exportable, n_experts, top_k, tied, expecte
     x = np.abs(np.random.default_rng(0).standard_normal((2, 3, 4))) + 0.1
     result = ref.layer(cfg, params, x)
     layer = HyperMoELayer.from_ref(cfg, params).eval()
-    layer.exportable = exportable
     out = layer(torch.tensor(x))
     np.testing.assert_array_equal(result.selected, np.broadcast_to(expected, result.selected.shape))
     np.testing.assert_array_equal(out.routing.selected.numpy(), result.selected)
@@ -165,7 +157,6 @@ def _gradcheck_layer(cfg, mode):
     params = ref.init(cfg, seed=5)
     x = inputs_with_margin(cfg, params, (2, 3, cfg.d_model), np.random.default_rng(5), 0.05)
     layer = HyperMoELayer.from_ref(cfg, params).train()
-    layer.exportable = mode == "exportable"
     layer.small_tokens = 10**9 if mode == "gathered" else 0
     names = list(params)
     tensors = [torch.tensor(params[n], requires_grad=True) for n in names]
@@ -186,7 +177,7 @@ def _gradcheck_layer(cfg, mode):
                     expert_bias=False, d_adapter=2, d_expert_embed=2, d_process=3, d_hyper=2, d_layer_embed=2,
                     d_generator=3, n_layers=1),
 ], ids=["topk", "switch-capacity"])
-@pytest.mark.parametrize("mode", ["sorted", "gathered", "exportable"])
+@pytest.mark.parametrize("mode", ["sorted", "gathered"])
 def test_gradcheck(cfg, mode):
     """float64 finite differences for the input and every parameter (router, experts, embeddings, process,
     hypernetwork), through the output and the three aux losses."""
@@ -213,7 +204,7 @@ def test_grouped_hyper_expert_gradients_equal_per_token(top_k, max_table_sets):
     x2 = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
     selected = torch.stack([torch.randperm(4)[:top_k] for _ in range(40)])  # (T, k) random distinct
     params = [x2, *layer.parameters()]
-    fast = layer._hyper_expert(x2, selected, 1, exporting=False)
+    fast = layer._hyper_expert(x2, selected, 1)
     naive = _naive_hyper_expert(layer, x2, selected, 1)
     # the same sums grouped differently (tables per set vs per-token weights): reorder_atol of the magnitudes
     torch.testing.assert_close(fast, naive, rtol=0, atol=reorder_atol(magnitude(x2, naive)))
@@ -373,17 +364,29 @@ def test_adapter_cache_invalidation():
         torch.testing.assert_close(layer(x.float()).output, fresh(0, torch.float32), **bound(0, U32))
 
 
-@given(cases())
-def test_fast_path_equals_exportable_path(case):
-    layer = make_layer(case)
-    x = torch.tensor(case.x)
-    fast = layer(x, case.layer_index)
-    layer.exportable = True
-    export = layer(x, case.layer_index)
-    assert torch.equal(fast.routing.selected, export.routing.selected)
-    assert torch.equal(fast.routing.kept, export.routing.kept)
-    S = layer_magnitude(case.cfg, case.params, case.x, case.layer_index)
-    torch.testing.assert_close(fast.output, export.output, rtol=0, atol=reorder_atol(S))  # dense vs sorted dispatch
+def test_torch_export_is_refused_with_one_line_pointing_to_export_layer():
+    """torch.export / torch.onnx.export(dynamo=True) of the layer stop up front with one line naming the
+    exportable formulation (export/graph.py's ExportLayer, `hypermoe export`), not a data-dependent-shape
+    error from deep inside the sorted dispatch. The layer still runs eagerly afterwards."""
+    import warnings
+
+    from hypermoe.layer import EXPORT_REFUSAL
+
+    cfg = ref.tiny_config()
+    layer = HyperMoELayer.from_ref(cfg, ref.init(cfg, seed=4), dtype=torch.float32).eval()
+    x = torch.randn(2, 3, cfg.d_model)
+    assert "\n" not in EXPORT_REFUSAL and "hypermoe export" in EXPORT_REFUSAL and "ExportLayer" in EXPORT_REFUSAL
+    with pytest.raises(ValueError) as err:  # the default (non-strict) torch.export: our ValueError as is
+        torch.export.export(layer, (x,))
+    assert str(err.value) == EXPORT_REFUSAL
+    with pytest.raises(Exception) as err:  # strict (Dynamo) mode wraps it, message included
+        torch.export.export(layer, (x,), strict=True)
+    assert EXPORT_REFUSAL in str(err.value)
+    with warnings.catch_warnings(), pytest.raises(Exception) as err:  # torch.onnx wraps it too
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer, (x,), dynamo=True, verbose=False, report=False)
+    assert EXPORT_REFUSAL in str(err.value)
+    assert layer(x).output.shape == x.shape  # eager forward unaffected
 
 
 def test_factored_fallback_matches_ref():
@@ -605,13 +608,10 @@ def test_ref_round_trip_and_directories(tmp_path):
 
 
 def test_everything_on_the_requested_device():
-    """Buffers (set tables) follow `device=` like the parameters; the export path runs shape-only on "meta"."""
+    """Buffers (set tables) follow `device=` like the parameters."""
     cfg = ref.tiny_config()
     layer = HyperMoELayer(cfg, device="meta")
     assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()])
-    layer.exportable = True
-    out = layer(torch.empty(2, 3, cfg.d_model, device="meta"))
-    assert out.output.shape == (2, 3, cfg.d_model) and out.output.device.type == "meta"
 
 
 @pytest.mark.parametrize("cfg", [ref.tiny_config(), ref.tiny_config(gate="switch", top_k=1, capacity=1),
@@ -637,22 +637,3 @@ def test_reset_parameters_and_repr():
     assert all(not torch.equal(before[n], t) for n, t in layer.state_dict().items())
     text = repr(layer)
     assert "n_experts=4" in text and "top_k=2" in text and "d_adapter=4" in text and "HyperNetwork" in text
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("cfg", [
-    ref.tiny_config(),
-    ref.tiny_config(gate="switch", top_k=1, capacity=2),
-    ref.tiny_config(hyper_expert=False, n_experts=3, top_k=3),
-], ids=["topk", "switch-capacity", "moe-k=N"])
-def test_torch_export_dynamic_batch_and_sequence(cfg):
-    params = ref.init(cfg, seed=8, dtype=np.float32)
-    layer = HyperMoELayer.from_ref(cfg, params).eval()
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.export.export(layer, (torch.randn(2, 5, cfg.d_model, generator=torch.Generator().manual_seed(8)),),
-                                  dynamic_shapes={"x": {0: batch, 1: seq}})
-    for shape in [(3, 7), (2, 2), (4, 3)]:
-        x = inputs_with_margin(cfg, params, (*shape, cfg.d_model), np.random.default_rng(sum(shape)), 1e-3)
-        got = program.module()(torch.tensor(x, dtype=torch.float32))
-        expected = ref.layer(cfg, params, x.astype(np.float32))
-        check_against_ref(got, expected, FP32_TOL, str(shape))

@@ -156,7 +156,7 @@ def test_freeze_hyper_heads_keeps_the_hyper_expert_zero(corpus, tmp_path):
     x = torch.randn(2, 5, cfg.model.d_model, generator=torch.Generator().manual_seed(0))
     layer = model.blocks[0].moe
     selected = layer(x, 0).routing.selected.reshape(-1, cfg.model.top_k)
-    assert not layer._hyper_expert(x.reshape(-1, cfg.model.d_model), selected, 0, False).any()
+    assert not layer._hyper_expert(x.reshape(-1, cfg.model.d_model), selected, 0).any()
     shares = [r["hyper_share"] for r in read_log(tmp_path / "run") if "hyper_share" in r]
     assert shares and all(v == 0.0 for s in shares for v in s.values())
 
