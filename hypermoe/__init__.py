@@ -10,7 +10,8 @@ from ref.config import SPEC_VERSION, HyperMoEConfig
 _LAZY = {
     "HyperMoELayer": "hypermoe.layer", "HyperMoEOutput": "hypermoe.layer", "HyperNetwork": "hypermoe.layer",
     "Routing": "hypermoe.layer", "params_from_ref": "hypermoe.layer", "params_to_ref": "hypermoe.layer",
-    "HyperMoETransformer": "hypermoe.model", "ModelOutput": "hypermoe.model",
+    "HyperMoETransformer": "hypermoe.model", "ModelOutput": "hypermoe.model", "TorchDecoder": "hypermoe.model",
+    "GenerationResult": "hypermoe.generation", "Sampling": "hypermoe.generation",
 }
 
 __all__ = ["HyperMoEConfig", "SPEC_VERSION", *_LAZY]

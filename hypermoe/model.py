@@ -4,21 +4,26 @@ GPT-2-style pre-LayerNorm blocks; the FFN of block ℓ is a HyperMoE layer where
 a dense MLP of width d_ff. One HyperNetwork is shared by all HyperMoE blocks and owned here, once, as
 `self.hyper`; block ℓ asks it for layer embedding ℓ (the absolute block index, as the official Switch code).
 
-    h = token_embed[tokens] + pos_embed[:S]
-    for each block ℓ:  h ← h + dropout(attn_ℓ(ln1_ℓ(h)));  h ← h + dropout(ffn_ℓ(ln2_ℓ(h)))
+    h = token_embed[tokens] + pos_embed[position_ids]
+    for each block ℓ:  h ← h + dropout(attn_ℓ(ln1_ℓ(h), mask, past_ℓ))
+                       h ← h + dropout(ffn_ℓ(ln2_ℓ(h)))
     logits = ln_f(h) @ token_embed.T   (tie_embeddings)   or   ln_f(h) @ lm_head
 
 Parameter names and layouts (x @ W, W: (in, out)) are exactly ref.model.model_param_shapes', so that
 `state_dict()` and ref's parameter mapping are the same dictionary up to array type.
 
-Axis legend: B sequences, S positions, d model width, H heads, c = d / H head width, V vocabulary,
-P = max_seq_len positions, f = d_ff hidden width.
+Incremental decoding (SPEC.md §4.1): forward(..., past_key_values, use_cache=True) runs S new tokens after P
+cached positions and returns the keys and values of all P + S (Optimum's layout); it must equal one pass over the
+whole sequence, which is the reference's definition. TorchDecoder drives it from hypermoe.generation.generate.
+
+Axis legend: B sequences, S new positions, P cached positions (max_seq_len in pos_embed's shape), d model width,
+H heads, c = d / H head width, V vocabulary, f = d_ff hidden width.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +36,7 @@ import ref.io
 from ref.config import HyperMoEConfig
 from ref.model import model_init_std, model_param_shapes
 from ref.semantics import check_params
+from hypermoe.generation import Sampling, generate
 from hypermoe.layer import (
     HyperMoELayer, HyperMoEOutput, HyperNetwork, Linear, Routing, activation, check_memory, params_to_ref,
 )
@@ -38,10 +44,14 @@ from hypermoe.layer import (
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
+KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # one (key, value) per block, each (B, H, P, c)
+
+
 class ModelOutput(NamedTuple):
     logits: torch.Tensor  # (B, S, V)
     aux: dict[str, torch.Tensor]  # switch_balance, z_loss, cv_balance: scalars summed over the HyperMoE blocks
-    routing: dict[int, Routing]  # block ℓ → that block's routing (selected, gates, probs, logits, kept)
+    routing: dict[int, Routing]  # block ℓ → its routing of the S tokens (selected, gates, probs, logits, kept)
+    past_key_values: KeyValues | None = None  # use_cache: every block's keys and values of all P + S positions
 
 
 class LMHead(nn.Module):
@@ -55,8 +65,32 @@ class LMHead(nn.Module):
         return f"d={self.weight.shape[0]}, vocab_size={self.weight.shape[1]}"
 
 
+def attention_bias(attention_mask: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention bias of S new queries over P + S keys (the past P, then the S new ones):
+    0.0 where key j is visible to query i (j ≤ P + i: causal, and attention_mask[b, j] ≠ 0: a real token),
+    torch.finfo(dtype).min elsewhere (Hugging Face's convention: finite, so that a row with every key masked,
+    a left-padding query, gives a finite output, which is meaningless and never used).
+
+    attention_mask (B, P + S) int or bool, 1 = real token, 0 = padding → bias (B, 1, S, P + S), broadcast over
+    the heads. Tensor ops only, every size from the inputs: torch.export traces it with dynamic B, S and P
+    (P may be 0 at run time)."""
+    L = attention_mask.shape[1]  # P + S keys
+    device = attention_mask.device
+    query_pos = torch.arange(S, device=device) + (L - S)  # (S,): query i sits at key position P + i
+    key_pos = torch.arange(L, device=device)  # (P + S,)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (S, P + S)
+    visible = causal[None] & (attention_mask != 0)[:, None, :]  # (B, S, P + S)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return torch.where(visible, zero, hidden)[:, None]  # (B, 1, S, P + S)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention, position t attends to positions ≤ t. qkv columns: q | k | v."""
+    """Multi-head self-attention, position t attends to positions ≤ t. qkv columns: q | k | v.
+
+    forward(x (B, S, d), *, bias (B, 1, S, P + S) | None, past (key, value) each (B, H, P, c) | None)
+    → (out (B, S, d), present (key, value) each (B, H, P + S, c) = past then the S new ones along dim 2,
+    Optimum's layout). No bias: causal over past and new keys (is_causal fast path when there is no past)."""
 
     def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -65,14 +99,23 @@ class CausalSelfAttention(nn.Module):
         self.qkv = Linear(d, 3 * d, device=device, dtype=dtype)
         self.proj = Linear(d, d, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, d = x.shape  # sequences, positions, model width
+    def forward(self, x: torch.Tensor, *, bias: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, S, d = x.shape  # sequences, new positions, model width
         H = self.n_heads
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 × (B, S, d)
         q, k, v = (t.view(B, S, H, d // H).transpose(1, 2) for t in (q, k, v))  # (B, H, S, c)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, S, c)
-        return self.proj(out.transpose(1, 2).reshape(B, S, d))  # (B, S, d): heads side by side
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + S, c)
+            if bias is None:  # causal with the past in front
+                bias = attention_bias(torch.ones(B, k.shape[2], dtype=torch.int64, device=x.device), S, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, S, c)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, S, c)
+        return self.proj(out.transpose(1, 2).reshape(B, S, d)), (k, v)  # (B, S, d): heads side by side
 
 
 class DenseMLP(nn.Module):
@@ -111,29 +154,42 @@ class Block(nn.Module):
         self.mlp = None if moe else DenseMLP(config, device=device, dtype=dtype)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, HyperMoEOutput | None]:
-        """h (B, S, d) → (new h, the HyperMoE layer's output or None for a dense block)."""
-        h = h + self.drop(self.attn(self.ln1(h)))
+    def forward(self, h: torch.Tensor, *, bias: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, HyperMoEOutput | None, tuple[torch.Tensor, torch.Tensor]]:
+        """h (B, S, d) → (new h, the HyperMoE layer's output or None for a dense block, present (key, value)
+        each (B, H, P + S, c)); bias and past as CausalSelfAttention.forward."""
+        a, present = self.attn(self.ln1(h), bias=bias, past=past)  # (B, S, d)
+        h = h + self.drop(a)
         x = self.ln2(h)  # (B, S, d)
         if self.moe is None:
-            return h + self.drop(self.mlp(x)), None
+            return h + self.drop(self.mlp(x)), None, present
         out = self.moe(x, self.index)  # layer embedding ℓ = the absolute block index
-        return h + self.drop(out.output), out
+        return h + self.drop(out.output), out, present
 
 
 class HyperMoETransformer(nn.Module):
     r"""Decoder-only transformer with HyperMoE FFNs sharing one hypernetwork.
 
     Shape:
-        - tokens: (B, S) integer ids in [0, vocab_size), 1 ≤ S ≤ max_seq_len
+        - tokens: (B, S) integer ids in [0, vocab_size), 1 ≤ S, P + S ≤ max_seq_len
+        - attention_mask: (B, P + S) 0/1; position_ids: (B, S) in [0, max_seq_len)
+        - past_key_values: n_layers × (key, value), each (B, H, P, c)
         - output: ModelOutput(logits (B, S, V), aux {name: scalar} summed over the HyperMoE blocks,
-          routing {block ℓ: routing of that block})
+          routing {block ℓ: routing of the S tokens}, past_key_values (each (B, H, P + S, c)) if use_cache)
 
     Example::
 
-        >>> model = HyperMoETransformer(tiny_config())
+        >>> from ref import tiny_config
+        >>> model = HyperMoETransformer(tiny_config()).eval()
         >>> model(torch.tensor([[1, 2, 3]])).logits.shape
         torch.Size([1, 3, 32])
+        >>> out = model(torch.tensor([[1, 2, 3]]), use_cache=True)  # prefill, then one token with the cache
+        >>> model(torch.tensor([[4]]), past_key_values=out.past_key_values).logits.shape
+        torch.Size([1, 1, 32])
+        >>> model.generate(torch.tensor([[0, 1, 2], [0, 0, 5]]), 4,
+        ...                attention_mask=torch.tensor([[1, 1, 1], [0, 0, 1]])).shape  # a left-padded batch
+        torch.Size([2, 7])
     """
 
     def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
@@ -190,38 +246,152 @@ class HyperMoETransformer(nn.Module):
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={c.vocab_size}), got values in [{lo}, {hi}]")
 
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+    def check_past(self, past_key_values, B: int) -> int:
+        """The past length P of a KV cache: n_layers (key, value) pairs, each (B, H, P, c) in the model's dtype and
+        device, one P for all."""
+        c = self.config
+        if not isinstance(past_key_values, (tuple, list)):
+            raise ValueError(f"past_key_values must be a tuple of (key, value) pairs, "
+                             f"got {type(past_key_values).__name__}")
+        if len(past_key_values) != c.n_layers:
+            raise ValueError(f"past_key_values must be {c.n_layers} (key, value) pairs, one per block, "
+                             f"got {len(past_key_values)}")
+        P = None
+        for i, pair in enumerate(past_key_values):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"past_key_values[{i}] must be a (key, value) pair")
+            for name, t in zip(("key", "value"), pair):
+                if P is None and isinstance(t, torch.Tensor) and t.dim() == 4:
+                    P = t.shape[2]  # the first tensor's length; every other must match it
+                want = (B, c.n_heads, P, c.d_model // c.n_heads)
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                    raise ValueError(f"past_key_values[{i}] {name} must have shape (B, H, P, c) = {want}, "
+                                     f"got {tuple(getattr(t, 'shape', ()))}")
+                if t.dtype != self.token_embed.dtype or t.device != self.token_embed.device:
+                    raise ValueError(f"past_key_values[{i}] {name} is {t.dtype} on {t.device}, the model "
+                                     f"{self.token_embed.dtype} on {self.token_embed.device}")
+        return P
+
+    def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: KeyValues | None = None,
+                use_cache: bool = False) -> ModelOutput:
+        """tokens (B, S): S new tokens after the P cached positions of past_key_values (P = 0 without).
+
+        attention_mask (B, P + S), 1 = real token, 0 = padding (Hugging Face's convention; default all 1);
+        position_ids (B, S) (default: a real token's position is the number of real tokens before it in its row,
+        a padding token's 0, so a left-padded prompt gets 0, 1, …; without a mask P + arange(S)), each
+        < max_seq_len. use_cache: return every block's keys and values of the P + S positions as
+        past_key_values, to pass to the next call with its tokens. P + S ≤ max_seq_len (learned positions: a
+        longer context cannot be cropped, the cached keys hold their positions). A config with capacity counts
+        tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1)."""
         self.check_tokens(tokens)
-        S = tokens.shape[1]
-        h = self.token_embed[tokens] + self.pos_embed[:S]  # (B, S, d)
+        c = self.config
+        B, S = tokens.shape
+        P = 0 if past_key_values is None else self.check_past(past_key_values, B)
+        if P + S > c.max_seq_len:
+            raise ValueError(f"context of {P} cached + {S} new positions exceeds config max_seq_len ({c.max_seq_len})")
+        if attention_mask is not None:
+            self._check_mask(attention_mask, B, P + S)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if c.capacity is not None and (past_key_values is not None or padded):
+            raise ValueError("a config with capacity refuses past_key_values and padding: capacity counts the tokens "
+                             "of each sequence, which a cached step or padding changes (SPEC.md §4.1)")
+        if position_ids is None:
+            position_ids = self.default_positions(attention_mask, B, P, S, tokens.device)  # (B, S)
+        self._check_positions(position_ids, B, S)
+        bias = None  # no padding and no past: the is_causal fast path
+        if padded or P > 0:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, P + S, dtype=torch.int64, device=tokens.device)
+            bias = attention_bias(attention_mask, S, self.token_embed.dtype)  # (B, 1, S, P + S)
+        h = self.token_embed[tokens] + self.pos_embed[position_ids]  # (B, S, d)
         aux: dict[str, torch.Tensor] = {}
         routing: dict[int, Routing] = {}
-        for block in self.blocks:
-            h, out = block(h)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            h, out, present = block(h, bias=bias, past=None if past_key_values is None else past_key_values[i])
+            presents.append(present)
             if out is not None:
                 routing[block.index] = out.routing
                 aux = {name: aux.get(name, 0) + value for name, value in out.aux.items()}
         h = self.ln_f(h)  # (B, S, d)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return ModelOutput(h @ head, aux, routing)  # logits (B, S, V)
+        return ModelOutput(h @ head, aux, routing, tuple(presents) if use_cache else None)  # logits (B, S, V)
+
+    @staticmethod
+    def default_positions(attention_mask: torch.Tensor | None, B: int, P: int, S: int,
+                          device=None) -> torch.Tensor:
+        """The position ids (B, S) of the S new tokens: P + arange(S) without a mask; with one (B, P + S), a real
+        token's position is the number of real tokens before it in its row, a padding token's 0
+        (ref.model.default_positions over the whole row, its last S columns)."""
+        if attention_mask is None:
+            return (P + torch.arange(S, device=device)).expand(B, S)  # (B, S)
+        real = attention_mask != 0  # (B, P + S)
+        positions = torch.where(real, real.long().cumsum(-1) - 1, 0)  # (B, P + S)
+        return positions[:, P:]  # (B, S)
+
+    def _check_mask(self, attention_mask: torch.Tensor, B: int, L: int) -> None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise ValueError(f"attention_mask must be an integer or bool tensor, got dtype {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask must have shape (B, P + S) = {(B, L)}, got {tuple(attention_mask.shape)}")
+        if attention_mask.device != self.token_embed.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, the model's parameters on "
+                             f"{self.token_embed.device}")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+
+    def _check_positions(self, position_ids: torch.Tensor, B: int, S: int) -> None:
+        P = self.config.max_seq_len
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point \
+                or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+            raise ValueError(f"position_ids must be an integer tensor, got "
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+        if tuple(position_ids.shape) != (B, S):
+            raise ValueError(f"position_ids must have shape (B, S) = {(B, S)}, got {tuple(position_ids.shape)}")
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= P:
+            raise ValueError(f"position ids must be in [0, max_seq_len={P}), got values in [{lo}, {hi}]")
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: append the most likely next token `max_new_tokens` times → (B, S + new).
-        The context is cropped to the last max_seq_len tokens. Runs in eval mode (no dropout)."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                 use_cache: bool = True, sampling: Sampling | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> torch.Tensor:
+        """Append up to max_new_tokens tokens to each row of tokens (B, S) → (B, S + new), by
+        hypermoe.generation.generate with a TorchDecoder (greedy unless `sampling`; ties → the lowest id).
+
+        attention_mask (B, S): left padding (zeros before each row's first real token), as generation.left_pad
+        makes. A row stops after its first EOS (eos_token_id: one id or several); rows that stop early are filled
+        with pad_token_id, and new = the longest row's count. S + max_new_tokens must be ≤ max_seq_len: learned
+        positions cannot be cropped once keys are cached, so a longer context is refused. use_cache=False
+        recomputes the whole history each step (the baseline; a config with capacity needs it and no padding).
+        Runs in eval mode (no dropout), then restores the module's mode."""
         self.check_tokens(tokens)
+        B, S = tokens.shape
+        if attention_mask is None:
+            prompts = tokens.tolist()
+        else:
+            self._check_mask(attention_mask, B, S)
+            real = attention_mask != 0  # (B, S)
+            if not bool(real[:, -1].all()) or bool((real[:, 1:] < real[:, :-1]).any()):
+                raise ValueError("attention_mask must be left padding: each row 0 … 0 then 1 … 1, ending with a 1")
+            prompts = [row[m].tolist() for row, m in zip(tokens, real)]
+        eos = (() if eos_token_id is None else (eos_token_id,) if isinstance(eos_token_id, (int, np.integer))
+               else eos_token_id)  # generation.generate checks each id
         was_training = self.training
         self.eval()
         try:
-            for _ in range(max_new_tokens):
-                logits = self(tokens[:, -self.config.max_seq_len:]).logits  # (B, S', V)
-                # ties → the lower id, as torch.argmax's first-occurrence rule
-                tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True).to(tokens.dtype)], dim=1)
+            result = generate(TorchDecoder(self, use_cache=use_cache), prompts, max_new_tokens=max_new_tokens,
+                              sampling=Sampling() if sampling is None else sampling, eos_token_ids=eos,
+                              pad_token_id=pad_token_id, max_length=self.config.max_seq_len)
         finally:
             self.train(was_training)
-        return tokens
+        width = max(len(row) for row in result.tokens)
+        new = torch.tensor([row + [pad_token_id] * (width - len(row)) for row in result.tokens],
+                           dtype=tokens.dtype, device=tokens.device).reshape(B, width)  # (B, new)
+        return torch.cat([tokens, new], dim=1)  # (B, S + new)
 
     # --- reference parameters and saved directories (config.json + weights.npz, kind "model") ---
 
@@ -263,4 +433,40 @@ class HyperMoETransformer(nn.Module):
         return cls.from_ref(config, params, device=device, dtype=dtype)
 
 
-__all__ = ["HyperMoETransformer", "ModelOutput"]
+class TorchDecoder:
+    """The hypermoe.generation.Decoder of a HyperMoETransformer (eval mode): step() runs the new tokens after its
+    KV cache and keeps the cache it returns. use_cache=False keeps the token history instead and recomputes all of
+    it each step (the no-cache baseline, and the only way for a config with capacity)."""
+
+    def __init__(self, model: HyperMoETransformer, *, use_cache: bool = True) -> None:
+        if use_cache and model.config.capacity is not None:
+            raise ValueError("a config with capacity cannot decode with a KV cache (capacity counts the tokens of "
+                             "each sequence); use use_cache=False")
+        self.model, self.use_cache = model, use_cache
+        self._past: KeyValues | None = None  # use_cache: every block's (key, value), each (B, H, P, c)
+        self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # no cache: (ids, positions), each (B, P)
+
+    def begin(self, batch_size: int, max_length: int) -> None:
+        if self.model.training:
+            raise ValueError("the model is in training mode (dropout, router noise): call model.eval() first")
+        if max_length > self.model.config.max_seq_len:
+            raise ValueError(f"max_length {max_length} exceeds config max_seq_len ({self.model.config.max_seq_len})")
+        self._past = self._history = None
+
+    @torch.no_grad()
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        device = self.model.token_embed.device
+        ids, mask, pos = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+                          for a in (input_ids, attention_mask, position_ids))  # (B, S), (B, P + S), (B, S)
+        if self.use_cache:
+            out = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=self._past, use_cache=True)
+            self._past = out.past_key_values
+        else:
+            if self._history is not None:
+                ids, pos = torch.cat([self._history[0], ids], 1), torch.cat([self._history[1], pos], 1)  # (B, P + S)
+            self._history = ids, pos
+            out = self.model(ids, attention_mask=mask, position_ids=pos)
+        return out.logits[:, -1].float().cpu().numpy()  # (B, V)
+
+
+__all__ = ["HyperMoETransformer", "ModelOutput", "TorchDecoder", "attention_bias"]

@@ -3,9 +3,14 @@ blocks whose FFN is a HyperMoE layer (ref.semantics.layer) where cfg.is_moe_bloc
 one hypernetwork shared by all HyperMoE blocks, block ℓ using layer embedding ℓ (the absolute block
 index, as the official Switch code). Inference only: no dropout, no jitter, no gate noise.
 
-    h = token_embed[tokens] + pos_embed[:S]
-    for each block ℓ:  h ← h + attn_ℓ(ln1_ℓ(h));  h ← h + ffn_ℓ(ln2_ℓ(h))
+    h = token_embed[tokens] + pos_embed[position_ids]
+    for each block ℓ:  h ← h + attn_ℓ(ln1_ℓ(h), mask);  h ← h + ffn_ℓ(ln2_ℓ(h))
     logits = ln_f(h) @ token_embed.T   (tie_embeddings)   or   ln_f(h) @ lm_head
+
+Padding and positions (SPEC.md §4.1): attention_mask (B, S), 1 = real token, 0 = padding (Hugging Face's
+convention); a real token's default position is the number of real tokens before it in its row (so a
+left-padded prompt gets positions 0, 1, …), a padding token's 0. The reference has no KV cache: a pass over
+the whole sequence is the definition that incremental decoding with a cache must reproduce.
 
 Axis legend: B sequences, S positions, d model width, H heads, c = d / H head width, V vocabulary,
 P = max_seq_len positions, f = d_ff dense/expert hidden width; the HyperMoE letters are ref.semantics'.
@@ -131,6 +136,39 @@ def check_tokens(cfg: HyperMoEConfig, tokens: np.ndarray) -> None:
                          f"got values in [{tokens.min()}, {tokens.max()}]")
 
 
+def check_attention_mask(cfg: HyperMoEConfig, tokens: np.ndarray, attention_mask: np.ndarray) -> None:
+    B, S = tokens.shape
+    if not isinstance(attention_mask, np.ndarray):
+        raise ValueError(f"attention_mask must be a numpy array, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.kind not in "iub":
+        raise ValueError(f"attention_mask must be an integer or bool array, got dtype {attention_mask.dtype}")
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask must have shape (B, S) = {(B, S)}, got {attention_mask.shape}")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+    if cfg.capacity is not None and not attention_mask.all():
+        raise ValueError("a config with capacity refuses padding (attention_mask with zeros): capacity counts "
+                         "the tokens of each sequence, padding included (SPEC.md §4.1)")
+
+
+def default_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """attention_mask (B, S) → position_ids (B, S): a real token's position is the number of real tokens before it
+    in its row (a left-padded prompt gets 0, 1, …), a padding token's 0."""
+    real = attention_mask != 0  # (B, S)
+    return np.where(real, np.cumsum(real, axis=-1) - 1, 0).astype(np.int64)  # (B, S)
+
+
+def check_positions(cfg: HyperMoEConfig, tokens: np.ndarray, position_ids: np.ndarray) -> None:
+    if not isinstance(position_ids, np.ndarray) or position_ids.dtype.kind not in "iu":
+        raise ValueError(f"position_ids must be an integer numpy array, got "
+                         f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+    if position_ids.shape != tokens.shape:
+        raise ValueError(f"position_ids must have shape (B, S) = {tokens.shape}, got {position_ids.shape}")
+    if position_ids.min() < 0 or position_ids.max() >= cfg.max_seq_len:
+        raise ValueError(f"position ids must be in [0, max_seq_len={cfg.max_seq_len}), "
+                         f"got values in [{position_ids.min()}, {position_ids.max()}]")
+
+
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """(x - mean) / sqrt(var + eps) · weight + bias over the last axis; biased variance (torch's)."""
     mean = x.mean(axis=-1, keepdims=True)
@@ -138,17 +176,31 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-def attention(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], block: int, x: np.ndarray) -> np.ndarray:
-    """Causal multi-head self-attention: softmax(q kᵀ / sqrt(c) + mask) v, position t sees positions ≤ t."""
+def attention_bias(attention_mask: np.ndarray, S: int, dtype) -> np.ndarray:
+    """The additive bias of S queries over the P + S keys of attention_mask (B, P + S) (the last S are the
+    queries' own): 0 where key j is visible to query i (j ≤ P + i and attention_mask[b, j] ≠ 0), else
+    finfo(dtype).min, finite, as Hugging Face: a query that sees no key (left padding) gets a finite,
+    meaningless output instead of NaN. → (B, 1, S, P + S), broadcast over the heads."""
+    L = attention_mask.shape[1]  # P + S keys
+    causal = np.arange(L)[None, :] <= np.arange(L - S, L)[:, None]  # (S, P + S): key j ≤ query position P + i
+    visible = causal[None] & (attention_mask != 0)[:, None, :]  # (B, S, P + S)
+    return np.where(visible, 0.0, np.finfo(dtype).min).astype(dtype)[:, None]  # (B, 1, S, P + S)
+
+
+def attention(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], block: int, x: np.ndarray,
+              bias: np.ndarray | None = None) -> np.ndarray:
+    """Multi-head self-attention softmax(q kᵀ / sqrt(c) + bias) v; bias (B, 1, S, S) from attention_bias,
+    None = causal without padding (position t sees positions ≤ t)."""
     b = f"blocks.{block}.attn."
     B, S, d = x.shape  # sequences, positions, model width
     H = cfg.n_heads
     c = d // H  # head width
+    if bias is None:
+        bias = attention_bias(np.ones((B, S), dtype=np.int64), S, x.dtype)  # (B, 1, S, S)
     qkv = x @ params[b + "qkv.weight"] + params[b + "qkv.bias"]  # (B, S, 3d)
     q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(B, S, H, c).transpose(0, 2, 1, 3) for i in range(3))  # (B, H, S, c)
-    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c)  # (B, H, S, S)
-    future = np.triu(np.ones((S, S), dtype=bool), k=1)  # (S, S): True where key position > query position
-    scores = np.where(future, -np.inf, scores)
+    # finfo.min + an O(1) score rounds to finfo.min: a hidden key gets weight exp(min - max) = 0 exactly
+    scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(c) + bias  # (B, H, S, S)
     out = softmax(scores) @ v  # (B, H, S, c)
     out = out.transpose(0, 2, 1, 3).reshape(B, S, d)  # (B, S, d): heads side by side
     return out @ params[b + "proj.weight"] + params[b + "proj.bias"]  # (B, S, d)
@@ -173,10 +225,21 @@ def dense_mlp(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], block: int,
 
 def forward(
     cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], tokens: np.ndarray,
+    attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float], dict[int, LayerResult]]:
     """tokens (B, S) int → (logits (B, S, V), aux losses summed over the HyperMoE blocks,
-    {block ℓ: its HyperMoE LayerResult}). The compute dtype is the parameters' (float32 or float64)."""
+    {block ℓ: its HyperMoE LayerResult}). The compute dtype is the parameters' (float32 or float64).
+
+    attention_mask (B, S) 0/1, 1 = real token (default: all real); position_ids (B, S) in [0, max_seq_len)
+    (default: default_positions(attention_mask), which is arange(S) without padding). Padding tokens are computed
+    like the others (their outputs are meaningless, and they count in the aux losses); no real token sees them."""
     check_tokens(cfg, tokens)
+    if attention_mask is not None:
+        check_attention_mask(cfg, tokens, attention_mask)
+    if position_ids is None:
+        position_ids = default_positions(np.ones(tokens.shape, dtype=np.int64) if attention_mask is None
+                                         else attention_mask)  # (B, S)
+    check_positions(cfg, tokens, position_ids)
     if "token_embed" not in params:
         raise ValueError("missing parameter(s): token_embed")
     dtype = np.asarray(params["token_embed"]).dtype
@@ -184,13 +247,13 @@ def forward(
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"parameters must be float32 or float64, got {dtype}")
     eps = cfg.layer_norm_eps
-    S = tokens.shape[1]
-    h = params["token_embed"][tokens] + params["pos_embed"][:S]  # (B, S, d)
+    bias = None if attention_mask is None else attention_bias(attention_mask, tokens.shape[1], dtype)  # (B, 1, S, S)
+    h = params["token_embed"][tokens] + params["pos_embed"][position_ids]  # (B, S, d)
     aux = {"switch_balance": 0.0, "z_loss": 0.0, "cv_balance": 0.0}
     results: dict[int, LayerResult] = {}
     for i in range(cfg.n_layers):
         b = f"blocks.{i}."
-        h = h + attention(cfg, params, i, layer_norm(h, params[b + "ln1.weight"], params[b + "ln1.bias"], eps))
+        h = h + attention(cfg, params, i, layer_norm(h, params[b + "ln1.weight"], params[b + "ln1.bias"], eps), bias)
         x = layer_norm(h, params[b + "ln2.weight"], params[b + "ln2.bias"], eps)  # (B, S, d)
         if cfg.is_moe_block(i):
             result = layer(cfg, block_moe_params(params, i), x, layer_index=i)  # ℓ = absolute block index
@@ -205,6 +268,7 @@ def forward(
 
 
 __all__ = [
-    "attention", "block_moe_params", "check_tokens", "dense_mlp", "forward", "init_model", "layer_norm",
-    "model_init_std", "model_param_shapes", "moe_blocks",
+    "attention", "attention_bias", "block_moe_params", "check_attention_mask", "check_positions", "check_tokens",
+    "default_positions", "dense_mlp", "forward", "init_model", "layer_norm", "model_init_std", "model_param_shapes",
+    "moe_blocks",
 ]
