@@ -1,10 +1,16 @@
-"""Official HyperMoE checkpoints → hypermoe model directories (kind "stack"), and dense GPT-2 MLPs →
-HyperMoE layers (upcycling). docs/convert.md has the full mapping table; in short:
+"""Official HyperMoE checkpoints → hypermoe model directories, and dense GPT-2 MLPs → HyperMoE layers
+(upcycling). docs/convert.md has the full mapping tables; in short:
 
     official GPT-2 variant (per block `h.{ℓ}.mlp.`, one `param_gen.`)      → gate "topk", expert biases, gelu_tanh
     official Switch variant (per sparse block `{encoder|decoder}.block.{ℓ}.layer.{1|2}.mlp.`,
         one `{stack}.param_gen.` per stack; one stack per conversion)          → gate "switch", no expert biases, relu
     dense GPT-2 `h.{ℓ}.mlp.c_fc` / `c_proj` copied into every expert         → fresh router, embeddings, hypernetwork
+                                                                                (W_up / b_up heads zero)
+
+Kinds. The HyperMoE layers and the hypernetwork make a "stack" (ref.stack_param_shapes). A GPT-2 checkpoint
+that holds the whole language model (wte, wpe, ln_f: GPT2LMHeadModel's state dict, HF's model.safetensors)
+becomes a "model" (ref.model.model_param_shapes) by default: as_model adds embeddings, attention, norms,
+dense MLPs and the head around the stack (kind "auto"; "stack" / "model" force one).
 
 Layouts. Ours is x @ W with W: (in, out), experts stacked on a leading N axis. GPT-2's Conv1D is already
 x @ W (taken as is); torch nn.Linear stores (out, in) and computes x @ W.T + b (transposed here). The
@@ -12,12 +18,14 @@ generator heads' flat outputs are row-major in both codes (W_down[i, j] = out[i�
 out[j·d + i]), so a head needs only the nn.Linear transpose, no permutation.
 
 Files are read without executing pickled code: torch checkpoints with torch.load(weights_only=True),
-.npz with np.load(allow_pickle=False). Every official tensor under a HyperMoE layer or the generator is
-either converted or reported in `Converted.unused` with the reason; an unknown tensor there is an error.
+.npz with np.load(allow_pickle=False), .safetensors (no code in the format) after checking its header.
+Every official tensor under a HyperMoE layer or the generator (in a model: every tensor) is either
+converted or reported in `Converted.unused` with the reason; an unknown tensor there is an error.
 
 Axis legend: d model width, f expert hidden width, N experts, e = d_e expert-embedding width, p = d_p
 process hidden width, h = d_h width of z, l = d_l layer-embedding width, g = d_g generator width,
-a adapter width, L layers sharing the hypernetwork (rows of the layer-embedding table).
+a adapter width, L layers sharing the hypernetwork (rows of the layer-embedding table); V vocabulary,
+P positions.
 """
 
 from __future__ import annotations
@@ -40,7 +48,17 @@ from ref.config import ACTIVATIONS, HyperMoEConfig
 from ref.files import check_output
 
 SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp")
-KIND = "stack"  # every conversion writes a stack: layers.{ℓ}.* for the HyperMoE blocks + hyper.*
+# what a conversion writes: "stack" (layers.{ℓ}.* for the HyperMoE blocks + hyper.*) or, from a whole GPT-2
+# language model, "model" (ref.model: embeddings, attention, norms, dense MLPs, HyperMoE blocks, hypernetwork);
+# "auto" picks "model" when the checkpoint holds WHOLE_LM (Switch conversions are always stacks)
+KINDS = ("auto", "model", "stack")
+WHOLE_LM = ("wte.weight", "wpe.weight", "ln_f.weight")  # tensors that only a whole GPT-2 LM has
+# GPT-2 tensors outside the HyperMoE layers that a model directory has no place for, and why
+GPT2_KNOWN_UNUSED = (
+    (re.compile(r"h\.\d+\.attn\.(bias|masked_bias)"),
+     "GPT2Attention's causal-mask buffers (saved by older transformers versions); the causal mask is built, "
+     "not loaded (SPEC.md §4)"),
+)
 # the layer holding the FFN inside a Switch block: encoder blocks are (self-attn, FF), decoder blocks
 # (self-attn, cross-attn, FF)
 SWITCH_FF_LAYER = {"encoder": 1, "decoder": 2}
@@ -57,9 +75,11 @@ KNOWN_UNUSED = (
 
 class Converted(NamedTuple):
     config: HyperMoEConfig
-    params: dict[str, np.ndarray]  # ref.stack_param_shapes(config) names: layers.{ℓ}.* + hyper.*
-    unused: dict[str, str]  # official tensor of a HyperMoE layer / the generator → why it was not converted
-    ignored: list[str]  # tensors outside the HyperMoE layers (attention, norms, embeddings, dense MLPs, ...)
+    params: dict[str, np.ndarray]  # kind "stack": ref.stack_param_shapes names (layers.{ℓ}.*, hyper.*);
+    #                                kind "model": ref.model.model_param_shapes names (token_embed, blocks.{ℓ}.*, ...)
+    unused: dict[str, str]  # official tensor → why it was not converted
+    ignored: list[str]  # kind "stack": tensors outside the HyperMoE layers (attention, norms, ...); "model": none
+    kind: str = "stack"  # the kind of model directory the params make (ref.io.save_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +88,8 @@ class Converted(NamedTuple):
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A flat {name: array} from a torch checkpoint (.bin/.pt/...: torch.load(weights_only=True)) or a .npz.
+    """A flat {name: array} from a torch checkpoint (.bin/.pt/...: torch.load(weights_only=True)), a .safetensors
+    file (Hugging Face's model.safetensors) or a .npz.
 
     A checkpoint that wraps the state dict as {"state_dict": ...} or {"model": ...} is unwrapped.
     float16 / bfloat16 tensors become float32 (numpy has no bfloat16); the rest keep their dtype.
@@ -77,8 +98,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     kind = file_kind(path)
-    if kind not in ("zip", "pickle"):
-        raise ValueError(f"{path}: {kind}; convert reads torch checkpoints (.bin, .pt) and .npz archives of named arrays")
+    if kind not in ("zip", "pickle", "safetensors"):
+        raise ValueError(f"{path}: {kind}; convert reads torch checkpoints (.bin, .pt), .safetensors files and .npz "
+                         "archives of named arrays")
+    if kind == "safetensors":
+        return tensors_to_arrays(path, load_safetensors(path))
     if path.suffix == ".npz" or kind == "zip" and _npy_members_only(path):
         try:
             return ref.io.read_npz(path)  # never unpickles; sizes checked against each header before allocating
@@ -110,6 +134,30 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if isinstance(obj.get(wrapper), Mapping):
                 obj = obj[wrapper]
                 break
+    return tensors_to_arrays(path, obj)
+
+
+def load_safetensors(path: Path) -> dict:
+    """{name: torch tensor} of a .safetensors file (Hugging Face's model.safetensors): the header is checked
+    against the file's size first (ref.io.safetensors_header), then the safetensors package reads it (its torch
+    API, which also reads bfloat16; no pickle is involved in the format)."""
+    try:
+        ref.io.safetensors_header(path)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    package = ref.io.safetensors_package()  # ValueError when the package is missing
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load_file(str(path))
+    except (package.SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
+
+
+def tensors_to_arrays(path: Path, obj) -> dict[str, np.ndarray]:
+    """The state dict `obj` (a mapping from names to torch tensors) as {name: array}."""
+    import torch
+
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError(f"{path}: not a state dict (a non-empty mapping from names to tensors), got {type(obj).__name__}")
     for name, value in obj.items():
@@ -128,8 +176,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def file_kind(path: Path) -> str:
-    """"zip" (torch's checkpoint format, .npz) or "pickle" (torch's legacy format) from the first bytes;
-    anything else is described (empty, a .npy array, safetensors, or its size and first bytes)."""
+    """"zip" (torch's checkpoint format, .npz), "pickle" (torch's legacy format) or "safetensors" from the first
+    bytes; anything else is described (empty, a .npy array, or its size and first bytes)."""
     with open(path, "rb") as fh:
         head = fh.read(16)
     if head.startswith(b"PK\x03\x04"):
@@ -140,8 +188,8 @@ def file_kind(path: Path) -> str:
         return "an empty file"
     if head.startswith(b"\x93NUMPY"):
         return "a single .npy array, not a state dict of named arrays"
-    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "a safetensors file, which convert does not read yet"
+    if len(head) > 8 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
     return f"unrecognised content ({path.stat().st_size} bytes, starting {head[:8].hex(' ')})"
 
 
@@ -359,14 +407,14 @@ def leftovers(state: Mapping[str, np.ndarray], used: set[str], owned: list[str])
     return unused, sorted(ignored)
 
 
-def finish(cfg: HyperMoEConfig, params: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
-    """Cast to `dtype` (float32 or float64) and check every name and shape against the config."""
+def finish(cfg: HyperMoEConfig, params: dict[str, np.ndarray], dtype, kind: str = "stack") -> dict[str, np.ndarray]:
+    """Cast to `dtype` (float32 or float64) and check every name and shape against the config's `kind`."""
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     with np.errstate(over="ignore"):  # a float32 overflow becomes ±Inf, reported below with the parameter's name
         params = {name: np.array(value, dtype=dtype, order="C") for name, value in params.items()}  # copies, no views
-    ref.check_params(params, ref.stack_param_shapes(cfg), dtype)
+    ref.check_params(params, ref.io.expected_shapes(cfg, kind), dtype)
     ref.check_finite_params(params, what="converted parameter")  # NaN/Inf in the source, or float32 overflow
     return params
 
@@ -393,21 +441,125 @@ def assemble(cfg: HyperMoEConfig, state: Mapping[str, np.ndarray], layers: dict[
 
 
 # ---------------------------------------------------------------------------------------------
+# A whole GPT-2 language model around the converted HyperMoE stack (kind "model")
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_kind(state: Mapping[str, np.ndarray], prefix: str, kind: str) -> str:
+    """"model" or "stack": `kind`, or for "auto" "model" exactly when the checkpoint holds WHOLE_LM."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    return "model" if all(prefix + name in state for name in WHOLE_LM) else "stack"
+
+
+def check_heads(n_heads: int | None) -> None:
+    if n_heads is None:
+        raise ValueError("a whole GPT-2 model needs its number of attention heads, which the checkpoint does not "
+                         "store: pass --heads H (n_heads; GPT-2 small 12, medium 16, large 20, xl 25), or "
+                         "--kind stack for the HyperMoE layers alone")
+
+
+def gpt2_body(prefix: str, cfg: HyperMoEConfig, n_blocks: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{official name: (our name, shape)} of a GPT-2 model outside its HyperMoE layers, all taken as is: the
+    embeddings are (rows, d) tables in both, LayerNorms are (d) vectors, and Conv1D weights are already x @ W
+    (c_attn's columns are q | k | v, which is how GPT-2 splits them and ref.model reads them)."""
+    d, f, V, P = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_seq_len
+    body = {prefix + "wte.weight": ("token_embed", (V, d)), prefix + "wpe.weight": ("pos_embed", (P, d)),
+            prefix + "ln_f.weight": ("ln_f.weight", (d,)), prefix + "ln_f.bias": ("ln_f.bias", (d,))}
+    for i in range(n_blocks):
+        h, b = f"{prefix}h.{i}.", f"blocks.{i}."
+        body.update({
+            h + "ln_1.weight": (b + "ln1.weight", (d,)), h + "ln_1.bias": (b + "ln1.bias", (d,)),
+            h + "attn.c_attn.weight": (b + "attn.qkv.weight", (d, 3 * d)),
+            h + "attn.c_attn.bias": (b + "attn.qkv.bias", (3 * d,)),
+            h + "attn.c_proj.weight": (b + "attn.proj.weight", (d, d)),
+            h + "attn.c_proj.bias": (b + "attn.proj.bias", (d,)),
+            h + "ln_2.weight": (b + "ln2.weight", (d,)), h + "ln_2.bias": (b + "ln2.bias", (d,)),
+        })
+        if not cfg.is_moe_block(i):  # a block left dense keeps GPT-2's MLP (biases: cfg.expert_bias is True)
+            body.update({h + "mlp.c_fc.weight": (b + "mlp.w1", (d, f)), h + "mlp.c_fc.bias": (b + "mlp.b1", (f,)),
+                         h + "mlp.c_proj.weight": (b + "mlp.w2", (f, d)), h + "mlp.c_proj.bias": (b + "mlp.b2", (d,))})
+    return body
+
+
+def as_model(state: Mapping[str, np.ndarray], prefix: str, stack: Converted, *, n_heads: int,
+             layer_norm_eps: float, dtype) -> Converted:
+    """The whole GPT2LMHeadModel around `stack` (its converted HyperMoE layers and hypernetwork), kind "model":
+    embeddings, every block's ln_1 / attention / ln_2, the MLPs of blocks left dense, ln_f (gpt2_body), and
+    the LM head: tied when `lm_head.weight` is absent or equal to wte (GPT-2), else lm_head.weight = its
+    transpose. Every tensor of the checkpoint is converted or reported unused with the reason; any other is
+    an error. The checkpoint stores neither n_heads nor the LayerNorm eps (GPT-2: layer_norm_epsilon 1e-5)."""
+    check_heads(n_heads)
+    cfg = stack.config
+    V, d = anchor(state, prefix + "wte.weight", 2)
+    P, _ = anchor(state, prefix + "wpe.weight", 2)
+    if d != cfg.d_model:
+        raise ValueError(f"official tensor {prefix + 'wte.weight'!r} has shape {(V, d)}: width {d}, but the HyperMoE "
+                         f"layers have d = {cfg.d_model}")
+    n_blocks = block_count(state, prefix, "h")
+    if n_blocks != cfg.n_layers:  # the official table has num_hidden_layers rows, one per block; a stack may have
+        # more rows than blocks (HyperMoE in block 1 of blocks 0, 1 with a 3-row table), a model may not
+        raise ValueError(f"the model has {n_blocks} blocks but the hypernetwork's layer-embedding table has "
+                         f"{cfg.n_layers} rows: a model directory needs one row per block")
+    head = prefix.removesuffix("transformer.") + "lm_head.weight"  # GPT2LMHeadModel: lm_head beside transformer.
+    tied = head not in state or np.array_equal(state[head], state[prefix + "wte.weight"])
+    cfg = cfg.replace(vocab_size=V, max_seq_len=P, n_heads=n_heads, layer_norm_eps=layer_norm_eps, tie_embeddings=tied)
+    body = gpt2_body(prefix, cfg, n_blocks)
+    check_official(state, {name: shape for name, (_, shape) in body.items()})
+    params = {ours: np.asarray(state[name]) for name, (ours, _) in body.items()}
+    if not tied:
+        check_official(state, {head: (V, d)})
+        params["lm_head.weight"] = linear_t(state, head)  # nn.Linear (V, d) → (d, V)
+    for name, value in stack.params.items():  # layers.{ℓ}.X → blocks.{ℓ}.moe.X; hyper.* as is
+        if name.startswith("layers."):
+            layer, rest = name[len("layers."):].split(".", 1)
+            name = f"blocks.{layer}.moe.{rest}"
+        params[name] = value
+
+    unused = {key: why for key, why in stack.unused.items() if key not in body}  # a dense block's MLP is used now
+    if tied and head in state:
+        unused[head] = f"the LM head, equal to {prefix}wte.weight: tied (GPT-2), the model reuses token_embed"
+    unknown = []
+    for key in stack.ignored:
+        if key in body or key == head:
+            continue
+        reason = next((why for pat, why in GPT2_KNOWN_UNUSED
+                       if key.startswith(prefix) and pat.fullmatch(key[len(prefix):])), None)
+        if reason is None:
+            unknown.append(key)
+        else:
+            unused[key] = reason
+    if unknown:
+        raise ValueError(f"unexpected tensor(s) in a whole GPT-2 model (not part of GPT2LMHeadModel's layout, refusing "
+                         f"to drop them): {', '.join(sorted(unknown)[:10])}; --kind stack converts the HyperMoE "
+                         "layers alone")
+    return Converted(cfg, finish(cfg, params, dtype, "model"), unused, [], "model")
+
+
+# ---------------------------------------------------------------------------------------------
 # The official GPT-2 variant
 # ---------------------------------------------------------------------------------------------
 
 
 def from_official_gpt2(
     state: Mapping[str, np.ndarray], *, top_k: int = 1, keep_noise: bool = False,
-    activation: str = "gelu_tanh", dtype=np.float32,
+    activation: str = "gelu_tanh", dtype=np.float32, kind: str = "auto", n_heads: int | None = None,
+    layer_norm_eps: float = 1e-5,
 ) -> Converted:
     """The official GPT-2 HyperMoE (every block's `h.{ℓ}.mlp` is a HyperMoE layer; one `param_gen`).
 
     The checkpoint stores neither k (official: 1) nor the activation (GPT-2's gelu_new = gelu_tanh).
     keep_noise: keep `w_noise` as router.noise_weight (noisy_gating, for further training); else reported.
+    kind: "stack" (the HyperMoE layers and the hypernetwork), "model" (the whole GPT2LMHeadModel: as_model;
+    needs n_heads, and layer_norm_eps if not GPT-2's 1e-5) or "auto" (model when the checkpoint holds WHOLE_LM).
     """
     check_activation(activation)
     prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.w_gate", "official GPT-2 HyperMoE blocks")
+    model = resolve_kind(state, prefix, kind) == "model"
+    if model:
+        check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
     d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2)  # used as x @ w_gate: (d, N)
     _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2)  # Conv1D: (d, f)
@@ -459,7 +611,10 @@ def from_official_gpt2(
         if keep_noise:
             layer["router.noise_weight"] = np.asarray(state[mlp(i) + "w_noise"])  # (d, N), x @ w_noise
         layers[i] = layer
-    return assemble(cfg, state, layers, mlp, gen, expected, dtype)
+    stack = assemble(cfg, state, layers, mlp, gen, expected, dtype)
+    if model:
+        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
+    return stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,13 +697,18 @@ def from_official_switch(
 
 def upcycle_gpt2_mlp(
     state: Mapping[str, np.ndarray], *, n_experts: int, top_k: int, seed: int = 0, moe_every: int = 1,
-    activation: str = "gelu_tanh", dtype=np.float32, **hyper_widths: int,
+    activation: str = "gelu_tanh", dtype=np.float32, kind: str = "auto", n_heads: int | None = None,
+    layer_norm_eps: float = 1e-5, **hyper_widths: int,
 ) -> Converted:
-    """A HyperMoE stack from a dense GPT-2: block ℓ's MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`, Conv1D, x @ W + b)
+    """HyperMoE from a dense GPT-2: block ℓ's MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`, Conv1D, x @ W + b)
     copied into each of the N experts of layer ℓ, for the blocks cfg.is_moe_block picks (moe_every = 1:
     all, as the paper's GPT-2 experiments); router, expert embeddings, process MLP and hypernetwork
-    fresh from ref.init_stack(cfg, seed). `hyper_widths`: d_expert_embed, d_process, d_hyper,
-    d_layer_embed, d_generator, d_adapter (default: the official sizes).
+    fresh from ref.init_stack(cfg, seed), except the generator heads of W_up and b_up, which start at zero
+    (the HyperExpert outputs 0). So each upcycled layer starts as the dense MLP: exactly with k = 1 (the gate
+    is 1), up to rounding with k > 1 (the renormalised gates sum to 1 ± k·u). `hyper_widths`: d_expert_embed,
+    d_process, d_hyper, d_layer_embed, d_generator, d_adapter (default: the official sizes).
+    kind: "stack", "model" (the whole GPT2LMHeadModel around it: as_model; needs n_heads) or "auto" (model
+    when the checkpoint holds WHOLE_LM, as a GPT2LMHeadModel's state dict / model.safetensors does).
     """
     check_activation(activation)
     allowed = {"d_expert_embed", "d_process", "d_hyper", "d_layer_embed", "d_generator", "d_adapter"}
@@ -556,6 +716,9 @@ def upcycle_gpt2_mlp(
     if unknown:
         raise ValueError(f"unknown hypernetwork width(s) {unknown}; expected some of {sorted(allowed)}")
     prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.c_fc\.weight", "dense GPT-2 MLPs")
+    model = resolve_kind(state, prefix, kind) == "model"
+    if model:
+        check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
     d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2)  # Conv1D: (d, f)
     n_layers = block_count(state, prefix, "h")
@@ -578,11 +741,18 @@ def upcycle_gpt2_mlp(
         # every expert starts as the dense MLP (N identical copies): (d, f) → (N, d, f), ...
         for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"), ("b2", "c_proj.bias")):
             params[f"layers.{i}.experts.{ours}"] = np.repeat(np.asarray(state[mlp(i) + theirs])[None], n_experts, axis=0)
+    # the heads that generate W_up and b_up start at zero: every HyperExpert outputs relu(...) @ 0 + 0 = 0, so
+    # the upcycled model starts as the dense one (the heads' gradients are not zero: training moves them)
+    for name in ("hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias"):
+        params[name] = np.zeros_like(params[name])
     dense = re.compile(re.escape(prefix) + r"h\.(\d+)\.mlp\.c_(fc|proj)\.(weight|bias)")
     unused = {key: f"dense MLP of a block that stays dense (moe_every = {moe_every})"
               for key in state if key not in expected and dense.fullmatch(key)}
     ignored = sorted(key for key in state if key not in expected and key not in unused)
-    return Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+    stack = Converted(cfg, finish(cfg, params, dtype), unused, ignored)
+    if model:
+        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
+    return stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,14 +773,17 @@ def convert(path: str | os.PathLike, source: str, **options) -> Converted:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert an official HyperMoE checkpoint, or upcycle dense GPT-2 MLPs, to a model directory",
-        description="Reads a state dict (torch .bin/.pt via torch.load(weights_only=True), or .npz; never "
-        "unpickles code) and writes a hypermoe model directory (config.json + weights.npz, kind 'stack'). "
-        "official-gpt2 / official-switch: the official HyperMoE code's checkpoints (docs/convert.md has "
-        "the mapping table); gpt2-mlp: copy each dense GPT-2 MLP into every expert, with a fresh router and "
-        "hypernetwork (upcycling).",
+        description="Reads a state dict (torch .bin/.pt via torch.load(weights_only=True), .safetensors, or .npz; "
+        "never unpickles code) and writes a hypermoe model directory (config.json + weights.npz or "
+        "weights.safetensors). official-gpt2 / official-switch: the official HyperMoE code's checkpoints "
+        "(docs/convert.md has the mapping table); gpt2-mlp: copy each dense GPT-2 MLP into every expert, with a "
+        "fresh router and hypernetwork whose W_up / b_up heads start at zero (upcycling). A whole GPT-2 language "
+        "model (wte, wpe and ln_f present, as in GPT2LMHeadModel's state dict or HF's model.safetensors) becomes "
+        "a directory of kind 'model' and needs --heads; HyperMoE layers alone become kind 'stack' (--kind).",
     )
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
-    p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...) or a .npz")
+    p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...), a .safetensors "
+                   "file or a .npz")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write (staged "
                    "next to it, then renamed in; its parent must exist)")
     p.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR (default: refuse it)")
@@ -626,28 +799,47 @@ def register(subparsers) -> None:
                    "ℓ %% moe_every == moe_every - 1 (default 1: every block)")
     p.add_argument("--d-adapter", type=int, default=None, help="gpt2-mlp: HyperExpert width a (default 64)")
     p.add_argument("--hyper-width", type=int, default=None, help="gpt2-mlp: d_e = d_p = d_h = d_g (default 128)")
+    p.add_argument("--kind", choices=KINDS, default=None, help="official-gpt2 and gpt2-mlp: 'model' (the whole "
+                   "GPT-2 LM: embeddings, attention, norms, head), 'stack' (the HyperMoE layers and hypernetwork "
+                   "alone), or 'auto' (default: 'model' when the checkpoint holds wte, wpe and ln_f, else 'stack')")
+    p.add_argument("--heads", type=int, default=None, metavar="H", help="kind model: attention heads n_heads, "
+                   "required (not stored in a checkpoint; no default, since a wrong one silently changes every "
+                   "logit): GPT-2 small 12, medium 16, large 20, xl 25")
+    p.add_argument("--layer-norm-eps", type=float, default=None, metavar="EPS", help="kind model: LayerNorm eps "
+                   "(GPT-2's layer_norm_epsilon, default 1e-5; not stored in a checkpoint)")
+    p.add_argument("--format", choices=tuple(ref.io.FORMATS), default="npz", help="weights file of MODEL_DIR: "
+                   "weights.npz (default; numpy alone reads it) or weights.safetensors")
     p.add_argument("--activation", choices=ACTIVATIONS, default=None,
-                   help="expert activation (default gelu_tanh for GPT-2, relu for Switch)")
+                   help="expert (and dense MLP) activation (default gelu_tanh for GPT-2, relu for Switch)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="weights dtype (default float32)")
-    p.add_argument("--verbose", action="store_true", help="also list the tensors outside the HyperMoE layers")
+    p.add_argument("--verbose", action="store_true", help="kind stack: also list the tensors outside the HyperMoE "
+                   "layers")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    lm_flags = {"kind", "heads", "layer_norm_eps"}  # a whole GPT-2 LM
     per_source = {
-        "official-gpt2": {"top_k", "keep_noise", "activation"},
+        "official-gpt2": {"top_k", "keep_noise", "activation", *lm_flags},
         "official-switch": {"stack", "capacity", "activation"},
-        "gpt2-mlp": {"top_k", "experts", "seed", "moe_every", "d_adapter", "hyper_width", "activation"},
+        "gpt2-mlp": {"top_k", "experts", "seed", "moe_every", "d_adapter", "hyper_width", "activation", *lm_flags},
     }[args.source]
     flags = {"stack": args.stack, "capacity": args.capacity, "top_k": args.top_k, "keep_noise": args.keep_noise or None,
              "experts": args.experts, "seed": args.seed, "moe_every": args.moe_every, "d_adapter": args.d_adapter,
-             "hyper_width": args.hyper_width, "activation": args.activation}
+             "hyper_width": args.hyper_width, "activation": args.activation, "kind": args.kind, "heads": args.heads,
+             "layer_norm_eps": args.layer_norm_eps}
     stray = sorted("--" + k.replace("_", "-") for k, v in flags.items() if v is not None and k not in per_source)
     if stray:
         raise ValueError(f"{', '.join(stray)} do(es) not apply to --from {args.source}")
+    if args.kind == "stack" and (args.heads is not None or args.layer_norm_eps is not None):
+        raise ValueError("--heads and --layer-norm-eps apply to a whole model, not to --kind stack")
     options: dict = {"dtype": np.dtype(args.dtype)}
     if args.activation:
         options["activation"] = args.activation
+    if args.source != "official-switch":
+        options.update(kind=args.kind or "auto", n_heads=args.heads)
+        if args.layer_norm_eps is not None:
+            options["layer_norm_eps"] = args.layer_norm_eps
     if args.source == "official-gpt2":
         options.update(top_k=1 if args.top_k is None else args.top_k, keep_noise=args.keep_noise)
     elif args.source == "official-switch":
@@ -664,13 +856,19 @@ def run(args: argparse.Namespace) -> int:
             options["d_adapter"] = args.d_adapter
         if args.hyper_width is not None:
             options.update({k: args.hyper_width for k in ("d_expert_embed", "d_process", "d_hyper", "d_generator")})
-    check_output(args.output, force=args.force, directory=True, entries=(ref.io.CONFIG_FILE, ref.io.WEIGHTS_FILE))
+    if args.format == "safetensors":
+        ref.io.safetensors_package()  # the package is missing: say so before the (slow) conversion
+    check_output(args.output, force=args.force, directory=True, entries=ref.io.ENTRIES)
     result = convert(args.state_dict, args.source, **options)  # slow on big checkpoints: the output is checked first
-    out = ref.io.save_dir(args.output, result.config, result.params, KIND, force=args.force)
+    out = ref.io.save_dir(args.output, result.config, result.params, result.kind, force=args.force, format=args.format)
 
     cfg = result.config
     layers = ref.stack_layers(cfg)
-    print(f"converted {args.state_dict} ({args.source}) → {out} (kind {KIND}, {args.dtype})")
+    print(f"converted {args.state_dict} ({args.source}) → {out} (kind {result.kind}, {args.dtype}, "
+          f"{ref.io.FORMATS[args.format]})")
+    if result.kind == "model":
+        print(f"model: vocab_size={cfg.vocab_size} max_seq_len={cfg.max_seq_len} n_heads={cfg.n_heads} "
+              f"layer_norm_eps={cfg.layer_norm_eps} tie_embeddings={cfg.tie_embeddings}")
     print(f"config: d={cfg.d_model} f={cfg.d_ff} N={cfg.n_experts} k={cfg.top_k} gate={cfg.gate} "
           f"capacity={cfg.capacity} activation={cfg.activation} expert_bias={cfg.expert_bias} "
           f"hyper_expert={cfg.hyper_expert}")
@@ -680,11 +878,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"HyperMoE layers: {len(layers)} of {cfg.n_layers} blocks {layers} (moe_every={cfg.moe_every}), "
           f"{sum(v.size for v in result.params.values()):,} parameters")
     if result.unused:
-        print(f"unused official tensors ({len(result.unused)}):")
+        print(f"unused tensors ({len(result.unused)}):")
         for key, why in result.unused.items():
             print(f"  {key}: {why}")
-    print(f"tensors outside the HyperMoE layers, not part of a stack: {len(result.ignored)}"
-          + ("" if args.verbose or not result.ignored else " (--verbose lists them)"))
+    if result.kind == "stack":
+        print(f"tensors outside the HyperMoE layers, not part of a stack: {len(result.ignored)}"
+              + ("" if args.verbose or not result.ignored else " (--verbose lists them)"))
     if args.verbose:
         for key in result.ignored:
             print(f"  {key}")

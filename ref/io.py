@@ -1,6 +1,8 @@
 """Saved models: a directory with `config.json` (the config, the spec version and the kind) and
-`weights.npz` (one array per parameter name, exactly the names of ref/; float32 or float64). Loading
-never unpickles (`allow_pickle=False`) and checks every name, shape and dtype against the config.
+`weights.npz` or `weights.safetensors` (one array per parameter name, exactly the names of ref/; float32 or
+float64). Loading never unpickles (`allow_pickle=False`) and checks every name, shape and dtype against the
+config. An .npz needs numpy alone; the `safetensors` package is imported only to read or write a
+weights.safetensors, and each file's header is checked against the file's size before anything is allocated.
 
 kinds: "layer" (ref.param_shapes), "stack" (ref.stack_param_shapes), "model" (ref.model.model_param_shapes).
 """
@@ -21,7 +23,9 @@ import numpy as np
 from ref.config import SPEC_VERSION, HyperMoEConfig
 
 KINDS = ("layer", "stack", "model")
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.npz"
+CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE = "config.json", "weights.npz", "weights.safetensors"
+FORMATS = {"npz": WEIGHTS_FILE, "safetensors": SAFETENSORS_FILE}  # save_dir's format → the weights file it writes
+ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE)  # what a model directory may hold (--force replaces only these)
 
 
 def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]]:
@@ -39,9 +43,12 @@ def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]
 
 
 def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *,
-             force: bool = False) -> Path:
-    """Write config.json + weights.npz as the directory `path`, atomically (ref.files): staged next to it, then
-    renamed in. An existing non-empty `path` is refused unless `force`. Arrays must be float32/float64."""
+             force: bool = False, format: str = "npz") -> Path:
+    """Write config.json + weights.npz (format "npz") or weights.safetensors (format "safetensors") as the
+    directory `path`, atomically (ref.files): staged next to it, then renamed in. An existing non-empty `path`
+    is refused unless `force`. Arrays must be float32/float64."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown weights format {format!r}; expected one of {tuple(FORMATS)}")
     shapes = expected_shapes(cfg, kind)
     dtypes = {np.asarray(v).dtype for v in params.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
@@ -51,11 +58,16 @@ def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, 
     check_params({k: np.asarray(v) for k, v in params.items()}, shapes, next(iter(dtypes)))
     from ref.files import atomic_output
 
-    with atomic_output(path, force=force, directory=True, entries=(CONFIG_FILE, WEIGHTS_FILE)) as tmp:
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(params.items())}
+    save_file = safetensors_package().numpy.save_file if format == "safetensors" else None  # package missing: fail first
+    with atomic_output(path, force=force, directory=True, entries=ENTRIES) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps({"spec_version": SPEC_VERSION, "kind": kind, **cfg.to_dict()},
                                                   indent=2, sort_keys=True) + "\n")
-        with open(tmp / WEIGHTS_FILE, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in sorted(params.items())})
+        if save_file is not None:
+            save_file(arrays, str(tmp / SAFETENSORS_FILE))
+        else:
+            with open(tmp / WEIGHTS_FILE, "wb") as fh:
+                np.savez(fh, **arrays)
     return Path(path)
 
 
@@ -146,16 +158,106 @@ def read_npz(file: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{type(err).__name__}: {err}") from None  # compression, encrypted member, bad deflate data
 
 
-def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
-    """(config, params, kind) of a saved model directory, every parameter checked against the config."""
-    cfg, kind = load_config(path)
-    file = Path(path) / WEIGHTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
+# safetensors (https://github.com/huggingface/safetensors): 8 bytes little-endian header length n, n bytes of JSON
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the data, each
+# tensor's bytes at data_offsets relative to the end of the header.
+SAFETENSORS_DTYPES = {  # safetensors dtype → bytes per element
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+NUMPY_DTYPES = ("F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")  # numpy has these
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors package refuses longer headers (MAX_HEADER_SIZE)
+
+
+def safetensors_package():
+    """The safetensors package, imported only for a .safetensors file."""
     try:
-        params = read_npz(file)
+        import safetensors.numpy  # noqa: F401 (also makes safetensors.numpy an attribute)
+        import safetensors
+    except ImportError:
+        raise ValueError("reading or writing .safetensors needs the 'safetensors' package (pip install safetensors); "
+                         "weights.npz needs only numpy") from None
+    return safetensors
+
+
+def safetensors_header(file: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of a .safetensors file, after checking that its header is well-formed and that
+    every tensor's declared size fits the bytes the file holds (ValueError naming the tensor; the caller names
+    the file). Nothing is allocated beyond the header, whose length is checked against the file's size first."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes, shorter than the 8-byte header length of a safetensors file")
+        n = int.from_bytes(prefix, "little")
+        if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+            raise ValueError(f"its header claims {n} bytes, the file holds {size - 8} after the length")
+        text = fh.read(n)
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    data = size - 8 - n  # bytes after the header
+    out, spans = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r}: header entry is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        ints = lambda v: isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)  # noqa: E731
+        if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+            raise ValueError(f"tensor {name!r}: shape {shape!r} / data_offsets {offsets!r} are not lists of ints ≥ 0")
+        begin, end = offsets
+        declared = SAFETENSORS_DTYPES[dtype] * math.prod(shape)
+        if not begin <= end <= data or end - begin != declared:
+            raise ValueError(f"tensor {name!r}: shape {tuple(shape)} of {dtype} ({declared} bytes) at data_offsets "
+                             f"[{begin}, {end}] does not fit the {data} data bytes of the file")
+        out[name] = (dtype, tuple(shape))
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):  # the package's own rule: the tensors tile the data, no gap, no overlap
+        if begin != covered:
+            raise ValueError(f"data_offsets leave a gap or overlap at byte {covered} of the data")
+        covered = end
+    if covered != data:
+        raise ValueError(f"the tensors cover {covered} of the {data} data bytes")
+    return out
+
+
+def read_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{name: array} of a .safetensors file, read with the safetensors package's numpy API after
+    safetensors_header's checks; ValueError naming the problem (the caller names the file)."""
+    header = safetensors_header(file)
+    unreadable = sorted({dtype for dtype, _ in header.values()} - set(NUMPY_DTYPES))
+    if unreadable:
+        raise ValueError(f"dtype {unreadable[0]} has no numpy equivalent")
+    package = safetensors_package()
+    try:
+        return dict(package.numpy.load_file(str(file)))
+    except (package.SafetensorError, OSError) as err:
+        raise ValueError(f"{type(err).__name__}: {' '.join(str(err).split())}") from None
+
+
+def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
+    """(config, params, kind) of a saved model directory (weights.npz or weights.safetensors), every parameter
+    checked against the config."""
+    cfg, kind = load_config(path)
+    found = [Path(path) / name for name in (WEIGHTS_FILE, SAFETENSORS_FILE) if (Path(path) / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{Path(path) / WEIGHTS_FILE}: no such file (nor {SAFETENSORS_FILE})")
+    if len(found) > 1:
+        raise ValueError(f"{Path(path)}: holds both {WEIGHTS_FILE} and {SAFETENSORS_FILE}; keep one")
+    file = found[0]
+    try:
+        params = read_npz(file) if file.name == WEIGHTS_FILE else read_safetensors(file)
     except ValueError as err:
-        raise ValueError(f"{file}: not a readable .npz weights file ({err})") from None
+        what = ".npz" if file.name == WEIGHTS_FILE else ".safetensors"
+        raise ValueError(f"{file}: not a readable {what} weights file ({err})") from None
     dtypes = {v.dtype for v in params.values()}
     if not params:
         raise ValueError(f"{file}: holds no arrays")

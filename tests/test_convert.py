@@ -466,9 +466,12 @@ def test_upcycled_experts_are_the_dense_mlp(seed, N, data):
                                    dtype=np.float64)
     cfg = res.config
     assert (cfg.n_experts, cfg.top_k, cfg.n_layers, cfg.moe_every, cfg.d_adapter) == (N, k, L, moe_every, 3)
-    fresh = ref.init_stack(cfg, seed=seed % 1000)  # everything but the experts is ref's init with that seed
+    fresh = ref.init_stack(cfg, seed=seed % 1000)  # everything but the experts is ref's init with that seed,
+    zero_heads = {"hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias"}  # but these: 0
     for name, value in res.params.items():
-        if ".experts." not in name:
+        if name in zero_heads:
+            assert not value.any(), name
+        elif ".experts." not in name:
             np.testing.assert_array_equal(value, fresh[name])
     for layer in ref.stack_layers(cfg):
         m = f"transformer.h.{layer}.mlp."
@@ -478,6 +481,7 @@ def test_upcycled_experts_are_the_dense_mlp(seed, N, data):
         got = ref.layer(cfg, ref.layer_params(res.params, layer), x, layer)
         # Σ g_i FFN(x) = FFN(x) up to the gates' sum 1 ± k u and the reorder bound: 1e-9 · S covers both
         np.testing.assert_allclose(got.routed, dense, rtol=RTOL, atol=1e-9 * magnitude(dense, x))
+        assert not got.hyper.any()  # W_up = 0, b_up = 0: the HyperExpert adds exactly 0, the layer is the dense MLP
     stays_dense = [i for i in range(L) if not cfg.is_moe_block(i)]
     assert sorted(res.unused) == sorted(f"transformer.h.{i}.mlp.{n}" for i in stays_dense
                                         for n in ("c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"))

@@ -166,6 +166,59 @@ def mutate_arrays(data: st.DataObject, arrays: dict[str, np.ndarray]) -> bytes:
     return npz_bytes(members)
 
 
+SAFETENSORS_MUTATIONS = ("dtype", "shape", "nonfinite", "missing", "extra", "empty", "header dtype", "header shape",
+                         "header offsets", "header length", "header not json")
+
+
+def mutate_safetensors(data: st.DataObject, arrays: dict[str, np.ndarray]) -> bytes:
+    """The .safetensors of `arrays` with one drawn corruption: of one array (wrong dtype, shape, NaN/Inf, missing,
+    extra, none at all), or of the JSON header, which may lie about a dtype, a shape, the data offsets or its own
+    length (the safetensors package refuses most of these itself; the reader must check before allocating)."""
+    from safetensors.numpy import save
+
+    how = data.draw(st.sampled_from(SAFETENSORS_MUTATIONS), label="safetensors mutation")
+    name = data.draw(st.sampled_from(sorted(arrays)), label="array")
+    arrays, value = dict(arrays), arrays[name]
+    if how == "dtype":
+        dtype = data.draw(st.sampled_from(("float16", "float64", "int32", "int64", "bool", "uint8")), label="dtype")
+        arrays[name] = value.astype(dtype)
+    elif how == "shape":
+        arrays[name] = data.draw(st.sampled_from((value.reshape(-1), value[None], value[..., :-1],
+                                                  value.reshape(-1)[:1].reshape(()))), label="reshaped")
+    elif how == "nonfinite":
+        bad = value.copy().reshape(-1)
+        bad[data.draw(st.integers(0, bad.size - 1), label="index")] = data.draw(
+            st.sampled_from((np.nan, np.inf, -np.inf)), label="value")
+        arrays[name] = bad.reshape(value.shape)
+    elif how == "missing":
+        del arrays[name]
+    elif how == "extra":
+        arrays["extra.weight"] = np.zeros(3, value.dtype)
+    elif how == "empty":
+        arrays = {}
+    blob = save({n: np.ascontiguousarray(v) for n, v in arrays.items()})
+    if not how.startswith("header"):
+        return blob
+    n = int.from_bytes(blob[:8], "little")
+    header, rest = json.loads(blob[8:8 + n]), blob[8 + n:]
+    if how == "header dtype":
+        header[name]["dtype"] = data.draw(st.sampled_from(("BF16", "F16", "F64", "I32", "F8_E4M3", "Q4", 3)),
+                                          label="dtype")
+    elif how == "header shape":
+        header[name]["shape"] = data.draw(st.sampled_from(([10**12], [2**40, 2**20], [10**6], [0], [-1], "4", [2.5])),
+                                          label="declared shape")
+    elif how == "header offsets":
+        header[name]["data_offsets"] = data.draw(st.sampled_from(([0, 10**12], [8, 4], [0, 0], [-4, 4], [0], None)),
+                                                 label="data_offsets")
+    elif how == "header length":
+        length = data.draw(st.sampled_from((0, 1, n - 1, n + 1, 2**63, 10**12)), label="length")
+        return length.to_bytes(8, "little") + blob[8:]
+    else:
+        return n.to_bytes(8, "little") + b"{not json" + blob[8 + 9:]
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + rest
+
+
 def mutate_json(data: st.DataObject, obj: dict) -> bytes:
     """A JSON object's text with one drawn structural edit: a field set to a value of the wrong type or size,
     removed, renamed, or the whole document replaced by something that is not an object."""
@@ -200,19 +253,26 @@ def mutate_json(data: st.DataObject, obj: dict) -> bytes:
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     """kind → a saved tiny model directory of that kind (ref.io.save_dir)."""
     folder = tmp_path_factory.mktemp("pristine")
-    return {kind: ref.io.save_dir(folder / kind, CFG, init(CFG, seed=0), kind) for kind, init in INIT.items()}
+    dirs = {kind: ref.io.save_dir(folder / kind, CFG, init(CFG, seed=0), kind) for kind, init in INIT.items()}
+    dirs["model.safetensors"] = ref.io.save_dir(folder / "model.safetensors", CFG, INIT["model"](CFG, seed=0), "model",
+                                                format="safetensors")  # weights.safetensors instead of weights.npz
+    return dirs
 
 
 def corrupted_dir(data: st.DataObject, pristine: Path, into: Path) -> Path:
-    """A copy of the model directory `pristine` in `into` with config.json or weights.npz corrupted."""
+    """A copy of the model directory `pristine` in `into` with config.json or its weights file (weights.npz or
+    weights.safetensors) corrupted."""
     shutil.copytree(pristine, into / "model")
-    target = data.draw(st.sampled_from((ref.io.CONFIG_FILE, ref.io.WEIGHTS_FILE)), label="file")
+    weights = ref.io.SAFETENSORS_FILE if (pristine / ref.io.SAFETENSORS_FILE).exists() else ref.io.WEIGHTS_FILE
+    target = data.draw(st.sampled_from((ref.io.CONFIG_FILE, weights)), label="file")
     level = data.draw(st.sampled_from(("bytes", "structure")), label="level")
     file = into / "model" / target
     if level == "bytes":
         file.write_bytes(mutate_bytes(data, file.read_bytes()))
     elif target == ref.io.CONFIG_FILE:
         file.write_bytes(mutate_json(data, json.loads(file.read_text())))
+    elif target == ref.io.SAFETENSORS_FILE:
+        file.write_bytes(mutate_safetensors(data, ref.io.read_safetensors(file)))
     else:
         with np.load(file, allow_pickle=False) as archive:
             file.write_bytes(mutate_arrays(data, {n: archive[n] for n in archive.files}))
@@ -298,11 +358,15 @@ def mutate_checkpoint(data: st.DataObject, sd: dict[str, np.ndarray]) -> bytes:
 @given(data=st.data())
 def test_convert(data):
     sd = dense_gpt2()
-    form = data.draw(st.sampled_from(("npz", "bin")), label="format")
+    form = data.draw(st.sampled_from(("npz", "bin", "safetensors")), label="format")
     level = data.draw(st.sampled_from(("bytes", "structure")), label="level")
     if form == "npz":
         pristine = npz_bytes({n: npy_bytes(v) for n, v in sd.items()})
         blob = mutate_bytes(data, pristine) if level == "bytes" else mutate_arrays(data, sd)
+    elif form == "safetensors":
+        from safetensors.numpy import save
+
+        blob = mutate_bytes(data, save(sd)) if level == "bytes" else mutate_safetensors(data, sd)
     else:
         buf = io.BytesIO()
         torch.save({n: torch.from_numpy(v) for n, v in sd.items()}, buf)
@@ -531,6 +595,21 @@ def test_verify_metadata_edited_by_hand(tiny_onnx, tmp_path, changes, message):
         assert main(["verify", str(tmp_path / "m.onnx"), "--provider", "cpu"]) == 2
     assert err.getvalue().startswith("hypermoe verify: error: ") and message in err.getvalue(), err.getvalue()
     assert err.getvalue().count("\n") == 1
+
+
+def test_metadata_of_older_files_with_implementation_is_ignored(tiny_onnx, tmp_path):
+    """Files exported before `--implementation` was removed record hypermoe.implementation: still read and verified."""
+    from export.exporter import read_metadata
+
+    model = onnx.load(str(tiny_onnx))
+    props = {p.key: p.value for p in model.metadata_props} | {"hypermoe.implementation": "graph"}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert read_metadata(tmp_path / "m.onnx")["implementation"] == "graph"
+    assert "implementation" not in read_metadata(tiny_onnx)  # no longer written
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["verify", str(tmp_path / "m.onnx"), "--provider", "cpu"]) == 0
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -128,7 +128,7 @@ def test_convert_names_what_a_file_of_random_bytes_is(tmp_path, capsys):
                                str(tmp_path / "out")])
     assert line.endswith("random.bin: unrecognised content (4096 bytes, starting 97 e4 77 24 "
                          f"{' '.join(f'{b:02x}' for b in (tmp_path / 'random.bin').read_bytes()[4:8])}); convert "
-                         "reads torch checkpoints (.bin, .pt) and .npz archives of named arrays")
+                         "reads torch checkpoints (.bin, .pt), .safetensors files and .npz archives of named arrays")
     assert "pickle" not in line
 
 
