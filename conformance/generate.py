@@ -42,7 +42,7 @@ from conformance.suite import AUX_NAMES, CASES_DIR, DTYPES, MANIFEST, MANIFEST_S
 from conformance.tolerances import K_VALUES, dtype_entry, margins, order_gaps
 from ref import HyperMoEConfig, tiny_config
 
-SUITE_VERSION = "1.0.1"  # version of the case set; bump when cases are added, removed or changed
+SUITE_VERSION = "1.0.2"  # version of the case set; bump when cases are added, removed or changed
 MARGIN = 0.15  # target order margin of random cases: above 2 ε_D for bfloat16 at d ≤ 32 (ε ≈ 0.05)
 # No redraw decision may rest on a gap within DECISION_GUARD · max(1, max|logit|) of MARGIN. ref's float64
 # logits differ between platforms by at most ~(d + 6) u R + u max|b| + the propagated error of earlier

@@ -67,9 +67,11 @@ class LMHead(nn.Module):
 
 def attention_bias(attention_mask: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive attention bias of S new queries over P + S keys (the past P, then the S new ones):
-    0.0 where key j is visible to query i (j ≤ P + i: causal, and attention_mask[b, j] ≠ 0: a real token),
-    torch.finfo(dtype).min elsewhere (Hugging Face's convention: finite, so that a row with every key masked,
-    a left-padding query, gives a finite output, which is meaningless and never used).
+    0.0 where key j is visible to query i (j ≤ P + i: causal, and attention_mask[b, j] ≠ 0: a real token; and
+    j = P + i: every query sees itself), torch.finfo(dtype).min elsewhere (Hugging Face's convention). The
+    diagonal keeps a left-padding query's row from being all-masked: its output (meaningless, never used) is
+    finite in every dtype, even in float16 where finfo.min plus a negative score rounds to −inf, so no NaN
+    reaches a real token through a padding key or value (ref.model.attention_bias, SPEC.md §4.1).
 
     attention_mask (B, P + S) int or bool, 1 = real token, 0 = padding → bias (B, 1, S, P + S), broadcast over
     the heads. Tensor ops only, every size from the inputs: torch.export traces it with dynamic B, S and P
@@ -79,7 +81,8 @@ def attention_bias(attention_mask: torch.Tensor, S: int, dtype: torch.dtype) -> 
     query_pos = torch.arange(S, device=device) + (L - S)  # (S,): query i sits at key position P + i
     key_pos = torch.arange(L, device=device)  # (P + S,)
     causal = key_pos[None, :] <= query_pos[:, None]  # (S, P + S)
-    visible = causal[None] & (attention_mask != 0)[:, None, :]  # (B, S, P + S)
+    itself = key_pos[None, :] == query_pos[:, None]  # (S, P + S)
+    visible = causal[None] & (attention_mask != 0)[:, None, :] | itself[None]  # (B, S, P + S)
     zero = torch.zeros((), dtype=dtype, device=device)
     hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
     return torch.where(visible, zero, hidden)[:, None]  # (B, 1, S, P + S)

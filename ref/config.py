@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-SPEC_VERSION = "1.0.0"  # version of SPEC.md; conformance cases and exported models carry it
+SPEC_VERSION = "1.1.0"  # version of SPEC.md; conformance cases and exported models carry it
 
 GATES = ("topk", "switch")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")

@@ -178,12 +178,16 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 def attention_bias(attention_mask: np.ndarray, S: int, dtype) -> np.ndarray:
     """The additive bias of S queries over the P + S keys of attention_mask (B, P + S) (the last S are the
-    queries' own): 0 where key j is visible to query i (j ≤ P + i and attention_mask[b, j] ≠ 0), else
-    finfo(dtype).min, finite, as Hugging Face: a query that sees no key (left padding) gets a finite,
-    meaningless output instead of NaN. → (B, 1, S, P + S), broadcast over the heads."""
+    queries' own): 0 where key j is visible to query i (j ≤ P + i and attention_mask[b, j] ≠ 0, or j = P + i:
+    every query sees itself), else finfo(dtype).min, as Hugging Face. A padding query therefore sees at least
+    itself: its row always has a finite score, so its (meaningless, unused) output is finite in every dtype,
+    even where finfo.min plus a negative score rounds to −inf (float16), and no NaN can reach a real token
+    through its key or value. A real query's own position is real, so the diagonal changes nothing for it.
+    → (B, 1, S, P + S), broadcast over the heads."""
     L = attention_mask.shape[1]  # P + S keys
-    causal = np.arange(L)[None, :] <= np.arange(L - S, L)[:, None]  # (S, P + S): key j ≤ query position P + i
-    visible = causal[None] & (attention_mask != 0)[:, None, :]  # (B, S, P + S)
+    key_pos, query_pos = np.arange(L)[None, :], np.arange(L - S, L)[:, None]  # (1, P + S), (S, 1)
+    causal = key_pos <= query_pos  # (S, P + S): key j ≤ query position P + i
+    visible = causal[None] & (attention_mask != 0)[:, None, :] | (key_pos == query_pos)[None]  # (B, S, P + S)
     return np.where(visible, 0.0, np.finfo(dtype).min).astype(dtype)[:, None]  # (B, 1, S, P + S)
 
 

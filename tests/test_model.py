@@ -238,17 +238,30 @@ def test_default_positions():
 
 
 def test_attention_bias():
-    """0 where key j ≤ P + i is a real token, finfo.min elsewhere; ref and torch the same table (exact constants)."""
+    """0 where key j ≤ P + i is a real token or j = P + i (the query itself, even a padding one), finfo.min
+    elsewhere; ref and torch the same table (exact constants)."""
     mask = np.array([[0, 1, 1, 1], [1, 1, 0, 1]])  # (B, P + S) with P = 2, S = 2
     lo = np.finfo(np.float64).min
     want = np.array([[[lo, 0, 0, lo], [lo, 0, 0, 0]],
-                     [[0, 0, lo, lo], [0, 0, lo, 0]]])[:, None]  # (B, 1, S, P + S)
+                     [[0, 0, 0, lo], [0, 0, lo, 0]]])[:, None]  # (B, 1, S, P + S); [1, 0, 2]: a padding query sees itself
     np.testing.assert_array_equal(ref_model.attention_bias(mask, 2, np.float64), want)
     got = attention_bias(torch.from_numpy(mask), 2, torch.float64)
     assert got.shape == (2, 1, 2, 4) and got.dtype == torch.float64
     np.testing.assert_array_equal(got.numpy(), want)
     lo32 = torch.finfo(torch.float32).min
     assert attention_bias(torch.from_numpy(mask).bool(), 2, torch.float32).min().item() == lo32
+
+
+def test_padding_query_rows_stay_finite_in_float16():
+    """A left-padding query sees only itself, so no row of the bias is all finfo.min: in float16, finfo.min plus a
+    negative score rounds to −inf, and an all-masked row would make softmax NaN (which 0 · NaN would carry into real
+    tokens through that position's key and value)."""
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])  # (B, S) left padding, P = 0
+    bias = attention_bias(mask, 5, torch.float16)  # (B, 1, S, S)
+    scores = torch.full((2, 1, 5, 5), -100.0, dtype=torch.float16) + bias  # finfo.min - 100 → −inf in float16
+    assert torch.isinf(scores).any()  # the rounding this guards against does happen
+    assert torch.isfinite(torch.softmax(scores.float(), dim=-1)).all()
+    assert ((ref_model.attention_bias(mask.numpy(), 5, np.float16) == 0).any(axis=-1)).all()
 
 
 def test_attention_bias_exports_with_dynamic_past():
