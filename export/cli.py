@@ -24,13 +24,21 @@ def register(subparsers) -> None:
         "built-in default layer (official sizes, ref.init seed 0), to ONNX with torch's dynamo exporter: input "
         "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs); a model: "
         "input_ids (batch, seq) → logits. Dynamic batch and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
-        "shape inference run on the written file.")
+        "shape inference run on the written file. A model with --with-past: a directory with model.onnx (one graph "
+        "for prefill and decode: input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value → logits, "
+        "present.{i}.key/.value, Hugging Face Optimum's names) and genai_config.json (onnxruntime-genai).")
     p.add_argument("model_dir", nargs="?", default=None,
                    help="saved model directory, kind layer, stack or model (default: the built-in default layer)")
-    p.add_argument("-o", "--output", default="hypermoe.onnx", help="output .onnx file (default hypermoe.onnx); "
-                   "written under a temporary name, checked, then renamed in")
+    p.add_argument("-o", "--output", default=None, help="output .onnx file (default hypermoe.onnx), or with "
+                   "--with-past the output directory (default hypermoe-past); written under a temporary name, "
+                   "checked, then renamed in")
     p.add_argument("--force", action="store_true", help="replace an existing output file (default: refuse it)")
     _export_options(p)
+    p.add_argument("--with-past", action="store_true",
+                   help="a model (kind model) with past key/values (KV cache) as inputs and present ones as outputs, "
+                   "for generation; no capacity (it counts the tokens of a whole sequence)")
+    p.add_argument("--eos-token-id", type=int, default=None, help="--with-past: end-of-sequence id for genai_config.json")
+    p.add_argument("--pad-token-id", type=int, default=0, help="--with-past: padding id for genai_config.json (default 0)")
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
 
@@ -38,8 +46,11 @@ def register(subparsers) -> None:
         "verify", help="run an exported file on onnxruntime and compare with the reference (float64)",
         description="Runs MODEL.onnx on onnxruntime with inputs whose routing margins are controlled, runs the "
         "reference on the same inputs and reports max abs/rel error per output and routing agreement. Exit "
-        "status 1 when an output is outside its error bound (export/verify.py).")
-    p.add_argument("model", help="an .onnx file written by hypermoe export")
+        "status 1 when an output is outside its error bound (export/verify.py). A --with-past export (its "
+        "directory or model.onnx) also gets: prefill + one-token decode steps, left-padded rows included, against "
+        "one full pass; greedy tokens of onnxruntime and PyTorch (hypermoe.model.TorchDecoder) compared where the "
+        "top-2 logit gap decides them.")
+    p.add_argument("model", help="an .onnx file written by hypermoe export, or a --with-past export's directory")
     p.add_argument("--source", default=None, help="the model directory it was exported from (default: as recorded)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--shapes", default="2x16,1x1,3x7", help="(batch)x(seq) list (default 2x16,1x1,3x7)")
@@ -91,9 +102,6 @@ def _export_options(p) -> None:
                    "factored hypernetwork (default: by size and flavour)")
     p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
     p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
-    p.add_argument("--implementation", choices=("graph", "layer"), default="graph",
-                   help="graph: export/graph.py (both flavours, HyperExpert form by size); layer: "
-                   "hypermoe.layer.HyperMoELayer's own export path (portable, single layer)")
     p.add_argument("--opset", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in default's parameters")
 
@@ -121,13 +129,20 @@ def export_command(args: argparse.Namespace) -> int:
     from ref.files import check_output
 
     exporter.check_opset(args.opset)  # both before loading a model that may take a while
-    check_output(args.output, force=args.force)
+    output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
+    check_output(output, force=args.force, directory=args.with_past,
+                 entries=exporter.PAST_ENTRIES if args.with_past else None)
     cfg, params, kind, source = exporter.load_source(args.model_dir, seed=args.seed)
-    result = exporter.export_model(args.output, cfg, params, kind=kind, layer_index=args.layer_index,
+    result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index,
                                    dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
                                    routing_outputs=args.routing_outputs, opset=args.opset, source=source,
-                                   implementation=args.implementation, force=args.force)
+                                   force=args.force, with_past=args.with_past, eos_token_id=args.eos_token_id,
+                                   pad_token_id=args.pad_token_id)
     _print_export(result)
+    if args.with_past:
+        inputs, outputs = exporter.past_names(cfg.n_layers)
+        print(f"with past key/values: {', '.join(inputs[:4])}, … → {', '.join(outputs[:2])}, …; files "
+              + ", ".join(sorted(entry.name for entry in Path(output).iterdir())))
     if args.verify:
         return _print_verify(result.path, source=args.model_dir, provider="auto")
     return 0
@@ -142,7 +157,9 @@ def _print_verify(path, **kwargs) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    if Path(args.model).is_dir():
+    from export.exporter import PAST_MODEL_FILE
+
+    if Path(args.model).is_dir() and not (Path(args.model) / PAST_MODEL_FILE).is_file():
         raise ValueError(f"{args.model} is a directory: verify takes the exported .onnx file, and --source "
                          f"{args.model} for the model directory it was exported from")
     return _print_verify(args.model, source=args.source, provider=args.provider, shapes=_shapes(args.shapes),

@@ -4,6 +4,10 @@ exporter, stamp the config and spec version into the model metadata, and check t
     hidden_states (batch, seq, d)  →  output (batch, seq, d)
                                       [selected_experts (batch, seq, k) int64, gates (batch, seq, k) float32]
 
+A language model (kind "model") exports as input_ids (batch, seq) → logits (batch, seq, V), or with past
+key/values (`with_past`) as a directory of model.onnx + genai_config.json: one graph for prefill and decode,
+Hugging Face Optimum's names (see export.graph.ExportModelWithPast and `past_names`).
+
 Never the legacy TorchScript exporter: it silently bakes routing decisions into the graph (onnx-notes §2).
 """
 
@@ -24,7 +28,6 @@ import ref
 from ref import HyperMoEConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
-IMPLEMENTATIONS = ("graph", "layer")  # export/graph.py's ExportLayer, or hypermoe.layer.HyperMoELayer's export path
 DEFAULT_OPSET = 20  # ≥ 18 (torchlib's own opset); 20 has Gelu, so the activations stay single nodes
 IR_VERSION = 10  # what torch writes; onnxruntime 1.31 rejects onnx 1.23's default of 14
 EXTERNAL_DATA_BYTES = 2 * 2**30  # protobuf's 2 GB limit on one file
@@ -32,6 +35,18 @@ INPUT_NAME = "hidden_states"
 OUTPUT_NAMES = ("output", "selected_experts", "gates")
 MODEL_INPUT, MODEL_OUTPUT = "input_ids", "logits"  # kind "model": (batch, seq) int64 → (batch, seq, V)
 META_PREFIX = "hypermoe."
+PAST_MODEL_FILE, GENAI_CONFIG_FILE = "model.onnx", "genai_config.json"  # a with-past export's directory
+PAST_ENTRIES = (PAST_MODEL_FILE, PAST_MODEL_FILE + ".data", GENAI_CONFIG_FILE)  # what --force may replace there
+PAST_SAMPLE = (2, 3, 4)  # traced (batch, new, cached) sizes: distinct and ≥ 2 (else torch.export specialises/merges)
+
+
+def past_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of a with-past export, Optimum's / onnxruntime-genai's names:
+    input_ids, attention_mask, position_ids, past_key_values.{i}.key, past_key_values.{i}.value →
+    logits, present.{i}.key, present.{i}.value, for every block i < n_layers."""
+    pairs = [(i, kv) for i in range(n_layers) for kv in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{kv}" for i, kv in pairs],
+            ["logits"] + [f"present.{i}.{kv}" for i, kv in pairs])
 
 
 class ExportResult(NamedTuple):
@@ -90,20 +105,21 @@ def _torch_dtype(name: str):
 
 def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
                  dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
-                 routing_outputs: bool = False, implementation: str = "graph"):
-    """The torch module that is exported: export.graph.ExportLayer (implementation "graph"; ExportStack for
-    kind "stack"), or hypermoe.layer.HyperMoELayer's own export path (implementation "layer")."""
-    from export.graph import ExportLayer, ExportModel, ExportStack, TorchLayerExport
+                 routing_outputs: bool = False, with_past: bool = False):
+    """The torch module that is exported: export.graph.ExportLayer (ExportStack for kind "stack", ExportModel
+    for kind "model", ExportModelWithPast with `with_past`). hypermoe.layer.HyperMoELayer itself is not
+    exportable (it refuses torch.export)."""
+    from export.graph import ExportLayer, ExportModel, ExportModelWithPast, ExportStack
 
     tdtype = _torch_dtype(dtype)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     ref.check_finite_params(params)  # a NaN weight would export fine and make every later run fail
-    if implementation == "layer":
-        if kind != "layer" or flavour != "portable" or hyper_form != "auto":
-            raise ValueError("implementation 'layer' (hypermoe.layer's export path) exports a single layer, "
-                             "portable flavour, its own HyperExpert form; use implementation 'graph' for the rest")
-        return TorchLayerExport(cfg, params, layer_index=layer_index, dtype=tdtype, routing_outputs=routing_outputs)
+    if with_past:
+        if kind != "model":
+            raise ValueError(f"with past key/values only a language model (kind 'model') can be exported; a saved "
+                             f"{kind} has no attention, so nothing to cache")
+        if routing_outputs:
+            raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
+        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form)
     if kind == "layer":
         return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
                            hyper_form=hyper_form, routing_outputs=routing_outputs)
@@ -123,25 +139,46 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
 def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *,
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
-                 source: str = "", implementation: str = "graph", force: bool = False) -> ExportResult:
+                 source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
+                 pad_token_id: int = 0) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
     `force`); the file (and its .data) is written under a temporary name next to it, checked, then renamed in.
-    On any failure or interrupt nothing new is left at `out_path` and an existing file is untouched."""
+    On any failure or interrupt nothing new is left at `out_path` and an existing file is untouched.
+
+    `with_past` (kind "model"): `out_path` is a directory, written whole and atomically, holding model.onnx
+    (+ model.onnx.data above 2 GB) and genai_config.json (eos_token_id, pad_token_id and context length
+    max_seq_len go there); ExportResult.path is the directory."""
     from ref.files import atomic_output
 
     check_opset(opset)
+    if with_past:
+        genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
+        with atomic_output(out_path, force=force, directory=True, entries=PAST_ENTRIES) as tmp:
+            result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
+                                flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
+                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True)
+            (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+        return result._replace(path=Path(out_path))
     with atomic_output(out_path, force=force) as tmp:
         result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                             hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset, source=source,
-                            implementation=implementation, name=Path(out_path))
+                            name=Path(out_path))
     return result._replace(path=Path(out_path))
+
+
+def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id: int) -> dict:
+    """genai_config.json's content (export.genai.genai_config, which checks the ids)."""
+    from export.genai import genai_config
+
+    return genai_config(cfg, filename=PAST_MODEL_FILE, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                        context_length=cfg.max_seq_len)
 
 
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
-               implementation: str, name: Path) -> ExportResult:
+               name: Path, with_past: bool = False) -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
@@ -150,12 +187,13 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
 
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
-                          hyper_form=hyper_form, routing_outputs=routing_outputs,
-                          implementation=implementation).eval()
+                          hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")
-    if kind == "model":  # token ids → logits; positions are learned up to max_seq_len
+    if with_past:
+        samples, input_names, outputs, dynamic_shapes = _past_sample(cfg, _torch_dtype(dtype))
+    elif kind == "model":  # token ids → logits; positions are learned up to max_seq_len
         if cfg.max_seq_len < 3:
             raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ 3 to export a model")
         sample = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3)))
@@ -165,6 +203,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         sample = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, cfg.d_model))).to(_torch_dtype(dtype))
         seq = torch.export.Dim("seq")
         input_name, outputs = INPUT_NAME, list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
+    if not with_past:
+        samples, input_names, dynamic_shapes = (sample,), [input_name], ({0: batch, 1: seq},)
     table = moe_op.translation_table() if flavour == "fused" else None
     # the exporter logs "torchvision is not installed. Skipping torchvision::nms" and the like
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -172,8 +212,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         try:
             program = torch.onnx.export(
-                module, (sample,), dynamo=True, input_names=[input_name], output_names=outputs, opset_version=opset,
-                dynamic_shapes=({0: batch, 1: seq},), custom_translation_table=table,
+                module, samples, dynamo=True, input_names=input_names, output_names=outputs, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, custom_translation_table=table,
                 optimize=True, verbose=False, report=False,
             )
         except Exception as err:  # torch.onnx wraps the module's own errors in TorchExportError
@@ -184,12 +224,16 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
             raise ValueError(f"torch.onnx.export failed ({type(cause).__name__}): {message}") from err
     model = program.model_proto
     model.ir_version = IR_VERSION
+    if with_past:
+        _name_total_length(model)
     notes = [moe_op.TIE_NOTE] if flavour == "fused" else []
     props = {
         "config": cfg.to_json().strip(), "spec_version": ref.SPEC_VERSION, "kind": kind,
-        "layer_index": str(layer_index), "flavour": flavour, "hyper_form": hyper, "implementation": implementation, "dtype": dtype,
+        "layer_index": str(layer_index), "flavour": flavour, "hyper_form": hyper, "dtype": dtype,
         "outputs": ",".join(outputs), "source": source, "notes": json.dumps(notes),
     }
+    if with_past:
+        props["with_past"] = "1"
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
@@ -203,6 +247,46 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         raise ValueError(f"cannot write {name}: {err}") from None
     check_file(out_path, name=name)
     return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes))
+
+
+def _past_sample(cfg: HyperMoEConfig, dtype) -> tuple[tuple, list[str], list[str], tuple]:
+    """(sample args, input names, output names, dynamic shapes) of ExportModelWithPast: B = 2 sequences of
+    S = 3 new tokens after P = 4 cached ones. Named dims batch_size, sequence_length, past_sequence_length;
+    attention_mask's length (P + S) is left to torch (Dim.AUTO: an expression of two dims cannot be named)
+    and renamed total_sequence_length afterwards (_name_total_length)."""
+    import torch
+
+    B, S, P = PAST_SAMPLE
+    if cfg.max_seq_len < P + S:
+        raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ {P + S} to export with past "
+                         f"key/values (the traced sample has {P} cached and {S} new positions)")
+    H, c = cfg.n_heads, cfg.d_model // cfg.n_heads
+    rng = np.random.default_rng(0)
+    input_ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (B, S)))
+    attention_mask = torch.ones(B, P + S, dtype=torch.int64)
+    position_ids = torch.arange(P, P + S).expand(B, S).contiguous()
+    past = tuple(torch.from_numpy(rng.standard_normal((B, H, P, c))).to(dtype) for _ in range(2 * cfg.n_layers))
+    batch = torch.export.Dim("batch_size")
+    seq = torch.export.Dim("sequence_length", max=cfg.max_seq_len)
+    past_len = torch.export.Dim("past_sequence_length", max=cfg.max_seq_len - 1)
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq},
+                      tuple({0: batch, 2: past_len} for _ in past))  # the varargs travel as one tuple
+    inputs, outputs = past_names(cfg.n_layers)
+    return (input_ids, attention_mask, position_ids, *past), inputs, outputs, dynamic_shapes
+
+
+def _name_total_length(model) -> None:
+    """Rename the symbols torch gave the total length P + S (attention_mask's dim 1, a fresh symbol like s53;
+    present's dim 2, "past_sequence_length + sequence_length") to total_sequence_length, as Optimum names it."""
+    graph = model.graph
+    mask = next(v for v in graph.input if v.name == "attention_mask")
+    old = {mask.type.tensor_type.shape.dim[1].dim_param}
+    old |= {v.type.tensor_type.shape.dim[2].dim_param for v in graph.output if v.name.startswith("present.")}
+    old.discard("")
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in old:
+                dim.dim_param = "total_sequence_length"
 
 
 def check_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None) -> None:

@@ -4,6 +4,7 @@ with dynamic batch and sequence dims and the ONNX graph computes ref.layer for e
 
 Axis legend (as ref/semantics.py):  B batch  S sequence  T = B·S tokens  d model  N experts  k selected
     f expert hidden  a adapter width  C = C(N, k) possible selection sets  e/p/h/l/g hypernetwork widths
+    (the models) V vocabulary  H heads  c = d / H head width  P cached positions  L = P + S
 
 Three flavours of the routed experts:
 - "portable": standard ONNX ops only. Every expert runs on every token and the gates (zero outside the
@@ -346,34 +347,13 @@ class ExportStack(nn.Module):
         return h
 
 
-class TorchLayerExport(nn.Module):
-    """hypermoe.layer.HyperMoELayer's own export path (its `exportable` forward) behind the exported
-    interface: hidden_states → output [, selected_experts, gates]. Portable flavour only."""
-
-    def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, layer_index: int = 0,
-                 dtype: torch.dtype = torch.float32, routing_outputs: bool = False):
-        super().__init__()
-        from hypermoe.layer import HyperMoELayer
-
-        self.layer = HyperMoELayer.from_ref(cfg, {n: np.asarray(v, dtype=np.float64) for n, v in params.items()},
-                                            dtype=torch.float64).to(dtype).eval()
-        self.layer.exportable = True
-        self.layer_index, self.routing_outputs = layer_index, routing_outputs
-        self.hyper_form = "layer" if cfg.hyper_expert else "none"
-
-    def forward(self, hidden_states: torch.Tensor):
-        out = self.layer(hidden_states, self.layer_index)
-        if not self.routing_outputs:
-            return out.output
-        return out.output, out.routing.selected, out.routing.gates.to(torch.float32)
-
-
 class ExportModel(nn.Module):
     """hypermoe.model.HyperMoETransformer for export: its embeddings, attention, dense MLPs and final norm,
     with the FFN of each HyperMoE block ℓ replaced by an ExportLayer at layer index ℓ (either flavour).
     The model's own forward is not traced: its token-range check reads tensor values (data-dependent).
 
-    forward(input_ids (B, S) int64) → logits (B, S, V)
+    forward(input_ids (B, S) int64) → logits (B, S, V)   (positions 0 … S-1, causal, no cache)
+    decode(...) is the one formulation of a forward pass; ExportModelWithPast exports it with a KV cache.
     """
 
     def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, dtype: torch.dtype = torch.float32,
@@ -397,14 +377,57 @@ class ExportModel(nn.Module):
         layers = list(self.moe.values())
         self.hyper_form = layers[0].hyper_form if layers else "none"
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """S new tokens after P cached ones → (logits (B, S, V), present (key, value) of every block, each
+        (B, H, P + S, c)). position_ids (B, S) (None: 0 … S-1); bias (B, 1, S, P + S) from
+        hypermoe.model.attention_bias (None: causal); past: per block (key, value) (B, H, P, c) or None."""
         S = input_ids.shape[1]
-        h = self.token_embed[input_ids] + self.pos_embed[:S]  # (B, S, d)
+        pos = self.pos_embed[:S] if position_ids is None else self.pos_embed[position_ids]  # (S, d) | (B, S, d)
+        h = self.token_embed[input_ids] + pos  # (B, S, d)
+        presents = []
         for block in self.blocks:
-            h = h + block.attn(block.ln1(h))
+            a, present = block.attn(block.ln1(h), bias=bias, past=None if past is None else past[block.index])
+            h = h + a  # (B, S, d)
             x = block.ln2(h)  # (B, S, d)
             key = str(block.index)
             h = h + (self.moe[key](x) if key in self.moe else block.mlp(x))
+            presents.append(present)
         h = self.ln_f(h)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return h @ head  # (B, S, V)
+        return h @ head, presents  # (B, S, V)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(input_ids)[0]  # (B, S, V)
+
+
+class ExportModelWithPast(ExportModel):
+    """ExportModel with a KV cache, Hugging Face Optimum's "decoder with past" interface: one graph for
+    prefill (past_sequence_length 0) and decode (sequence_length 1). L = P + S total positions.
+
+    forward(input_ids (B, S) int64, attention_mask (B, L) int64, position_ids (B, S) int64,
+            past_key_values.{i}.key, past_key_values.{i}.value (B, H, P, c) for every block i, flat)
+    → (logits (B, S, V), present.{i}.key, present.{i}.value (B, H, L, c) for every block i, flat)
+
+    attention_mask: 1 = real token, 0 = padding (left padding for a batch of prompts); position_ids: a real
+    token's position is the number of real tokens before it in its sequence (the caller's rule, as
+    Optimum's and onnxruntime-genai's). Capacity is refused: it counts tokens per sequence, and a decode
+    step sees only its new ones."""
+
+    def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, dtype: torch.dtype = torch.float32,
+                 flavour: str = "portable", hyper_form: str = "auto"):
+        if cfg.capacity is not None:
+            raise ValueError(f"config field 'capacity' ({cfg.capacity}) cannot be exported with past key/values: "
+                             "capacity counts the tokens of a whole sequence per expert, a decode step sees only its new ones")
+        super().__init__(cfg, params, dtype=dtype, flavour=flavour, hyper_form=hyper_form)
+        self.n_layers = cfg.n_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from hypermoe.model import attention_bias
+
+        bias = attention_bias(attention_mask, input_ids.shape[1], self.token_embed.dtype)  # (B, 1, S, L)
+        past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.n_layers)]
+        logits, presents = self.decode(input_ids, position_ids, bias, past)  # (B, S, V)
+        return (logits, *(t for kv in presents for t in kv))

@@ -138,6 +138,54 @@ def choose_provider(requested: str = "auto") -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def open_session(path: str | os.PathLike, provider: str = "auto", *, cuda_graph: bool = False, device_id: int = 0,
+                 threads: int | None = None, spinning: bool | None = None):
+    """(onnxruntime.InferenceSession, "cuda" | "cpu", notice) over one .onnx file: choose_provider's choice, the CUDA
+    provider first with the CPU behind it for nodes without a CUDA kernel; CPU worker threads do not spin-wait
+    unless spinning=True. A file onnxruntime cannot load is a one-line ValueError."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not an .onnx file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    chosen, notice = choose_provider(provider)
+    if cuda_graph and chosen != "cuda":
+        raise ValueError("CUDA-graph capture needs the CUDA provider")
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY
+    if threads:
+        options.intra_op_num_threads = threads
+    # onnxruntime's own default lets idle worker threads spin-wait between and after parallel ops. On the
+    # CPU provider that steals cores from whatever runs next (torch in an interleaved benchmark, the next
+    # session, other processes); measured on 2 cores, 2 threads, official sizes, T = 1024: torch eager
+    # 84 → 50 ms and the sparse export 75 → 45 ms with spinning off (BENCHMARKS.md). Off on the CPU by
+    # default; spinning=True restores onnxruntime's behaviour.
+    if spinning is None:
+        spinning = chosen != "cpu"
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if chosen == "cuda":
+        cuda_options = {"device_id": str(device_id)}
+        if cuda_graph:
+            cuda_options["enable_cuda_graph"] = "1"
+        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "NOT_IMPLEMENTED" in message and chosen == "cpu":
+            message += (" (onnxruntime's CPU provider lacks this kernel; bfloat16 graphs and com.microsoft::MoE "
+                        "in bfloat16 need the CUDA provider)")
+        raise ValueError(f"{path}: onnxruntime cannot load this model: {message}") from None
+    if chosen == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise ValueError(f"onnxruntime did not enable the CUDA provider (got {session.get_providers()})")
+    return session, chosen, notice
+
+
 class Timing(NamedTuple):
     median_ms: float
     tokens_per_s: float
@@ -154,46 +202,9 @@ class OnnxRunner:
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", *, cuda_graph: bool = False,
                  device_id: int = 0, threads: int | None = None, spinning: bool | None = None):
-        import onnxruntime as ort
-
         path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory, not an .onnx file")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-        self.provider, self.notice = choose_provider(provider)
-        if cuda_graph and self.provider != "cuda":
-            raise ValueError("CUDA-graph capture needs the CUDA provider")
-        ort.set_default_logger_severity(ORT_LOG_SEVERITY)
-        options = ort.SessionOptions()
-        options.log_severity_level = ORT_LOG_SEVERITY
-        if threads:
-            options.intra_op_num_threads = threads
-        # onnxruntime's own default lets idle worker threads spin-wait between and after parallel ops. On the
-        # CPU provider that steals cores from whatever runs next (torch in an interleaved benchmark, the next
-        # session, other processes); measured on 2 cores, 2 threads, official sizes, T = 1024: torch eager
-        # 84 → 50 ms and the sparse export 75 → 45 ms with spinning off (BENCHMARKS.md). Off on the CPU by
-        # default; spinning=True restores onnxruntime's behaviour.
-        if spinning is None:
-            spinning = self.provider != "cpu"
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        if self.provider == "cuda":
-            cuda_options = {"device_id": str(device_id)}
-            if cuda_graph:
-                cuda_options["enable_cuda_graph"] = "1"
-            providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "NOT_IMPLEMENTED" in message and self.provider == "cpu":
-                message += (" (onnxruntime's CPU provider lacks this kernel; bfloat16 graphs and com.microsoft::MoE "
-                            "in bfloat16 need the CUDA provider)")
-            raise ValueError(f"{path}: onnxruntime cannot load this model: {message}") from None
-        if self.provider == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise ValueError(f"onnxruntime did not enable the CUDA provider (got {self.session.get_providers()})")
+        self.session, self.provider, self.notice = open_session(path, provider, cuda_graph=cuda_graph,
+                                                                device_id=device_id, threads=threads, spinning=spinning)
         self.device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
         self.cuda_graph = cuda_graph
         inputs = self.session.get_inputs()

@@ -86,14 +86,14 @@ class Expected(NamedTuple):
 
 
 def measured_run(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, x: np.ndarray, dtype: str,
-                 layer_index: int = 0) -> dict:
+                 layer_index: int = 0, attention_mask: np.ndarray | None = None) -> dict:
     """ref run in float32 on the export's parameters (rounded to `dtype`) and the same input: what an honest
     implementation's rounding does to every output and router logit, measured (the yardstick term)."""
     p32 = {name: round_to_dtype(dtype, v).astype(np.float32) for name, v in params.items()}  # exact: rounded to ≤ 24 bits
     if kind == "model":
         from ref import model as ref_model
 
-        logits, _, results = ref_model.forward(cfg, p32, x)
+        logits, _, results = ref_model.forward(cfg, p32, x, attention_mask)
         return {"logits": logits, "router": [r.logits for r in results.values()]}
     x32 = x.astype(np.float32)  # x is already rounded to the export's input dtype: exact
     if kind == "layer":
@@ -104,16 +104,18 @@ def measured_run(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
 
 
 def expected(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, x: np.ndarray, dtype: str,
-             layer_index: int = 0) -> Expected:
+             layer_index: int = 0, attention_mask: np.ndarray | None = None) -> Expected:
     """ref (float64) on x (B, S, d), or token ids (B, S) for a model, the bound on every output's error for an
-    export in `dtype`, and each token's routing margin in units of its logit-error bound (module docstring)."""
+    export in `dtype`, and each token's routing margin in units of its logit-error bound (module docstring).
+    A model's attention_mask (B, S) (0 = padding, default positions: ref.model.forward's): padding positions'
+    outputs are meaningless, so they count neither in the bound's measured term nor in the margins (+inf)."""
     u = UNIT_ROUNDOFF[dtype]
-    measured = measured_run(cfg, params, kind, x, dtype, layer_index)
+    measured = measured_run(cfg, params, kind, x, dtype, layer_index, attention_mask)
     lead = x.shape if kind == "model" else x.shape[:-1]
     if kind == "model":
         from ref import model as ref_model
 
-        logits, _, results = ref_model.forward(cfg, params, x)
+        logits, _, results = ref_model.forward(cfg, params, x, attention_mask)
         layers = []  # (layer params, router scale R (the router's input is LayerNorm ln2's output), result)
         for i, r in results.items():
             lp = ref_model.block_moe_params(params, i)
@@ -140,8 +142,10 @@ def expected(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, x
         drift = np.abs(logits_d.reshape(logits.shape) - logits).max(axis=-1, initial=0.0)  # (T,) measured
         eps = logit_error_bound(cfg, lp, R, dtype) + YARDSTICK * drift  # (T,) ε_t
         margins = np.minimum(margins, (ref.routing_margins(logits, cfg.top_k) / eps).reshape(lead))
-    bounds = {name: YARDSTICK * float(np.abs(measured[name] - values[name]).max(initial=0.0)) + K * u * scales[name]
-              for name in scales}
+    real = np.ones(lead, dtype=bool) if attention_mask is None else attention_mask != 0  # (B, S) positions that count
+    margins[~real] = np.inf
+    deviation = {name: float(np.abs(measured[name] - values[name])[real].max(initial=0.0)) for name in scales}
+    bounds = {name: YARDSTICK * deviation[name] + K * u * scales[name] for name in scales}
     if "selected_experts" in values:
         bounds["selected_experts"] = 0.0  # compared exactly
     return Expected(values, bounds, margins)
@@ -214,6 +218,15 @@ class ShapeResult(NamedTuple):
     ok: bool
 
 
+class PastCheck(NamedTuple):
+    """A with-past export's check beyond full passes: decode consistency or greedy tokens."""
+    name: str
+    max_abs: float | None  # max |onnx - ref| over the compared logits; None where tokens are compared
+    bound: float  # the logits' error bound on these inputs (module docstring)
+    detail: str
+    ok: bool
+
+
 class VerifyReport(NamedTuple):
     path: Path
     dtype: str
@@ -222,16 +235,22 @@ class VerifyReport(NamedTuple):
     margin: float  # inputs' routing margin, in units of each token's logit-error bound ε_t
     shapes: list[ShapeResult]
     ok: bool
+    past_checks: tuple[PastCheck, ...] = ()  # a with-past export's decode and greedy checks
 
     def lines(self) -> list[str]:
         out = [f"verify {self.path.name}: {self.flavour}, {self.dtype}, onnxruntime {self.provider} vs ref float64 "
                f"(bound per output: {YARDSTICK:g} × ref float32's deviation + {K} u S; inputs with routing margin ≥ {self.margin:g} ε)"]
+        if self.past_checks:
+            out.append("  a. full passes (past length 0):")
         for r in self.shapes:
             routing = "n/a (not exported)" if r.routing_agreement is None else f"{r.routing_agreement:.1%}"
             out.append(f"  (batch, seq) = {r.batch_seq}: routing agreement {routing}")
             for c in r.comparisons:
                 flag = "ok" if c.ok else "FAIL"
                 out.append(f"    {c.name:17s} max abs {c.max_abs:.2e} (bound {c.bound:.2e})  max rel {c.max_rel:.2e}  {flag}")
+        for c in self.past_checks:
+            error = "" if c.max_abs is None else f"max abs {c.max_abs:.2e} "
+            out.append(f"  {c.name}: {error}(bound {c.bound:.2e}) {c.detail}  {'ok' if c.ok else 'FAIL'}")
         out.append("PASS" if self.ok else "FAIL: onnxruntime output differs from the reference beyond its error bound")
         return out
 
@@ -279,16 +298,21 @@ def source_params(meta: Mapping[str, str], cfg: HyperMoEConfig, source: str | os
 
 def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, provider: str = "auto",
            shapes=DEFAULT_SHAPES, seed: int = 0, runner=None) -> VerifyReport:
-    """Run the exported file on onnxruntime and ref on the same margin-controlled inputs; compare."""
-    from export.exporter import metadata_config, read_metadata
+    """Run the exported file on onnxruntime and ref on the same margin-controlled inputs; compare.
+    A with-past export (its directory or its model.onnx) gets full passes (past length 0) on `shapes`, then
+    check_decode and check_greedy."""
+    from export.exporter import PAST_MODEL_FILE, metadata_config, read_metadata
     from export.runtime import OnnxRunner, round_to
 
     path = Path(path)
+    if path.is_dir() and (path / PAST_MODEL_FILE).is_file():  # a with-past export's directory
+        path = path / PAST_MODEL_FILE
     meta = read_metadata(path)
     cfg, kind, dtype = metadata_config(meta), meta.get("kind", "layer"), meta.get("dtype", "float32")
     layer_index = int(meta.get("layer_index", "0"))
     params = source_params(meta, cfg, source)
-    runner = runner or OnnxRunner(path, provider)
+    with_past = meta.get("with_past") == "1"
+    runner = runner or (PastRunner(path, provider) if with_past else OnnxRunner(path, provider))
     drawn: dict[str, Expected] = {}
 
     def margins(x: np.ndarray) -> np.ndarray:  # keeps its last run: the accepted draw's is the one compared with
@@ -310,5 +334,185 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, 
             same = np.all(value == ref_value, axis=-1) if value.shape == ref_value.shape else np.zeros(1, bool)
             agreement = float(same.mean()) if same.size else 1.0
         results.append(ShapeResult((batch, seq), comparisons, agreement, all(c.ok for c in comparisons)))
+    checks = ()
+    if with_past:
+        checks = (check_decode(runner, cfg, params, dtype, rng), check_greedy(runner, cfg, params, dtype, rng))
     return VerifyReport(path, dtype, meta.get("flavour", "?"), runner.provider, MARGIN_FACTOR, results,
-                        all(r.ok for r in results))
+                        all(r.ok for r in results) and all(c.ok for c in checks), checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# With past key/values: one graph for prefill and decode (export.graph.ExportModelWithPast)
+# ---------------------------------------------------------------------------------------------
+
+DECODE_LENGTH = 16  # check_decode: prefill half of it, then one token per step (capped at max_seq_len)
+GREEDY_STEPS = 32  # check_greedy: new tokens per prompt (capped by max_seq_len - the longest prompt)
+
+
+class PastRunner:
+    """An onnxruntime session over a with-past export (plain session.run: verification, not timing).
+
+    runner.run(input_ids (B, S), attention_mask (B, P + S), position_ids (B, S), past) → (logits (B, S, V)
+    float32, present: [key, value] of every block, each (B, H, P + S, c)); past None = past length 0.
+    runner(input_ids) = one full pass → {"logits": …} (the interface verify's shape loop runs);
+    runner.decoder() drives it as a hypermoe.generation.Decoder."""
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto"):
+        import onnxruntime as ort
+
+        from export.exporter import metadata_config, past_names
+        from export.runtime import ONNX_INT64, ORT_LOG_SEVERITY, choose_provider
+
+        self.provider, self.notice = choose_provider(provider)
+        self.input_type = ONNX_INT64
+        options = ort.SessionOptions()
+        options.log_severity_level = ORT_LOG_SEVERITY
+        providers = (["CUDAExecutionProvider"] if self.provider == "cuda" else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: onnxruntime cannot load this model: {message}") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        cfg = metadata_config({"config": self.metadata.get("hypermoe.config", "")})
+        self.names = [i.name for i in self.session.get_inputs()]
+        if self.names != past_names(cfg.n_layers)[0]:
+            raise ValueError(f"{path}: not a with-past export of this config: inputs {self.names}")
+        past_type = self.session.get_inputs()[3].type
+        if past_type not in ("tensor(float)", "tensor(float16)"):
+            raise ValueError(f"{path}: past key/values of type {past_type}: numpy cannot feed them (bfloat16); "
+                             "verify a float32 or float16 export")
+        self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        self.kv_shape = (cfg.n_heads, cfg.d_model // cfg.n_heads)  # (H, c)
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if past is None:
+            empty = np.zeros((input_ids.shape[0], self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
+            past = [empty] * (len(self.names) - 3)
+        arrays = [a.astype(np.int64) for a in (input_ids, attention_mask, position_ids)] + list(past)
+        logits, *present = self.session.run(None, dict(zip(self.names, arrays)))
+        return logits.astype(np.float32), present
+
+    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        B, S = input_ids.shape
+        positions = np.broadcast_to(np.arange(S), (B, S))
+        return {"logits": self.run(input_ids, np.ones((B, S), dtype=np.int64), positions)[0]}
+
+    def decoder(self) -> PastDecoder:
+        return PastDecoder(self)
+
+
+class PastDecoder:
+    """hypermoe.generation.Decoder over a PastRunner: keeps the last step's present as the next step's past."""
+
+    def __init__(self, runner: PastRunner):
+        self.runner, self.past = runner, None
+
+    def begin(self, batch_size: int, max_length: int) -> None:
+        self.past = None
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        logits, self.past = self.runner.run(input_ids, attention_mask, position_ids, self.past)
+        return logits[:, -1]  # (B, V)
+
+
+def _left_padded(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str, mask: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, Expected]:
+    """Token ids (B, L) for a left-padded batch (mask (B, L)) whose real tokens all have routing margin ≥
+    MARGIN_FACTOR ε_t, and ref's Expected for them (the ids under mask 0 are random too: they must not matter)."""
+    drawn: dict[str, Expected] = {}
+
+    def margins(ids: np.ndarray) -> np.ndarray:
+        drawn["want"] = expected(cfg, params, "model", ids, dtype, attention_mask=mask)
+        return drawn["want"].margins
+
+    ids = inputs_with_margin(margins, mask.shape, rng, MARGIN_FACTOR, vocab_size=cfg.vocab_size)
+    return ids, drawn["want"]
+
+
+def check_decode(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
+                 rng: np.random.Generator) -> PastCheck:
+    """Prefill S0 tokens, then one token per step feeding present back as past: every real position's logits
+    must match ref's one full pass (float64, ref.model.forward with the attention mask) within the full pass's
+    bound. Three rows, left-padded by 0, S0/2 and S0 - 1 positions (positions by ref.model.default_positions)."""
+    from ref import model as ref_model
+
+    total = min(cfg.max_seq_len, DECODE_LENGTH)
+    S0 = total // 2
+    pads = (0, S0 // 2, S0 - 1)
+    mask = np.ones((len(pads), total), dtype=np.int64)  # (B, L)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = 0
+    positions = ref_model.default_positions(mask)  # (B, L)
+    ids, want = _left_padded(cfg, params, dtype, mask, rng)
+    logits, past = runner.run(ids[:, :S0], mask[:, :S0], positions[:, :S0])  # prefill, past length 0
+    steps = [logits]
+    for t in range(S0, total):
+        logits, past = runner.run(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], past)
+        steps.append(logits)
+    got = np.concatenate(steps, axis=1)  # (B, L, V)
+    real = mask != 0
+    c = compare("logits", got[real], want.values["logits"][real], want.bounds["logits"])
+    lengths_ok = all(p.shape[2] == total for p in past)
+    detail = (f"over {int(real.sum())} real positions; rows left-padded by {', '.join(map(str, pads))}"
+              + ("" if lengths_ok else f"; present length {past[0].shape[2]} != {total}: FAIL"))
+    return PastCheck(f"b. prefill {S0} + {total - S0} one-token steps vs one full pass", c.max_abs, c.bound, detail,
+                     c.ok and lengths_ok)
+
+
+def check_greedy(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
+                 rng: np.random.Generator) -> PastCheck:
+    """Greedy tokens of onnxruntime (PastDecoder) and PyTorch (hypermoe.model.TorchDecoder, float32, the export's
+    parameters rounded to its dtype) through the same hypermoe.generation.generate, 3 left-padded prompts.
+
+    A step is decidable when ref's (float64, on the generated sequence) top-2 logit gap exceeds 2 × the logits'
+    bound (each side within the bound of ref cannot reorder them) and every real token up to it has routing
+    margin ≥ MARGIN_FACTOR ε_t. Tokens must be equal at decidable steps; a difference at an undecidable step
+    ends that row's comparison and is reported, neither pass nor fail."""
+    import torch
+
+    try:
+        from hypermoe.model import HyperMoETransformer, TorchDecoder
+    except ImportError:
+        return PastCheck("c. greedy tokens vs torch", None, float("nan"),
+                         "skipped: hypermoe.model.TorchDecoder is not available", True)
+    from hypermoe.generation import generate, left_pad
+
+    L = min(8, cfg.max_seq_len // 4)  # longest prompt
+    steps = min(GREEDY_STEPS, cfg.max_seq_len - L)
+    mask = np.zeros((3, L), dtype=np.int64)
+    for b, n in enumerate((L, max(1, L // 2), 1)):
+        mask[b, L - n:] = 1
+    ids, _ = _left_padded(cfg, params, dtype, mask, rng)
+    prompts = [row[m != 0].tolist() for row, m in zip(ids, mask)]
+    p32 = {name: round_to_dtype(dtype, v).astype(np.float32) for name, v in params.items()}
+    model = HyperMoETransformer.from_ref(cfg, p32, dtype=torch.float32).eval()
+    options = dict(max_new_tokens=steps, max_length=cfg.max_seq_len)
+    got = generate(runner.decoder(), prompts, **options).tokens
+    torch_tokens = generate(TorchDecoder(model, use_cache=True), prompts, **options).tokens
+
+    full, full_mask = left_pad([p + g[:-1] for p, g in zip(prompts, got)], 0)  # the sequences that made each step
+    want = expected(cfg, params, "model", full, dtype, attention_mask=full_mask)
+    bound = want.bounds["logits"]
+    top2 = -np.sort(-want.values["logits"], axis=-1)[..., :2]  # (B, L', 2)
+    gap_ok = top2[..., 0] - top2[..., 1] > 2 * bound  # (B, L')
+    routing_ok = np.minimum.accumulate(want.margins, axis=1) >= MARGIN_FACTOR  # (B, L'): every token so far
+    decidable = (gap_ok & routing_ok)[:, L - 1:]  # (B, steps): step n's logits sit at padded position L - 1 + n
+    same = decided = 0
+    differ, undecidable = [], []
+    for b in range(len(prompts)):
+        for n in range(steps):
+            if got[b][n] == torch_tokens[b][n]:
+                same += 1
+                decided += bool(decidable[b, n])
+            else:
+                (differ if decidable[b, n] else undecidable).append(f"prompt {b} step {n}")
+                break
+    detail = (f"{len(prompts)} prompts × {steps} steps: {same} tokens identical ({decided} decidable: top-2 gap > "
+              f"2·bound and routing margins ≥ {MARGIN_FACTOR:g} ε)")
+    if undecidable:
+        detail += f"; differ where undecidable (not compared after): {', '.join(undecidable)}"
+    if differ:
+        detail += f"; DIFFER where decidable: {', '.join(differ)}"
+    return PastCheck("c. greedy tokens, onnxruntime vs torch", None, bound, detail, not differ)

@@ -19,7 +19,7 @@ import ref
 
 # modules that provide a `register(subparsers)`; listed in the order `--help` shows them
 COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert", "hypermoe.train", "hypermoe.plot", "hypermoe.bench", "conformance.cli",
-                   "export.cli"]
+                   "export.cli", "export.generate"]
 
 
 def _version() -> str:

@@ -63,5 +63,16 @@ check onnx_cuda_main_fused "$PY" -c "import sys; from hypermoe.cli import main; 
 check onnx_cuda_graph "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" run "$onnx_tmp/hypermoe.onnx" --provider cuda --cuda-graph --seq 1024 --runs 50
 rm -rf "$onnx_tmp"
 
+# --- generation on onnxruntime CUDA (export/generate.py OrtDecoder): KV cache kept on the device, greedy tokens
+#     vs torch (gated on the top-2 gap), float16/bfloat16 exports, the last-position cudaMemcpy2D
+check generate_cuda_tests "$PY" -m pytest tests/test_generate_cuda.py -q -rA -s -p no:cacheprovider --junitxml="$out/generate_cuda_tests.xml"
+
+# --- expert parallelism on NCCL (hypermoe/parallel.py, one process per GPU): the layer against the single process
+#     (float64; outputs, aux losses, every gradient) on 1, 2 and 4 GPUs as present, and `hypermoe train
+#     --expert-parallel 2 --device cuda` under torchrun vs the single-process run, resume, checkpoint conversion
+#     (needs 2 GPUs; skipped with fewer). Then the CPU/gloo scaling benchmark on this machine's cores.
+check parallel_nccl_tests "$PY" -m pytest tests/test_parallel.py -q -rA -p no:cacheprovider -k "nccl or cuda" --junitxml="$out/parallel_nccl_tests.xml"
+check parallel_gloo_bench "$PY" scripts/bench_parallel.py --procs 1 2 4 8 --tokens 8192 --iters 10
+
 echo "gpu_check: results in $out (status $status)"
 exit $status

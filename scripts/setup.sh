@@ -11,3 +11,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "setup: installing hypermoe, its test and its train dependencies (tqdm, matplotlib)"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,train]"
+# onnxruntime-genai (tests/test_genai.py: genai's own generator on our with-past export). Its wheel holds only
+# onnxruntime_genai/ and runs on the libonnxruntime of the onnxruntime-gpu installed above; --no-deps, because
+# its declared dependency is the CPU `onnxruntime` package, which would overwrite onnxruntime-gpu's files.
+echo "setup: installing onnxruntime-genai 0.18.0 (--no-deps: it uses onnxruntime-gpu's runtime)"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "onnxruntime-genai==0.18.0"

@@ -1,0 +1,432 @@
+"""Text generation with an exported HyperMoE language model on onnxruntime, and the `hypermoe generate` command.
+
+`OrtDecoder` is the onnxruntime backend of hypermoe.generation's `Decoder` protocol over a with-past export
+(`hypermoe export MODEL_DIR --with-past -o DIR`: one graph for prefill and decode, Hugging Face Optimum's and
+onnxruntime-genai's names). The generation loop, sampling, padding and timings are hypermoe.generation's;
+this module only runs the graph. `hypermoe generate` drives either backend: an export directory (or its .onnx)
+runs on onnxruntime, a model directory (config.json kind "model") on torch with its KV cache (TorchDecoder).
+
+Tokenizers: byte-level by default (UTF-8 bytes as ids 0..255, what `hypermoe train` models on), or a
+Hugging Face tokenizer.json read by the `tokenizers` package (optional extra `serve`).
+
+Axis legend: B sequences, S new positions of a step, P cached positions, H heads, c head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from export.runtime import (
+    ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, ONNX_TYPES, PROVIDERS, cuda_libraries, from_bfloat16_bits,
+    open_session,
+)
+
+GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
+MAX_CONFIG_BYTES = 1 << 20  # a genai_config.json is a few kB; a bigger one is not ours
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json files run to tens of MB (large vocabularies); refuse more
+_ITEMSIZE = {ONNX_FLOAT: 4, ONNX_FLOAT16: 2, ONNX_BFLOAT16: 2}
+_HOST_DTYPE = {ONNX_FLOAT: np.float32, ONNX_FLOAT16: np.float16, ONNX_BFLOAT16: np.uint16}  # bfloat16 as its bits
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the graph is: an export directory (genai_config.json names the file) or the .onnx itself
+# ---------------------------------------------------------------------------------------------
+
+
+def read_genai_config(directory: str | os.PathLike) -> dict:
+    """The parsed genai_config.json of an export directory ({} when there is none). A user's file: size, JSON
+    and the fields read here are checked, each failure one line."""
+    file = Path(directory) / GENAI_CONFIG_FILE
+    if not file.exists():
+        return {}
+    if not file.is_file() or file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{file}: not a regular file of at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("decoder", {}), dict):
+        raise ValueError(f"{file}: expected an object with a 'model' object (onnxruntime-genai's format)")
+    filename = model.get("decoder", {}).get("filename", DEFAULT_ONNX_FILE)
+    if not isinstance(filename, str) or not filename or Path(filename).name != filename:
+        raise ValueError(f"{file}: model.decoder.filename must be a file name in that directory, got {filename!r}")
+    for key in ("eos_token_id", "pad_token_id"):
+        value = model.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+            raise ValueError(f"{file}: model.{key} must be a token id ≥ 0 (or a list of them), got {value!r}")
+    return config
+
+
+def onnx_file(path: str | os.PathLike) -> Path:
+    """The .onnx file of `path`: the file itself, or in an export directory the file its genai_config.json names
+    (default model.onnx)."""
+    path = Path(path)
+    if path.is_dir():
+        model = read_genai_config(path).get("model", {})
+        path = path / model.get("decoder", {}).get("filename", DEFAULT_ONNX_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def export_token_ids(path: str | os.PathLike) -> tuple[tuple[int, ...], int]:
+    """(eos ids, pad id) the genai_config.json of an export directory declares (for an .onnx file: the one
+    beside it, when it names that file); ((), 0) without one."""
+    path = Path(path)
+    model = read_genai_config(path.parent if path.is_file() else path).get("model", {})
+    if path.is_file() and model.get("decoder", {}).get("filename", DEFAULT_ONNX_FILE) != path.name:
+        model = {}
+    eos = model.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    return eos, model.get("pad_token_id", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The onnxruntime decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class OrtDecoder:
+    """hypermoe.generation's Decoder over a with-past export on onnxruntime, with IOBinding.
+
+    decoder = OrtDecoder("export_dir")        # or its model.onnx; provider "auto" | "cuda" | "cpu"
+    result = hypermoe.generation.generate(decoder, [[1, 2, 3]], max_new_tokens=16)
+
+    The KV cache never leaves the provider's device: every `present.{i}.key/value` output is bound to device
+    memory (onnxruntime allocates it, from its arena on CUDA) and bound, as that same OrtValue, as the next
+    step's `past_key_values.{i}.key/value` input. Per step only the new ids, positions and the attention mask go
+    to the device (B·(2S + P + S) int64s, chosen on the host by the sampler), and only the last position's
+    logits (B, V) come back.
+
+    Preallocated in begin(), per batch: the empty past (B, H, 0, c) of the first step; the decode steps'
+    input_ids and position_ids (B, 1) and logits (B, 1, V) device buffers (fixed shapes, refilled in place,
+    stable addresses). Not preallocated: the presents (B, H, P + S, c) — the graph concatenates past and new
+    keys into a new tensor each step, so a buffer of max_length cannot be written in place (that needs a
+    shared-buffer attention op, onnxruntime-genai's past_present_share_buffer mode); the attention mask
+    (B, P + S), whose width grows by one each step; and the prefill's (B, S) inputs and (B, S, V) logits, used
+    once.
+    """
+
+    def __init__(self, path: str | os.PathLike, provider: str = "auto", *, device_id: int = 0,
+                 threads: int | None = None) -> None:
+        from export.exporter import metadata_config, past_names, read_metadata
+
+        path = onnx_file(path)
+        meta = read_metadata(path)
+        if meta.get("with_past") != "1":
+            raise ValueError(f"{path}: not a with-past export (it takes no past key/values, so it cannot decode one "
+                             "token at a time); export one with `hypermoe export MODEL_DIR --with-past -o DIR`")
+        self.config = metadata_config(meta)
+        self.path = path
+        self.session, self.provider, self.notice = open_session(path, provider, device_id=device_id, threads=threads)
+        self.device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
+        inputs, outputs = past_names(self.config.n_layers)
+        have_in = {i.name: i for i in self.session.get_inputs()}
+        have_out = {o.name: o for o in self.session.get_outputs()}
+        if sorted(have_in) != sorted(inputs) or sorted(have_out) != sorted(outputs):
+            raise ValueError(f"{path}: inputs/outputs {sorted(have_in)} → {sorted(have_out)} are not those of a "
+                             f"with-past export of {self.config.n_layers} blocks ({inputs} → {outputs})")
+        self.past_inputs, self.present_outputs = inputs[3:], outputs[1:]  # past_key_values.* ↔ present.*, same order
+        self.kv_type = ONNX_TYPES.get(have_in[self.past_inputs[0]].type)
+        self.logits_type = ONNX_TYPES.get(have_out["logits"].type)
+        if self.kv_type not in _ITEMSIZE or self.logits_type not in _ITEMSIZE:
+            raise ValueError(f"{path}: unsupported past/logits types {have_in[self.past_inputs[0]].type}, "
+                             f"{have_out['logits'].type}")
+        self._binding = self.session.io_binding()
+        self._batch = 0
+
+    def begin(self, batch_size: int, max_length: int) -> None:
+        import onnxruntime as ort
+
+        cfg = self.config
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int ≥ 1, got {batch_size!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= cfg.max_seq_len:
+            raise ValueError(f"max_length must be in [1, max_seq_len = {cfg.max_seq_len}], got {max_length!r}")
+        B, H, c = batch_size, cfg.n_heads, cfg.d_model // cfg.n_heads
+        device, device_id = self.device
+        empty = ort.OrtValue.ortvalue_from_shape_and_type([B, H, 0, c], self.kv_type, device, device_id)  # (B, H, 0, c)
+        self._past = {name: empty for name in self.past_inputs}
+        self._step_ids = ort.OrtValue.ortvalue_from_shape_and_type([B, 1], ONNX_INT64, device, device_id)  # (B, 1)
+        self._step_positions = ort.OrtValue.ortvalue_from_shape_and_type([B, 1], ONNX_INT64, device, device_id)
+        self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type([B, 1, cfg.vocab_size], self.logits_type,
+                                                                      device, device_id)  # (B, 1, V)
+        self._batch, self._max_length, self._seen = B, max_length, 0
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        if not self._batch:
+            raise ValueError("call begin(batch_size, max_length) before step()")
+        ids, mask, positions = self._check_step(input_ids, attention_mask, position_ids)
+        B, S = ids.shape
+        device, device_id = self.device
+        io = self._binding
+        if S == 1:  # a decode step: the preallocated buffers, refilled in place
+            self._step_ids.update_inplace(ids)
+            self._step_positions.update_inplace(positions)
+            io.bind_ortvalue_input("input_ids", self._step_ids)
+            io.bind_ortvalue_input("position_ids", self._step_positions)
+        else:
+            io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids, device, device_id))
+            io.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(positions, device, device_id))
+        io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask, device, device_id))
+        for name, value in self._past.items():
+            io.bind_ortvalue_input(name, value)  # the previous step's present, still on the device
+        io.clear_binding_outputs()
+        if S == 1:
+            io.bind_ortvalue_output("logits", self._step_logits)
+        else:
+            io.bind_output("logits", device, device_id)
+        for name in self.present_outputs:
+            io.bind_output(name, device, device_id)  # onnxruntime allocates (B, H, P + S, c) on the device
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as err:  # onnxruntime's own Fail/InvalidArgument classes
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"onnxruntime run failed at {self._seen} cached + {S} new positions: {message}") from None
+        io.synchronize_outputs()
+        values = io.get_outputs()  # in binding order: logits, then the presents
+        self._past = dict(zip(self.past_inputs, values[1:]))
+        self._seen += S
+        return _last_position(values[0], self.logits_type)  # (B, V) float32
+
+    def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step's arrays as contiguous int64, after the checks the graph would fail on obscurely or not at
+        all (an id ≥ V or a position ≥ max_seq_len would read another row of a table or fail in Gather)."""
+        cfg, B, P = self.config, self._batch, self._seen
+        arrays = []
+        for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu" or a.ndim != 2:
+                raise ValueError(f"{name} must be a 2-D integer numpy array, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+            arrays.append(np.ascontiguousarray(a, dtype=np.int64))
+        ids, mask, positions = arrays
+        S = ids.shape[1]
+        for name, a, want in (("input_ids", ids, (B, S)), ("attention_mask", mask, (B, P + S)),
+                              ("position_ids", positions, (B, S))):
+            if a.shape != want or S < 1:
+                raise ValueError(f"{name} must have shape {want} (batch {B}, {P} cached + {S} new positions), got {a.shape}")
+        if P + S > self._max_length:
+            raise ValueError(f"{P} cached + {S} new positions exceed begin()'s max_length {self._max_length}")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
+                             f"[{ids.min()}, {ids.max()}]")
+        if positions.min() < 0 or positions.max() >= cfg.max_seq_len:
+            raise ValueError(f"position ids must be in [0, max_seq_len={cfg.max_seq_len}), got values in "
+                             f"[{positions.min()}, {positions.max()}]")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+        return ids, mask, positions
+
+
+def _last_position(value, onnx_type: int) -> np.ndarray:
+    """logits (B, S, V) OrtValue on the provider's device → the last position's (B, V) float32 on the host:
+    one strided copy of B rows of V (memmove on the CPU, cudaMemcpy2D on the GPU), never the whole (B, S, V)."""
+    B, S, V = value.shape()
+    size = _ITEMSIZE[onnx_type]
+    host = np.empty((B, V), dtype=_HOST_DTYPE[onnx_type])  # (B, V)
+    first = value.data_ptr() + (S - 1) * V * size  # row b's last position starts at first + b·S·V·size
+    if value.device_name().lower() == "cpu":
+        for b in range(B):
+            ctypes.memmove(host[b].ctypes.data, first + b * S * V * size, V * size)
+    else:
+        cudart = ctypes.CDLL(cuda_libraries()[0])
+        device_to_host = 2  # cudaMemcpyDeviceToHost
+        status = cudart.cudaMemcpy2D(ctypes.c_void_p(host.ctypes.data), ctypes.c_size_t(V * size),
+                                     ctypes.c_void_p(first), ctypes.c_size_t(S * V * size),
+                                     ctypes.c_size_t(V * size), ctypes.c_size_t(B), device_to_host)
+        if status != 0:
+            raise ValueError(f"cudaMemcpy2D of the last position's logits to the host failed (error {status})")
+    return from_bfloat16_bits(host) if onnx_type == ONNX_BFLOAT16 else host.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers: UTF-8 bytes by default, or a Hugging Face tokenizer.json
+# ---------------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """Text ↔ ids as UTF-8 bytes (ids 0..255): the vocabulary `hypermoe train` models. An id ≥ 256 (a model
+    with a larger vocabulary) and a partial UTF-8 sequence decode to U+FFFD, never an error."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(bytes([i]) if 0 <= i < 256 else "\ufffd".encode() for i in ids).decode("utf-8", errors="replace")
+
+
+class FileTokenizer:
+    """A Hugging Face tokenizer.json, read by the `tokenizers` package (no Python code runs from the file)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (--tokenizer takes a tokenizer.json)")
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise ValueError(f"{path}: {path.stat().st_size} bytes, more than a tokenizer.json "
+                             f"({MAX_TOKENIZER_BYTES >> 20} MiB at most)")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("--tokenizer needs the tokenizers package: pip install 'hypermoe[serve]'") from None
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception with serde's message
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: not a tokenizer.json the tokenizers package can read ({message})") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a backend
+# ---------------------------------------------------------------------------------------------
+
+
+def load_decoder(model: str | os.PathLike, provider: str = "auto", *, threads: int | None = None):
+    """(decoder, config, backend description, notice) for MODEL: a model directory (config.json kind "model")
+    → hypermoe.model.TorchDecoder with its KV cache; an export directory or .onnx → OrtDecoder."""
+    from ref.io import CONFIG_FILE, read_config
+
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory (MODEL is a with-past export directory, its "
+                                ".onnx, or a model directory)")
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        cfg, kind = read_config(path / CONFIG_FILE)
+        if kind != "model":
+            raise ValueError(f"{path}: a saved {kind}, not a language model (kind 'model'): nothing to generate with")
+        if provider == "cuda":
+            raise ValueError("--provider cuda applies to onnxruntime; a model directory runs on torch (CPU)")
+        import torch
+
+        from hypermoe.model import HyperMoETransformer, TorchDecoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        return (TorchDecoder(HyperMoETransformer.from_dir(path).eval(), use_cache=True), cfg,
+                f"torch {torch.__version__} CPU, KV cache", "")
+    decoder = OrtDecoder(path, provider, threads=threads)
+    import onnxruntime as ort
+
+    return decoder, decoder.config, f"onnxruntime {ort.__version__} {decoder.provider.upper()}, IOBinding", decoder.notice
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    """'1,2,3' → [1, 2, 3]; a one-line ValueError naming `what` otherwise."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{what} must be token ids ≥ 0, got {text!r}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# hypermoe generate
+# ---------------------------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text with a language model: onnxruntime (with-past export) or torch (model dir)",
+        description="Generates up to --max-new-tokens tokens after the prompt and prints the text, then "
+        "onnxruntime-genai's benchmark metrics: prefill (prompt) tokens/s, decode tokens/s and per-token latency "
+        "(median and p90 of the decode steps), and the backend used. MODEL is a with-past export directory "
+        "(`hypermoe export MODEL_DIR --with-past -o DIR`: model.onnx + genai_config.json) or its .onnx file, run "
+        "on onnxruntime with IOBinding (the KV cache stays on the device); or a model directory (config.json kind "
+        "'model'), run on torch with its KV cache — the reference backend the export is compared with. Greedy by "
+        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed.")
+    p.add_argument("model", metavar="MODEL", help="with-past export directory or .onnx, or a model directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded by the tokenizer")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="tokens to generate per prompt (default 32); prompt + N must fit the model's context (max_seq_len)")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice), cuda, cpu")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="intra-op threads of onnxruntime or torch (default: theirs)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely ids (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample within the smallest set of ids of probability ≥ P (1 = off)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampler (default 0)")
+    p.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
+                   help="stop a sequence after this token (repeatable; default: the export's genai_config.json "
+                   "eos_token_id, else none)")
+    p.add_argument("--tokenizer", metavar="tokenizer.json", default=None,
+                   help="a Hugging Face tokenizer.json (needs the tokenizers package, extra 'serve'); default: UTF-8 "
+                   "bytes as ids 0..255 (needs vocab_size ≥ 256, else give --prompt-ids)")
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="run the prompt as B identical sequences at once (throughput; prints the first)")
+    p.add_argument("--print-ids", action="store_true", help="also print the generated token ids")
+    p.set_defaults(func=generate_command)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from hypermoe.generation import Sampling, generate
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be ≥ 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
+    decoder, cfg, backend, notice = load_decoder(args.model, args.provider, threads=args.threads)
+    if notice:
+        print(notice, file=sys.stderr)
+    if args.prompt_ids is not None:
+        prompt = parse_ids(args.prompt_ids, "--prompt-ids")
+    else:
+        if not args.tokenizer and cfg.vocab_size < 256:
+            raise ValueError(f"the byte tokenizer needs vocab_size ≥ 256 (this model has {cfg.vocab_size}): "
+                             "give --prompt-ids or --tokenizer")
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise ValueError("the prompt encodes to no tokens: give a non-empty --prompt")
+    if max(prompt) >= cfg.vocab_size:
+        raise ValueError(f"prompt token id {max(prompt)} ≥ the model's vocab_size {cfg.vocab_size}")
+    if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                         f"context of {cfg.max_seq_len} positions (max_seq_len)")
+    eos, pad = export_token_ids(args.model)
+    if args.eos_id is not None:
+        eos = tuple(args.eos_id)
+    for i in eos:
+        if not 0 <= i < cfg.vocab_size:
+            raise ValueError(f"--eos-id {i} is not a token id in [0, vocab_size={cfg.vocab_size})")
+    result = generate(decoder, [prompt] * args.batch, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      eos_token_ids=eos, pad_token_id=pad, max_length=cfg.max_seq_len)
+    tokens = result.tokens[0]
+    print(tokenizer.decode(prompt + tokens))
+    if args.print_ids:
+        print("ids: " + " ".join(map(str, tokens)))
+    steps_ms = np.asarray(result.step_seconds) * 1e3
+    latency = (f"median {np.median(steps_ms):.2f} ms, p90 {np.percentile(steps_ms, 90):.2f} ms" if steps_ms.size
+               else "n/a (no decode step)")
+    print(f"backend: {backend}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
+          + (" (stopped at EOS)" if tokens and tokens[-1] in eos else ""))
+    print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} tokens/s, "
+          f"per-token latency {latency}")
+    return 0
