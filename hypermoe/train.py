@@ -15,6 +15,8 @@ non-overlapping windows from the start of val.bin covering eval_tokens.
 Run directory RUN_DIR: train.json (the TrainConfig), log.jsonl (one JSON object per logged step and per eval),
 checkpoint/ (model/ = a "model" directory as HyperMoETransformer.save_dir, optimizer.npz + state.json for AdamW,
 rng.npz for torch's generator), each file written through ref.files.atomic_output; docs/train.md has the formats.
+Under torchrun (`--expert-parallel P`): experts sharded over P ranks, batches split over all ranks, the checkpoint
+in torch.distributed.checkpoint's format (checkpoint/sharded/; hypermoe/parallel.py, docs/parallel.md).
 
 Axis legend: B sequences per micro-batch, S positions (seq_len), V vocabulary, N experts, k selected experts.
 """
@@ -22,6 +24,7 @@ Axis legend: B sequences per micro-batch, S positions (seq_len), V vocabulary, N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -90,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and one at the last step); 0 = only at the end
     log_every: int = 10  # steps between log.jsonl lines (and the last step)
     freeze_hyper_heads: bool = False  # ablation: HyperExpert output heads zero and frozen, so ê = 0 throughout
+    expert_parallel: int = 1  # under torchrun: ranks each expert stack is sharded over (divides N and the world size)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, HyperMoEConfig):
@@ -124,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"train config field 'freeze_hyper_heads' must be a bool, got {self.freeze_hyper_heads!r}")
         if self.freeze_hyper_heads and not self.model.hyper_expert:
             raise ValueError("train config field 'freeze_hyper_heads' needs a model with hyper_expert=True")
+        ep = self.expert_parallel
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1 or self.model.n_experts % ep:
+            raise ValueError(f"train config field 'expert_parallel' must be an int ≥ 1 dividing n_experts "
+                             f"({self.model.n_experts}), got {ep!r}")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -267,19 +275,22 @@ def build_optimizer(cfg: TrainConfig, model):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
 
 
-def total_loss(cfg: TrainConfig, out, targets) -> tuple[Any, dict[str, Any]]:
-    """loss = CE + balance_coef · aux[balance_loss] + z_loss_coef · aux["z_loss"] → (loss, its parts)."""
+def total_loss(cfg: TrainConfig, out, targets, n_tokens: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """loss = CE + balance_coef · aux[balance_loss] + z_loss_coef · aux["z_loss"] → (loss, its parts). With
+    `n_tokens` (a rank of a distributed job): CE summed over this rank's tokens / n_tokens, the global batch's
+    token count, so that the ranks' shares add up to the global mean (hypermoe/parallel.py: gradients)."""
     import torch.nn.functional as F
 
     V = out.logits.shape[-1]
-    lm = F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1))  # mean over B·S tokens
+    if n_tokens is None:
+        lm = F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1))  # mean over B·S tokens
+    else:
+        lm = F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1), reduction="sum") / n_tokens
     loss = lm + cfg.balance_coef * out.aux[cfg.balance_loss] + cfg.z_loss_coef * out.aux["z_loss"]
     return loss, {"lm_loss": lm, **out.aux}
 
 
 def _autocast(cfg: TrainConfig):
-    import contextlib
-
     import torch
 
     if cfg.dtype == "bfloat16":
@@ -287,10 +298,12 @@ def _autocast(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
-def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
+def evaluate(cfg: TrainConfig, model, val: np.ndarray, job: Distributed | None = None) -> dict[str, Any]:
     """Validation loss and perplexity over eval_offsets, and per HyperMoE block ℓ: expert_fraction[ℓ] (share of the
     T·k assignments each expert got; sums to 1) and hyper_share[ℓ] = ‖ê‖ / (‖y‖ + ‖ê‖), Frobenius norms over all
-    eval tokens, y the routed part, ê the HyperExpert (0 for a plain MoE)."""
+    eval tokens, y the routed part, ê the HyperExpert (0 for a plain MoE). In a distributed `job` each batch of
+    windows is split over the ranks (a rank without a window runs a dummy one, not counted: every forward is a
+    collective) and the sums are all-reduced."""
     import torch
 
     offsets = eval_offsets(cfg, len(val))
@@ -301,7 +314,11 @@ def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
     counts = {b.index: torch.zeros(c.n_experts, dtype=torch.float64) for b in blocks}
     sq = {b.index: [0.0, 0.0] for b in blocks}  # (‖y‖², ‖ê‖²)
 
+    counting = [True]  # False while a rank runs a dummy window
+
     def hook(module, args, kwargs, out):  # ê again from the layer's own HyperExpert path (eval only)
+        if not counting[0]:
+            return
         x, index = args[0], (args[1] if len(args) > 1 else kwargs.get("layer_index", 0))
         x2 = x.reshape(-1, c.d_model)  # (T, d)
         hyper = module._hyper_expert(x2, out.routing.selected.reshape(-1, c.top_k), index)  # (T, d)
@@ -316,8 +333,16 @@ def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
     try:
         with torch.no_grad(), _autocast(cfg):
             for start in range(0, len(offsets), cfg.batch_size):
-                x, y = batch(val, offsets[start:start + cfg.batch_size], cfg.seq_len, c.vocab_size)
+                windows = offsets[start:start + cfg.batch_size]  # (B,)
+                if job is not None:
+                    windows = windows[_rank_rows(len(windows), job)]
+                    counting[0] = len(windows) > 0
+                    if not counting[0]:
+                        windows = offsets[:1]  # a dummy window: this rank's part of the collectives
+                x, y = batch(val, windows, cfg.seq_len, c.vocab_size)
                 out = model(torch.from_numpy(x).to(cfg.device))
+                if not counting[0]:
+                    continue
                 logits = out.logits.float()  # (B, S, V)
                 total += float(torch.nn.functional.cross_entropy(
                     logits.reshape(-1, c.vocab_size), torch.from_numpy(y).to(cfg.device).reshape(-1), reduction="sum"))
@@ -328,6 +353,18 @@ def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
         for h in handles:
             h.remove()
         model.train(was_training)
+    if job is not None:  # Σ over ranks of every sum, in one all-reduce
+        import torch.distributed as dist
+
+        keys = sorted(counts)
+        flat = torch.tensor([total, n, *(v for i in keys for v in sq[i])], dtype=torch.float64)
+        flat = torch.cat([flat, *(counts[i] for i in keys)]).to(job.device)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        total, n = float(flat[0]), int(flat[1])
+        for j, i in enumerate(keys):
+            sq[i] = [float(flat[2 + 2 * j]), float(flat[3 + 2 * j])]
+            counts[i] = flat[2 + 2 * len(keys) + j * c.n_experts:2 + 2 * len(keys) + (j + 1) * c.n_experts]
     val_loss = total / n
     return {
         "val_loss": val_loss,
@@ -336,6 +373,126 @@ def evaluate(cfg: TrainConfig, model, val: np.ndarray) -> dict[str, Any]:
         "hyper_share": {str(i): (math.sqrt(h) / (math.sqrt(r) + math.sqrt(h)) if h > 0 else 0.0)
                         for i, (r, h) in sq.items()},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed runs (torchrun: expert parallelism, data parallelism for the rest; docs/parallel.md)
+# ---------------------------------------------------------------------------------------------
+
+
+class Distributed(NamedTuple):
+    """This process's place in a torchrun job. Every micro-batch of batch_size sequences is split over the ranks
+    (np.array_split: a rank holds ≥ 1 sequence); the experts are sharded over expert groups of expert_parallel
+    ranks (mesh dimension "expert"); all other parameters are replicated and their gradients summed."""
+
+    rank: int
+    world: int
+    mesh: Any  # torch DeviceMesh (replica, expert)
+    device: str  # where collectives' tensors live: "cpu" (gloo) or "cuda" (NCCL)
+
+    @property
+    def expert_group(self):
+        return self.mesh["expert"].get_group()
+
+    @property
+    def replica_group(self):
+        return self.mesh["replica"].get_group()
+
+
+def start_distributed(cfg: TrainConfig) -> Distributed | None:
+    """None for a single process; under torchrun (WORLD_SIZE > 1) or with expert_parallel > 1, join the job
+    (ValueError outside torchrun, or with fewer sequences per micro-batch than ranks)."""
+    if cfg.expert_parallel == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from hypermoe import parallel
+
+    rank, world = parallel.init_distributed(cfg.device)
+    if cfg.batch_size < world:
+        raise ValueError(f"train config field 'batch_size' ({cfg.batch_size}) is smaller than the world size "
+                         f"({world}); each rank needs at least one sequence per micro-batch")
+    return Distributed(rank, world, parallel.expert_mesh(cfg.expert_parallel, cfg.device), cfg.device)
+
+
+def _rank_rows(n: int, job: Distributed) -> np.ndarray:
+    """This rank's rows of n (np.array_split: the first n % world ranks get one more)."""
+    return np.array_split(np.arange(n), job.world)[job.rank]
+
+
+def _on_rank0(job: Distributed, fn: Callable[[], Any]) -> None:
+    """fn() on rank 0; the other ranks learn whether it failed (then they raise too, instead of waiting for rank 0
+    in the next collective)."""
+    import torch
+    import torch.distributed as dist
+
+    ok = torch.ones((), device=job.device)
+    try:
+        if job.rank == 0:
+            fn()
+    except BaseException:
+        ok.zero_()
+        dist.broadcast(ok, 0)
+        raise
+    dist.broadcast(ok, 0)
+    if not bool(ok):
+        raise ValueError("rank 0 failed (see its error)")
+
+
+def save_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, step: int, model, optimizer, job: Distributed) -> None:
+    """RUN_DIR/checkpoint of a distributed run, replaced as a whole (atomic, staged by rank 0): sharded/ (DCP:
+    model.* and optim.* with the expert shards as global tensors, + config.json), state.json, rng.npz (every
+    rank's generator, `torch.RANK`)."""
+    import torch
+    import torch.distributed as dist
+
+    from hypermoe import parallel
+
+    with contextlib.ExitStack() as stack:
+        staged = ""
+        if job.rank == 0:
+            staged = str(stack.enter_context(atomic_output(run_dir / "checkpoint", directory=True, force=True)))
+            (Path(staged) / "sharded").mkdir()
+        tmp = Path(parallel.broadcast_str(staged, device=job.device))
+        parallel.save_sharded(tmp / "sharded", cfg.model, model, job.mesh, optimizer)
+        rngs = {"torch": torch.get_rng_state()}  # (n,) uint8, the same n on every rank
+        if job.device == "cuda":
+            rngs["cuda"] = torch.cuda.get_rng_state()
+        gathered = {}
+        for kind, rng in rngs.items():
+            gathered[kind] = [torch.empty_like(rng.to(job.device)) for _ in range(job.world)]
+            dist.all_gather(gathered[kind], rng.to(job.device))
+        if job.rank == 0:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            (tmp / "state.json").write_text(json.dumps(
+                {"step": step, "train_config": cfg.to_dict(), "world_size": job.world, "param_groups": groups},
+                indent=2, sort_keys=True, default=list) + "\n")
+            with open(tmp / "rng.npz", "wb") as fh:
+                np.savez(fh, **{f"{kind}.{r}": t.cpu().numpy() for kind, ts in gathered.items()
+                                for r, t in enumerate(ts)})
+        dist.barrier()  # every rank's shard is written before rank 0 renames the directory in
+    dist.barrier()
+
+
+def load_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, model, optimizer, job: Distributed) -> int:
+    """Restore a distributed run's checkpoint (same world size: each rank gets its own generator back) → step."""
+    import torch
+
+    from hypermoe import parallel
+
+    ckpt = run_dir / "checkpoint"
+    state = _checkpoint_state(ckpt, cfg)
+    if not (ckpt / "sharded").is_dir():
+        raise ValueError(f"{ckpt} was written by a single-process run; resume it without torchrun")
+    if state.get("world_size") != job.world:
+        raise ValueError(f"{ckpt} was written by {state.get('world_size')} processes, this job has {job.world}: "
+                         f"resume with torchrun --nproc-per-node {state.get('world_size')}")
+    parallel.load_sharded(ckpt / "sharded", model, job.mesh, optimizer)
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
+    rng = ref.io.read_npz(ckpt / "rng.npz")
+    torch.set_rng_state(torch.from_numpy(rng[f"torch.{job.rank}"]))
+    if f"cuda.{job.rank}" in rng:
+        torch.cuda.set_rng_state(torch.from_numpy(rng[f"cuda.{job.rank}"]))
+    return int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,16 +532,10 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
     import torch
 
     ckpt = run_dir / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        raise FileNotFoundError(f"{ckpt / 'state.json'}: no such file (the run wrote no checkpoint yet)")
-    state = json.loads((ckpt / "state.json").read_text())
-    saved = TrainConfig.from_dict(state["train_config"])
-    differ = _differing(saved.model.to_dict(), cfg.model.to_dict())
-    if differ:
-        raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
-    differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("model", "steps"))
-    if differ:
-        raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
+    state = _checkpoint_state(ckpt, cfg)
+    if (ckpt / "sharded").is_dir():
+        raise ValueError(f"{ckpt} was written by a distributed run of {state.get('world_size')} processes: resume "
+                         f"it under torchrun, or convert it (hypermoe checkpoint to-model)")
     model_cfg, params, kind = ref.io.load_dir(ckpt / "model")
     if model_cfg != cfg.model or kind != "model":
         raise ValueError(f"{ckpt / 'model'} holds another model config than the run's")
@@ -404,6 +555,21 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
     if "cuda" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng["cuda"]))
     return int(state["step"])
+
+
+def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """state.json of a checkpoint, after checking that it belongs to this model config and run settings."""
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{ckpt / 'state.json'}: no such file (the run wrote no checkpoint yet)")
+    state = json.loads((ckpt / "state.json").read_text())
+    saved = TrainConfig.from_dict(state["train_config"])
+    differ = _differing(saved.model.to_dict(), cfg.model.to_dict())
+    if differ:
+        raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
+    differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("model", "steps"))
+    if differ:
+        raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
+    return state
 
 
 def _differing(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -429,10 +595,28 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     """Train from scratch into `run_dir` (refused if it holds a run, unless `force`), or with `resume` continue the
     run there from its checkpoint, with the same config except `steps`. `progress`: a tqdm bar on stderr when it
     is a terminal. `callback(record)` sees every log.jsonl record as it is written (a KeyboardInterrupt raised there
-    stops the run like Ctrl-C: the last checkpoint stays)."""
+    stops the run like Ctrl-C: the last checkpoint stays).
+
+    Under torchrun (or with cfg.expert_parallel > 1) every rank calls this: the experts are sharded over
+    expert_parallel ranks, each micro-batch is split over all ranks, rank 0 writes train.json and log.jsonl, all
+    write the checkpoint (torch.distributed.checkpoint); `callback` runs on rank 0 (docs/parallel.md)."""
     import torch
 
-    run_dir = Path(run_dir)
+    job = start_distributed(cfg)
+    try:
+        return _train(cfg, Path(run_dir), resume, force, progress, callback, job)
+    finally:
+        if job is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress: bool,
+           callback: Callable[[dict[str, Any]], None] | None, job: Distributed | None) -> TrainResult:
+    import torch
+
+    lead = job is None or job.rank == 0  # writes train.json and log.jsonl
     corpus = open_corpus(cfg.data)
     if corpus.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"corpus vocab_size {corpus.vocab_size} exceeds the model's vocab_size {cfg.model.vocab_size}")
@@ -444,6 +628,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         raise ValueError("train config device 'cuda' but torch sees no CUDA device")
 
     model = build_model(cfg)
+    if job is not None:  # same init on every rank (same seed), then each keeps its experts; own RNG per rank after
+        from hypermoe import parallel
+
+        parallel.expert_parallel_(model, group=job.expert_group)
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, job.rank]).generate_state(1)[0]))
     optimizer = build_optimizer(cfg, model)
     log_file = run_dir / "log.jsonl"
     if resume:
@@ -452,25 +641,35 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         if differ:
             raise ValueError(f"cannot resume {run_dir}: train config field(s) {', '.join(differ)} differ from its "
                              f"train.json (only steps may change)")
-        start = load_checkpoint(run_dir, cfg, model, optimizer)
-        _truncate_log(log_file, start)  # lines past the checkpoint belong to steps that are redone
-        if cfg.steps != saved.steps:
-            with atomic_output(run_dir / "train.json", force=True) as tmp:
-                tmp.write_text(cfg.to_json())
-    else:
-        with atomic_output(run_dir, directory=True, force=force, entries=RUN_ENTRIES) as tmp:
-            (tmp / "train.json").write_text(cfg.to_json())
-            (tmp / "log.jsonl").write_text("")
-        start = 0
+        if job is None:
+            start = load_checkpoint(run_dir, cfg, model, optimizer)
+        else:
+            start = load_checkpoint_sharded(run_dir, cfg, model, optimizer, job)
 
-    bar = _progress_bar(cfg, start) if progress and sys.stderr.isatty() else None
+        def rewrite() -> None:
+            _truncate_log(log_file, start)  # lines past the checkpoint belong to steps that are redone
+            if cfg.steps != saved.steps:
+                with atomic_output(run_dir / "train.json", force=True) as tmp:
+                    tmp.write_text(cfg.to_json())
+    else:
+        def rewrite() -> None:
+            with atomic_output(run_dir, directory=True, force=force, entries=RUN_ENTRIES) as tmp:
+                (tmp / "train.json").write_text(cfg.to_json())
+                (tmp / "log.jsonl").write_text("")
+        start = 0
+    if job is None:
+        rewrite()
+    else:
+        _on_rank0(job, rewrite)
+
+    bar = _progress_bar(cfg, start) if progress and lead and sys.stderr.isatty() else None
     tokens_per_update = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
     loss_value, last_eval, began = float("nan"), None, time.perf_counter()
     window_start, window_tokens = began, 0
     model.train()
     try:
-        with open(log_file, "a") as log:
+        with open(log_file, "a") if lead else contextlib.nullcontext() as log:  # log None: not rank 0
             for step in range(start + 1, cfg.steps + 1):
                 lr = lr_at(cfg, step)
                 for group in optimizer.param_groups:
@@ -479,16 +678,23 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 parts_sum: dict[str, float] = {}
                 loss_value = 0.0
                 for micro in range(cfg.grad_accum):
-                    x, y = batch(corpus.train, offsets[micro * cfg.batch_size:(micro + 1) * cfg.batch_size],
-                                 cfg.seq_len, cfg.model.vocab_size)
+                    windows = offsets[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]  # (B,)
+                    if job is not None:
+                        windows = windows[_rank_rows(len(windows), job)]  # this rank's sequences
+                    x, y = batch(corpus.train, windows, cfg.seq_len, cfg.model.vocab_size)
+                    n_tokens = None if job is None else cfg.batch_size * cfg.seq_len  # the global micro-batch
                     with _autocast(cfg):
                         out = model(torch.from_numpy(x).to(cfg.device))
-                        loss, parts = total_loss(cfg, out, torch.from_numpy(y).to(cfg.device))
+                        loss, parts = total_loss(cfg, out, torch.from_numpy(y).to(cfg.device), n_tokens)
                     (loss / cfg.grad_accum).backward()
                     loss_value += float(loss.detach()) / cfg.grad_accum
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if job is None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                else:
+                    norm = _sync_and_clip(cfg, model, job)
+                    loss_value, parts_sum = _global_losses(cfg, parts_sum, job)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 window_tokens += tokens_per_update
@@ -506,15 +712,19 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                     _write(log, record, callback)
                     window_start, window_tokens = now, 0
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                    last_eval = {"step": step, **evaluate(cfg, model, corpus.val)}
+                    last_eval = {"step": step, **evaluate(cfg, model, corpus.val, job)}
                     _write(log, last_eval, callback)
                 if last and corpus.test is not None and len(corpus.test) > cfg.seq_len:  # held out until the end
-                    test = evaluate(cfg, model, corpus.test)
+                    test = evaluate(cfg, model, corpus.test, job)
                     _write(log, {"step": step, "test_loss": test["val_loss"], "test_ppl": test["val_ppl"]}, callback)
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-                    log.flush()
-                    os.fsync(log.fileno())
-                    save_checkpoint(run_dir, cfg, step, model, optimizer)
+                    if log is not None:
+                        log.flush()
+                        os.fsync(log.fileno())
+                    if job is None:
+                        save_checkpoint(run_dir, cfg, step, model, optimizer)
+                    else:
+                        save_checkpoint_sharded(run_dir, cfg, step, model, optimizer, job)
     finally:
         if bar is not None:
             bar.close()
@@ -525,10 +735,35 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
 
 
 def _write(log, record: dict[str, Any], callback) -> None:
+    if log is None:  # a rank other than 0 of a distributed run
+        return
     log.write(json.dumps(record) + "\n")  # one write per line: a killed run leaves at most one partial last line
     log.flush()
     if callback is not None:
         callback(record)
+
+
+def _sync_and_clip(cfg: TrainConfig, model, job: Distributed):
+    """A distributed update's gradient: replicated parameters' summed over all ranks, expert shards' over their
+    replicas, then the global norm clipped (hypermoe/parallel.py) → the norm before clipping."""
+    from hypermoe import parallel
+
+    parallel.sync_gradients(model, replica_group=job.replica_group)
+    return parallel.clip_grad_norm_(model, cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
+                                    expert_group=job.expert_group)
+
+
+def _global_losses(cfg: TrainConfig, parts: dict[str, float], job: Distributed) -> tuple[float, dict[str, float]]:
+    """The logged loss and parts of the whole job: lm_loss is each rank's share, summed; the aux losses are the
+    global batch's already (the same on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    lm = torch.tensor([parts["lm_loss"]], dtype=torch.float64, device=job.device)
+    dist.all_reduce(lm)
+    parts = {**parts, "lm_loss": float(lm[0])}
+    loss = parts["lm_loss"] + cfg.balance_coef * parts[cfg.balance_loss] + cfg.z_loss_coef * parts["z_loss"]
+    return loss, parts
 
 
 def _read_train_json(run_dir: Path) -> TrainConfig:
@@ -589,7 +824,7 @@ _OPTIONS = {
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "dtype": "dtype", "device": "device",
     "balance_loss": "balance_loss", "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef",
     "eval_every": "eval_every", "eval_tokens": "eval_tokens", "checkpoint_every": "checkpoint_every",
-    "log_every": "log_every", "freeze_hyper_heads": "freeze_hyper_heads",
+    "log_every": "log_every", "freeze_hyper_heads": "freeze_hyper_heads", "expert_parallel": "expert_parallel",
 }
 
 
@@ -599,7 +834,9 @@ def register(subparsers) -> None:
         "train", help="train the HyperMoE transformer on a tokenized corpus (checkpoints, exact resume)",
         description="Trains HyperMoETransformer with AdamW (warmup + cosine), writing RUN_DIR/train.json, "
         "RUN_DIR/log.jsonl and RUN_DIR/checkpoint/ (docs/train.md). --resume RUN_DIR continues a run from its "
-        "checkpoint; on CPU in float32 the losses equal an uninterrupted run's. Presets: " + ", ".join(PRESETS) + ".",
+        "checkpoint; on CPU in float32 the losses equal an uninterrupted run's. Under torchrun, --expert-parallel P "
+        "shards the experts over P ranks and splits each batch over all ranks (docs/parallel.md). Presets: "
+        + ", ".join(PRESETS) + ".",
     )
     p.add_argument("--config", help="model config JSON (or a model directory) or a preset name "
                    f"({', '.join(PRESETS)}); with --resume, taken from the run")
@@ -618,7 +855,8 @@ def register(subparsers) -> None:
     for flag, kind in (("seed", int), ("steps", int), ("batch-size", int), ("seq-len", int), ("grad-accum", int),
                        ("lr", float), ("min-lr", float), ("warmup-steps", int), ("weight-decay", float),
                        ("grad-clip", float), ("balance-coef", float), ("z-loss-coef", float), ("eval-every", int),
-                       ("eval-tokens", int), ("checkpoint-every", int), ("log-every", int)):
+                       ("eval-tokens", int), ("checkpoint-every", int), ("log-every", int),
+                       ("expert-parallel", int)):
         field = flag.replace("-", "_")
         p.add_argument(f"--{flag}", type=kind, default=None, help=f"default {d[field].default}")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 (bfloat16: autocast)")
@@ -627,6 +865,17 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: bitwise-reproducible runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train_command)
+
+    c = subparsers.add_parser(
+        "checkpoint", help="convert a distributed run's sharded checkpoint to a model directory, and back",
+        description="to-model: a torch.distributed.checkpoint directory (a run directory, its checkpoint/ or "
+        "checkpoint/sharded/) → one ordinary model directory (config.json + weights.npz). from-model: a model "
+        "directory → a sharded checkpoint directory that a run of any world size loads (docs/parallel.md).")
+    c.add_argument("direction", choices=("to-model", "from-model"))
+    c.add_argument("source", help="to-model: RUN_DIR or its checkpoint; from-model: a model directory")
+    c.add_argument("out", help="directory to write (refused if it exists, unless --force)")
+    c.add_argument("--force", action="store_true", help="replace OUT")
+    c.set_defaults(func=checkpoint_command)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -653,8 +902,23 @@ def train_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
     val = "" if result.val_loss is None else f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})"
-    print(f"{run_dir}: step {result.step}, loss {result.loss:.4f}{val}, {result.tokens_per_s:,.0f} tokens/s")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
+        print(f"{run_dir}: step {result.step}, loss {result.loss:.4f}{val}, {result.tokens_per_s:,.0f} tokens/s")
     return 0
 
 
-__all__ = ["TrainConfig", "TrainResult", "PRESETS", "train", "evaluate", "open_corpus", "lr_at", "read_log"]
+def checkpoint_command(args: argparse.Namespace) -> int:
+    from hypermoe import parallel
+
+    convert = parallel.to_model_dir if args.direction == "to-model" else parallel.from_model_dir
+    source = Path(args.source)
+    if args.direction == "to-model" and (source / "checkpoint" / "sharded").is_dir():
+        source = source / "checkpoint" / "sharded"  # a run directory of a distributed run
+    elif args.direction == "to-model" and (source / "sharded").is_dir():
+        source = source / "sharded"  # its checkpoint directory
+    print(convert(source, args.out, force=args.force))
+    return 0
+
+
+__all__ = ["TrainConfig", "TrainResult", "PRESETS", "train", "evaluate", "open_corpus", "lr_at", "read_log",
+           "Distributed", "start_distributed"]
