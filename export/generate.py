@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from export.runtime import (
-    ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, ONNX_TYPES, PROVIDERS, cuda_libraries, from_bfloat16_bits,
-    open_session,
+    ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, ONNX_TYPES, PROVIDERS, _ortvalue_bits, cuda_libraries,
+    from_bfloat16_bits, open_session,
 )
 
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
@@ -106,7 +106,9 @@ class OrtDecoder:
     memory (onnxruntime allocates it, from its arena on CUDA) and bound, as that same OrtValue, as the next
     step's `past_key_values.{i}.key/value` input. Per step only the new ids, positions and the attention mask go
     to the device (B·(2S + P + S) int64s, chosen on the host by the sampler), and only the last position's
-    logits (B, V) come back.
+    logits (B, V) come back. step(..., all_positions=True) returns every new position's logits (B, S, V) instead:
+    export/verify.py checks the graph through this same decoder (full passes, prefill + decode steps, greedy
+    tokens), so what verify passes is what `hypermoe generate` runs. cache_shapes: the present tensors' shapes.
 
     Preallocated in begin(), per batch: the empty past (B, H, 0, c) of the first step; the decode steps'
     input_ids and position_ids (B, 1) and logits (B, 1, V) device buffers (fixed shapes, refilled in place,
@@ -163,7 +165,15 @@ class OrtDecoder:
                                                                       device, device_id)  # (B, 1, V)
         self._batch, self._max_length, self._seen = B, max_length, 0
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    @property
+    def cache_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the cache the next step reads: the last step's presents (B, H, P + S, c), or the empty past."""
+        return [tuple(value.shape()) for value in self._past.values()] if self._batch else []
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
+             all_positions: bool = False) -> np.ndarray:
+        """S new positions after the cached ones → the last position's logits (B, V) float32, or with
+        all_positions=True every new position's (B, S, V) float32."""
         import onnxruntime as ort
 
         if not self._batch:
@@ -199,6 +209,8 @@ class OrtDecoder:
         values = io.get_outputs()  # in binding order: logits, then the presents
         self._past = dict(zip(self.past_inputs, values[1:]))
         self._seen += S
+        if all_positions:
+            return _all_positions(values[0], self.logits_type)  # (B, S, V) float32
         return _last_position(values[0], self.logits_type)  # (B, V) float32
 
     def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,6 +240,14 @@ class OrtDecoder:
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
         return ids, mask, positions
+
+
+def _all_positions(value, onnx_type: int) -> np.ndarray:
+    """logits (B, S, V) OrtValue on the provider's device → a float32 copy on the host (the decode steps'
+    logits buffer is refilled in place by the next step, so never a view of it)."""
+    if onnx_type == ONNX_BFLOAT16:
+        return from_bfloat16_bits(_ortvalue_bits(value))
+    return np.array(value.numpy(), dtype=np.float32)
 
 
 def _last_position(value, onnx_type: int) -> np.ndarray:

@@ -317,8 +317,9 @@ class ExportLayer(nn.Module):
             b1 = self.b1 if cfg.expert_bias else None
             b2 = self.b2 if cfg.expert_bias else None
             y = torch.ops.hypermoe_export.moe_experts(
-                xt, logits.to(xt.dtype), self.fc1, b1, self.fc2, b2, cfg.top_k, cfg.activation,
-                1 if cfg.gate == "topk" else 0)  # (T, d)
+                xt, logits.to(xt.dtype), self.fc1, b1, self.fc2, b2, cfg.top_k, cfg.activation)  # (T, d)
+            if cfg.gate == "switch":  # the op renormalises (k = 1: weight 1, FFN); × p here (export/moe_op.py: why)
+                y = y * gate.to(xt.dtype)  # (T, d) · (T, 1)
 
         if self.hyper_form == "sets":
             y = y + self._hyper_sets(xt, self._selection_mask(selected))

@@ -6,8 +6,18 @@ is fed raw logits), top-k, optionally renormalised over the k (`normalize_routin
 Σ_k w_k (FC2(act(FC1 x + b1)) + b2), weights laid out [E, out, in].
 
 Where that matches SPEC.md (and where export refuses):
-- gate "topk" → normalize_routing_weights=1; gate "switch" (k = 1) → normalize_routing_weights=0 gives
-  p_{i*} · FFN, exactly the switch gate without capacity.
+- always normalize_routing_weights=1. gate "topk": the renormalised top-k, SPEC.md's gate. gate "switch"
+  (k = 1): the op's weight is p/p = 1, so it returns FFN_{i*}(x) and the graph multiplies by its own
+  float32 gate p_{i*} (export/graph.py): p_{i*} · FFN, the switch gate without capacity.
+  Why not normalize_routing_weights=0 (which gives p · FFN in the op itself): onnxruntime 1.31.1's CPU kernel
+  registers MayInplace(0, 0), and on that path it zero-fills its output before reading its input (moe_cpu.cc of
+  that time copies the input first only when normalize_routing_weights=1; later sources copy it always). When onnxruntime's planner lets the output share the
+  input's buffer (the input an intermediate tensor with no reader after the MoE: inside a model, LayerNorm
+  ln2's output; not a layer export, whose input is the graph input, nor a stack, whose residual reads the input
+  afterwards) the op returns p · FFN(0): a fused switch-gate model failed verify by ~1.4 on logits of ~3.
+  Measured: in the model, with or without onnxruntime's graph optimisations (ORT_PARALLEL execution, or the
+  MoE's input or output made a graph output, hides it); on a three-node graph (Add → MoE → Add, optimisations
+  off) p · FFN(0) exactly, k = 1 and 2; normalize=1 correct there (tests/test_export.py pins both).
 - capacity: refused (MoE has no capacity or pass-through of dropped tokens).
 - activation relu / silu / gelu_tanh (ORT's "gelu" is the tanh approximation); exact erf "gelu" refused.
 - experts with or without biases (optional inputs).
@@ -57,13 +67,12 @@ def check_supported(cfg: HyperMoEConfig) -> None:
 
 @torch.library.custom_op("hypermoe_export::moe_experts", mutates_args=())
 def moe_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor, b1: torch.Tensor | None,
-                fc2: torch.Tensor, b2: torch.Tensor | None, k: int, activation: str, normalize: int) -> torch.Tensor:
-    """Eager version with com.microsoft::MoE semantics (used for tracing only): x (T, d), logits (T, N),
-    fc1 (N, f, d), fc2 (N, d, f) → (T, d)."""
+                fc2: torch.Tensor, b2: torch.Tensor | None, k: int, activation: str) -> torch.Tensor:
+    """Eager version with com.microsoft::MoE semantics, normalize_routing_weights=1 (used for tracing only):
+    x (T, d), logits (T, N), fc1 (N, f, d), fc2 (N, d, f) → (T, d)."""
     probs = torch.softmax(logits.float(), dim=-1)  # (T, N)
     weight, idx = torch.topk(probs, k, dim=-1)  # (T, k)
-    if normalize:
-        weight = weight / weight.sum(dim=-1, keepdim=True)
+    weight = weight / weight.sum(dim=-1, keepdim=True)  # renormalised over the k (k = 1: 1)
     u = torch.einsum("td,nfd->tnf", x, fc1)  # (T, N, f)
     if b1 is not None:
         u = u + b1
@@ -76,7 +85,7 @@ def moe_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor, b1: to
 
 
 @moe_experts.register_fake
-def _(x, logits, fc1, b1, fc2, b2, k, activation, normalize):
+def _(x, logits, fc1, b1, fc2, b2, k, activation):
     return torch.empty_like(x)
 
 
@@ -107,8 +116,8 @@ def translation_table() -> dict:
     schema = register_schema()
     moe = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), "MoE", schema)
 
-    def moe_experts_onnx(x, logits, fc1, b1, fc2, b2, k: int, activation: str, normalize: int):
+    def moe_experts_onnx(x, logits, fc1, b1, fc2, b2, k: int, activation: str):
         return moe(x, logits, fc1, b1, fc2, b2, k=k, activation_type=ORT_ACTIVATION[activation],
-                   normalize_routing_weights=normalize)
+                   normalize_routing_weights=1)  # never 0: module docstring
 
     return {torch.ops.hypermoe_export.moe_experts.default: moe_experts_onnx}

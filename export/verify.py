@@ -299,9 +299,11 @@ def source_params(meta: Mapping[str, str], cfg: HyperMoEConfig, source: str | os
 def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, provider: str = "auto",
            shapes=DEFAULT_SHAPES, seed: int = 0, runner=None) -> VerifyReport:
     """Run the exported file on onnxruntime and ref on the same margin-controlled inputs; compare.
-    A with-past export (its directory or its model.onnx) gets full passes (past length 0) on `shapes`, then
-    check_decode and check_greedy."""
+    A with-past export (its directory or its model.onnx) runs on export.generate.OrtDecoder, the decoder
+    `hypermoe generate` uses: full passes (past length 0) on `shapes`, then check_decode and check_greedy.
+    runner: an open export.runtime.OnnxRunner (plain export) or OrtDecoder (with-past), e.g. on CUDA."""
     from export.exporter import PAST_MODEL_FILE, metadata_config, read_metadata
+    from export.generate import OrtDecoder
     from export.runtime import OnnxRunner, round_to
 
     path = Path(path)
@@ -312,7 +314,8 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, 
     layer_index = int(meta.get("layer_index", "0"))
     params = source_params(meta, cfg, source)
     with_past = meta.get("with_past") == "1"
-    runner = runner or (PastRunner(path, provider) if with_past else OnnxRunner(path, provider))
+    runner = runner or (OrtDecoder(path, provider) if with_past else OnnxRunner(path, provider))
+    round_fn = (lambda v: v) if with_past else (lambda v: round_to(v, runner.input_type))  # token ids: as drawn
     drawn: dict[str, Expected] = {}
 
     def margins(x: np.ndarray) -> np.ndarray:  # keeps its last run: the accepted draw's is the one compared with
@@ -323,10 +326,10 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, 
     results = []
     for batch, seq in shapes:
         shape = (batch, seq) if kind == "model" else (batch, seq, cfg.d_model)
-        x = inputs_with_margin(margins, shape, rng, MARGIN_FACTOR, round_fn=lambda v: round_to(v, runner.input_type),
+        x = inputs_with_margin(margins, shape, rng, MARGIN_FACTOR, round_fn=round_fn,
                                vocab_size=cfg.vocab_size if kind == "model" else None)
         want = drawn["want"]  # expected() of this x: inputs_with_margin returns x unchanged after its last margins(x)
-        got = runner(x)
+        got = full_pass(runner, x) if with_past else runner(x)
         comparisons = [compare(name, value, want.values[name], want.bounds[name]) for name, value in got.items()]
         agreement = None
         if "selected_experts" in got:
@@ -349,72 +352,13 @@ DECODE_LENGTH = 16  # check_decode: prefill half of it, then one token per step 
 GREEDY_STEPS = 32  # check_greedy: new tokens per prompt (capped by max_seq_len - the longest prompt)
 
 
-class PastRunner:
-    """An onnxruntime session over a with-past export (plain session.run: verification, not timing).
-
-    runner.run(input_ids (B, S), attention_mask (B, P + S), position_ids (B, S), past) → (logits (B, S, V)
-    float32, present: [key, value] of every block, each (B, H, P + S, c)); past None = past length 0.
-    runner(input_ids) = one full pass → {"logits": …} (the interface verify's shape loop runs);
-    runner.decoder() drives it as a hypermoe.generation.Decoder."""
-
-    def __init__(self, path: str | os.PathLike, provider: str = "auto"):
-        import onnxruntime as ort
-
-        from export.exporter import metadata_config, past_names
-        from export.runtime import ONNX_INT64, ORT_LOG_SEVERITY, choose_provider
-
-        self.provider, self.notice = choose_provider(provider)
-        self.input_type = ONNX_INT64
-        options = ort.SessionOptions()
-        options.log_severity_level = ORT_LOG_SEVERITY
-        providers = (["CUDAExecutionProvider"] if self.provider == "cuda" else []) + ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... classes
-            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path}: onnxruntime cannot load this model: {message}") from None
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        cfg = metadata_config({"config": self.metadata.get("hypermoe.config", "")})
-        self.names = [i.name for i in self.session.get_inputs()]
-        if self.names != past_names(cfg.n_layers)[0]:
-            raise ValueError(f"{path}: not a with-past export of this config: inputs {self.names}")
-        past_type = self.session.get_inputs()[3].type
-        if past_type not in ("tensor(float)", "tensor(float16)"):
-            raise ValueError(f"{path}: past key/values of type {past_type}: numpy cannot feed them (bfloat16); "
-                             "verify a float32 or float16 export")
-        self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
-        self.kv_shape = (cfg.n_heads, cfg.d_model // cfg.n_heads)  # (H, c)
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        if past is None:
-            empty = np.zeros((input_ids.shape[0], self.kv_shape[0], 0, self.kv_shape[1]), dtype=self.kv_dtype)
-            past = [empty] * (len(self.names) - 3)
-        arrays = [a.astype(np.int64) for a in (input_ids, attention_mask, position_ids)] + list(past)
-        logits, *present = self.session.run(None, dict(zip(self.names, arrays)))
-        return logits.astype(np.float32), present
-
-    def __call__(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        B, S = input_ids.shape
-        positions = np.broadcast_to(np.arange(S), (B, S))
-        return {"logits": self.run(input_ids, np.ones((B, S), dtype=np.int64), positions)[0]}
-
-    def decoder(self) -> PastDecoder:
-        return PastDecoder(self)
-
-
-class PastDecoder:
-    """hypermoe.generation.Decoder over a PastRunner: keeps the last step's present as the next step's past."""
-
-    def __init__(self, runner: PastRunner):
-        self.runner, self.past = runner, None
-
-    def begin(self, batch_size: int, max_length: int) -> None:
-        self.past = None
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        logits, self.past = self.runner.run(input_ids, attention_mask, position_ids, self.past)
-        return logits[:, -1]  # (B, V)
+def full_pass(decoder, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """One full pass (past length 0, no padding, positions 0 … S-1) of a with-past export through its OrtDecoder
+    → {"logits": (B, S, V) float32}: the plain model's interface, which verify's shape loop runs."""
+    B, S = input_ids.shape
+    decoder.begin(B, S)
+    positions = np.broadcast_to(np.arange(S), (B, S))
+    return {"logits": decoder.step(input_ids, np.ones((B, S), dtype=np.int64), positions, all_positions=True)}
 
 
 def _left_padded(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str, mask: np.ndarray,
@@ -431,11 +375,12 @@ def _left_padded(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: s
     return ids, drawn["want"]
 
 
-def check_decode(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
+def check_decode(decoder, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
                  rng: np.random.Generator) -> PastCheck:
-    """Prefill S0 tokens, then one token per step feeding present back as past: every real position's logits
-    must match ref's one full pass (float64, ref.model.forward with the attention mask) within the full pass's
-    bound. Three rows, left-padded by 0, S0/2 and S0 - 1 positions (positions by ref.model.default_positions)."""
+    """Prefill S0 tokens, then one token per step through the OrtDecoder (its present fed back as past on the
+    device): every real position's logits must match ref's one full pass (float64, ref.model.forward with the
+    attention mask) within the full pass's bound. Three rows, left-padded by 0, S0/2 and S0 - 1 positions
+    (positions by ref.model.default_positions)."""
     from ref import model as ref_model
 
     total = min(cfg.max_seq_len, DECODE_LENGTH)
@@ -446,24 +391,24 @@ def check_decode(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, n
         mask[b, :pad] = 0
     positions = ref_model.default_positions(mask)  # (B, L)
     ids, want = _left_padded(cfg, params, dtype, mask, rng)
-    logits, past = runner.run(ids[:, :S0], mask[:, :S0], positions[:, :S0])  # prefill, past length 0
-    steps = [logits]
+    decoder.begin(len(pads), total)
+    steps = [decoder.step(ids[:, :S0], mask[:, :S0], positions[:, :S0], all_positions=True)]  # prefill, past length 0
     for t in range(S0, total):
-        logits, past = runner.run(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], past)
-        steps.append(logits)
+        steps.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], all_positions=True))
     got = np.concatenate(steps, axis=1)  # (B, L, V)
     real = mask != 0
     c = compare("logits", got[real], want.values["logits"][real], want.bounds["logits"])
-    lengths_ok = all(p.shape[2] == total for p in past)
+    lengths = sorted({shape[2] for shape in decoder.cache_shapes})  # every present's P + S
+    lengths_ok = lengths == [total]
     detail = (f"over {int(real.sum())} real positions; rows left-padded by {', '.join(map(str, pads))}"
-              + ("" if lengths_ok else f"; present length {past[0].shape[2]} != {total}: FAIL"))
+              + ("" if lengths_ok else f"; present lengths {lengths} != {total}: FAIL"))
     return PastCheck(f"b. prefill {S0} + {total - S0} one-token steps vs one full pass", c.max_abs, c.bound, detail,
                      c.ok and lengths_ok)
 
 
-def check_greedy(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
+def check_greedy(decoder, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], dtype: str,
                  rng: np.random.Generator) -> PastCheck:
-    """Greedy tokens of onnxruntime (PastDecoder) and PyTorch (hypermoe.model.TorchDecoder, float32, the export's
+    """Greedy tokens of onnxruntime (the OrtDecoder) and PyTorch (hypermoe.model.TorchDecoder, float32, the export's
     parameters rounded to its dtype) through the same hypermoe.generation.generate, 3 left-padded prompts.
 
     A step is decidable when ref's (float64, on the generated sequence) top-2 logit gap exceeds 2 × the logits'
@@ -489,7 +434,7 @@ def check_greedy(runner: PastRunner, cfg: HyperMoEConfig, params: Mapping[str, n
     p32 = {name: round_to_dtype(dtype, v).astype(np.float32) for name, v in params.items()}
     model = HyperMoETransformer.from_ref(cfg, p32, dtype=torch.float32).eval()
     options = dict(max_new_tokens=steps, max_length=cfg.max_seq_len)
-    got = generate(runner.decoder(), prompts, **options).tokens
+    got = generate(decoder, prompts, **options).tokens
     torch_tokens = generate(TorchDecoder(model, use_cache=True), prompts, **options).tokens
 
     full, full_mask = left_pad([p + g[:-1] for p, g in zip(prompts, got)], 0)  # the sequences that made each step

@@ -124,6 +124,46 @@ def test_fused_cases(export_cache, name):
     run_and_compare(export_cache(cfg, 1, flavour="fused"), cfg, params, seed=3)
 
 
+def test_onnxruntime_moe_in_place_with_normalized_routing():
+    """onnxruntime's CPU com.microsoft::MoE with its input an intermediate tensor and its output read by a node (so
+    the planner may run it in place, MayInplace(0, 0)) computes FFN(x) with normalize_routing_weights=1, the setting
+    the fused flavour uses (export/moe_op.py). With normalize_routing_weights=0, onnxruntime 1.31.1 returns
+    p·FFN(0) there (it zero-fills the output, i.e. the input, before reading it): the cause of the fused switch-gate
+    model's failure, measured once and documented in moe_op.py; not pinned here, so that a fixed onnxruntime
+    does not fail the suite."""
+    normalize = 1
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    T, d, f, N = 8, 4, 6, 3
+    rng = np.random.default_rng(0)
+    fc1, b1 = rng.standard_normal((N, f, d)).astype(np.float32), rng.standard_normal((N, f)).astype(np.float32)
+    fc2, b2 = rng.standard_normal((N, d, f)).astype(np.float32), rng.standard_normal((N, d)).astype(np.float32)
+    x, logits = rng.standard_normal((T, d)).astype(np.float32), rng.standard_normal((T, N)).astype(np.float32)
+    zero = np.zeros(1, np.float32)
+    nodes = [helper.make_node("Add", ["x", "zero"], ["x1"]),  # x1, y1: intermediate tensors, as inside a model
+             helper.make_node("MoE", ["x1", "logits", "fc1", "b1", "fc2", "b2"], ["y1"], domain="com.microsoft", k=1,
+                              activation_type="relu", normalize_routing_weights=normalize),
+             helper.make_node("Add", ["y1", "zero"], ["y"])]
+    graph = helper.make_graph(nodes, "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, d]),
+                                             helper.make_tensor_value_info("logits", TensorProto.FLOAT, [T, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [T, d])],
+                              [numpy_helper.from_array(v, name) for v, name in
+                               ((fc1, "fc1"), (b1, "b1"), (fc2, "fc2"), (b2, "b2"), (zero, "zero"))])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 20),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the Adds
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": x, "logits": logits})[0].astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    e = p.argmax(-1)  # (T,) no ties in these draws
+    v = x.astype(np.float64)  # (T, d)
+    want = np.einsum("tf,tdf->td", np.maximum(np.einsum("td,tfd->tf", v, fc1[e]) + b1[e], 0), fc2[e]) + b2[e]  # weight 1
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())  # float32 kernel, sums of ~10 terms
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(cfg=configs(max_experts=6), seed=st.integers(0, 2**16))
 def test_sparse_matches_ref_on_random_configs(export_cache, cfg, seed):
@@ -344,14 +384,12 @@ def test_fused_flavour_ties_go_to_the_highest_index(export_cache):
 
 
 def test_metadata_round_trip(export_cache):
-    import onnxruntime as ort
-
     cfg = CASES["switch"]
     path = export_cache(cfg, 1, flavour="fused")
     meta = exporter.read_metadata(path)
     assert exporter.metadata_config(meta) == cfg
     assert meta["spec_version"] == ref.SPEC_VERSION and meta["flavour"] == "fused" and meta["kind"] == "layer"
-    session_meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    session_meta = runtime.open_session(path, "cpu")[0].get_modelmeta()
     assert ref.HyperMoEConfig.from_json(session_meta.custom_metadata_map["hypermoe.config"]) == cfg
     exporter.check_file(path)  # the checker (full) and strict shape inference pass on the file
 

@@ -170,6 +170,28 @@ def check_step_logits(lm, decoder):
     assert got.dtype == np.float32 and got.shape[-1] == cfg.vocab_size
 
 
+def test_all_positions_option(lm):
+    """step(..., all_positions=True) (what verify compares) returns every new position's logits (B, S, V): its last
+    position is exactly the default step's (B, V), on the prefill and on a decode step's refilled buffer."""
+    cfg = lm[0]
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6))
+    mask, positions = np.ones_like(ids), np.broadcast_to(np.arange(6), (2, 6))
+    last, full = OrtDecoder(lm[3], "cpu"), OrtDecoder(lm[3], "cpu")
+    for decoder in (last, full):
+        decoder.begin(2, 6)
+    for a, b in ((0, 4), (4, 5), (5, 6)):  # prefill of 4, then two one-token steps
+        want = last.step(ids[:, a:b], mask[:, :b], positions[:, a:b])  # (B, V)
+        got = full.step(ids[:, a:b], mask[:, :b], positions[:, a:b], all_positions=True)  # (B, S, V)
+        assert got.shape == (2, b - a, cfg.vocab_size) and got.dtype == np.float32
+        assert np.array_equal(got[:, -1], want)
+    assert full.cache_shapes == last.cache_shapes == [(2, cfg.n_heads, 6, cfg.d_model // cfg.n_heads)] * (2 * cfg.n_layers)
+    kept = got.copy()
+    full.begin(2, 6)
+    full.step(ids[:, :4], mask[:, :4], positions[:, :4])
+    full.step(ids[:, 4:5], mask[:, :5], positions[:, 4:5])  # refills the decode steps' logits buffer
+    assert np.array_equal(got, kept)  # a copy, not a view of that buffer
+
+
 def test_sampled_tokens_equal_torch(lm, ort_decoder, torch_decoder):
     cfg, params, _, _ = lm
     sampling = Sampling(temperature=0.8, seed=7)
