@@ -17,19 +17,11 @@ from ref import model as ref_model
 from hypermoe.generation import GenerationResult, Sampling, generate, left_pad, next_tokens, token_probabilities
 from hypermoe.model import HyperMoETransformer, TorchDecoder
 from tests.strategies import U32, magnitude
-from tests.test_model import MARGIN, model_configs
+from tests.test_model import MARGIN, model_configs, one_thread  # noqa: F401  one_thread: the autouse fixture
 
 # float64 torch vs ref.model, the same math in another order: tests/test_model.py's bound (1e-10 S, measured
 # ≤ 50 u S = 6e-15 S); TorchDecoder hands float32 logits to the loop, each off by a further ≤ U32 · S
 TORCH_RTOL = 1e-10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
