@@ -816,7 +816,8 @@ def register(subparsers) -> None:
         description="Times, side by side in one run, the official HyperMoE approach (per-token generated "
         "HyperExpert weights, HF-style expert loop), hypermoe's layer, the same layer without the HyperExpert "
         "and onnxruntime on the exported layer, at the official sizes (d=768, f=3072, N=8, a=64, hypernetwork "
-        "widths 128, layer embedding 10). Progress goes to stderr, the tables to stdout.",
+        "widths 128, layer embedding 10). With --generation: text generation with a GPT-2-small-sized HyperMoE language "
+        "model instead (hypermoe/bench_generation.py). Progress goes to stderr, the tables to stdout.",
     )
     p.add_argument("--quick", action="store_true", help="a subset that takes 2½–3 minutes on 2 cores (k=1, T=64 and 1024)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -833,20 +834,40 @@ def register(subparsers) -> None:
                    "(its top_k is replaced by --top-k's values)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", metavar="JSON", help="print the tables of an earlier run's --json file and exit (runs nothing)")
+    p.add_argument("--generation", action="store_true",
+                   help="instead: text generation with a GPT-2-small-sized HyperMoE LM (d=768, 12 blocks, V=50257, "
+                   "1024 positions, N=8, k=1): prefill (prompt 128, 1024) and decode (batch 1, 8; context 128, 1024) "
+                   "tokens/s of onnxruntime, torch with its KV cache and torch recomputing, side by side "
+                   "(hypermoe/bench_generation.py). Takes ≈ 7 min on 2 quiet cores (2 min of it the export), "
+                   "--quick (a narrower 4-block model) ≈ 1 min (5 min on a busy machine); peaks at ≈ 13 GB of "
+                   "memory during the export and needs 2 GB of temporary disk per flavour (deleted after the run); "
+                   "uses --quick, --device, --threads, --config, --seed, --json, --markdown, --force, --flavours")
+    p.add_argument("--flavours", nargs="+", choices=("portable", "sparse", "fused"),
+                   help="--generation: export flavours, one onnxruntime row each (default sparse: per-expert "
+                   "dispatch, reads only the selected experts' weights)")
     p.set_defaults(func=bench_command)
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    from hypermoe import bench_generation
+
     if args.render:
         try:
             with open(args.render) as f:
                 result = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--render {args.render}: cannot read a benchmark JSON ({err})") from None
+        if bench_generation.is_result(result):
+            print(bench_generation.markdown(result))
+            return 0
         if not isinstance(result, dict) or not {"meta", "gemm", "rows"} <= set(result):
             raise ValueError(f"--render {args.render}: not a `hypermoe bench --json` file")
         print(markdown(result))
         return 0
+    if args.generation:
+        return bench_generation.command(args)
+    if args.flavours:
+        raise ValueError("--flavours applies to --generation (the layer benchmark's rows are chosen with --impls)")
     changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
     changes["dtypes"] = tuple(args.dtypes) if args.dtypes else (("fp32", "bf16") if args.device == "cuda" else ("fp32",))
     for name, value in (("tokens", args.tokens), ("top_ks", args.top_k), ("impls", args.impls), ("modes", args.modes)):

@@ -47,4 +47,41 @@ fi
 "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" \
     bench --device cuda --json "$out/bench-cuda.json" --markdown "$out/bench-cuda.md" "$@" \
     2> >(tee "$out/bench-cuda.log" >&2)
+
+# --- generation throughput (`hypermoe generate`, onnxruntime-genai's metrics): a 2-block model at the official
+#     layer sizes (d 768, f 3072, N 8, k 1, 12 heads, byte vocabulary), exported with past key/values; CUDA
+#     (IOBinding, cache on the device) vs the CPU provider, prompt 128 tokens, 128 new, batch 1 and 8
+gen_tmp=$(mktemp -d)
+"$PY" - "$gen_tmp" <<'EOF'
+import sys
+from ref import io
+from ref.config import HyperMoEConfig
+from ref.model import init_model
+from export.exporter import export_model
+cfg = HyperMoEConfig(n_layers=2, max_seq_len=512)
+params = init_model(cfg, seed=0)
+io.save_dir(sys.argv[1] + "/model", cfg, params, "model")
+export_model(sys.argv[1] + "/export", cfg, params, kind="model", with_past=True)
+EOF
+prompt=$("$PY" -c "print(','.join(str(i % 200 + 32) for i in range(128)))")
+for provider in cuda cpu; do
+    for batch in 1 8; do
+        echo "== hypermoe generate --provider $provider --batch $batch (prompt 128, 128 new tokens)"
+        "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" generate "$gen_tmp/export" \
+            --provider "$provider" --prompt-ids "$prompt" --max-new-tokens 128 --batch "$batch" | tail -n 2 \
+            || echo "not measured (exit status $?)"
+    done
+done 2>&1 | tee "$out/generate-cuda.txt"
+rm -rf "$gen_tmp"
 echo "gpu_bench: wrote $out/bench-cuda.json and $out/bench-cuda.md"
+
+# Text generation (BENCHMARKS.md, "Generation"): a GPT-2-small-sized HyperMoE LM, torch CUDA with and without
+# its KV cache and onnxruntime CUDA (sparse and fused with-past exports), prefill and decode tokens/s side by
+# side. --quick in the options above also shrinks this run; GEN_OPTS adds options of its own.
+gen_opts=()
+for arg in "$@"; do if [ "$arg" = "--quick" ]; then gen_opts+=(--quick); fi; done
+"$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" \
+    bench --generation --device cuda --flavours sparse fused --json "$out/bench-generation-cuda.json" \
+    --markdown "$out/bench-generation-cuda.md" "${gen_opts[@]}" ${GEN_OPTS:-} \
+    2> >(tee "$out/bench-generation-cuda.log" >&2)
+echo "gpu_bench: wrote $out/bench-generation-cuda.json and $out/bench-generation-cuda.md"

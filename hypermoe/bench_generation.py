@@ -1,0 +1,510 @@
+"""`hypermoe bench --generation`: text generation with a HyperMoE language model, three backends side by side.
+
+The model: GPT-2-small-sized (d = 768, 12 blocks, 12 heads, vocabulary 50257, 1024 learned positions), every
+block's FFN a HyperMoE layer at the official sizes (N = 8 experts of f = 3072 with biases and tanh-GELU, k = 1,
+adapter a = 64, hypernetwork widths 128, layer embedding 10), random parameters (torch's RNG, seeded), fp32.
+`--quick` shrinks the widths and depth, not the vocabulary, the context or the measured shapes.
+
+Backends, all driven by the one loop of hypermoe.generation (`generate`, onnxruntime-genai's metrics):
+- "ort-<flavour>": export.generate.OrtDecoder (IOBinding, the KV cache stays in onnxruntime) on the with-past
+  export of the same parameters (`hypermoe export --with-past --flavour <flavour>`), written to a temporary
+  directory for the run and deleted after it; the CPU provider (or CUDA with --device cuda).
+- "torch-kv": hypermoe.model.TorchDecoder(model, use_cache=True), torch eager with its KV cache.
+- "torch-nocache": TorchDecoder(model, use_cache=False): every step recomputes the whole history (the baseline
+  a KV cache is measured against).
+
+Groups (each row one backend of one group):
+- prefill B × L: the prompt of L tokens in one step; prefill tokens/s = B·L / its time. It is generate()'s first
+  step (decoder.begin, then decoder.step on the prompt) called directly, because generate() refuses a prompt
+  that fills the whole context (it must leave room for a new token); nothing else differs.
+- decode B at context C: generate(max_new_tokens = n) after prompts of C − n tokens (C = 128: prompts of 128);
+  decode tokens/s = B · (n − 1) steps / the decode steps' time, latency = the median step. torch-nocache
+  runs only its first few steps (each recomputes the whole context).
+
+Methodology: random prompts (seeded; each row of a batch its own), temperature-1 sampling with a fixed seed (a
+random model's greedy choice repeats one token, which would route every step to the same experts; sampling
+from its near-uniform distribution routes like real text), no EOS. Before timing, every backend runs a short
+warm-up with the group's batch size; then the group's repetitions run in rounds, each round calling every
+backend once, in an order rotated from round to round, so that a shared machine's changing load hits all
+alike. Reported: the median over the repetitions and the min–max. Checks before timing: every backend's
+prefill logits against torch-kv's (max |Δ| / max |torch-kv|) and the tokens each draws in every repetition
+(the same seed and nearly the same logits draw the same tokens).
+
+Axis legend: B sequences, L prompt length, C context (cached positions), n new tokens, V vocabulary.
+The library never prints: progress goes to the `progress` callback (the CLI writes it to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ref import HyperMoEConfig
+from hypermoe.bench import _malloc_trim
+from ref.files import atomic_output, check_output
+
+KIND = "generation"  # the JSON's meta.kind: `hypermoe bench --render` tells this benchmark's files apart
+FLAVOURS = ("portable", "sparse", "fused")
+TORCH_BACKENDS = ("torch-kv", "torch-nocache")
+BASE = "torch-kv"  # the row every ratio divides by
+
+
+def gpt2_small_config() -> HyperMoEConfig:
+    """GPT-2 small's shape with HyperMoE FFNs at the official sizes (the config's defaults), k = 1."""
+    return HyperMoEConfig(vocab_size=50257, max_seq_len=1024, n_layers=12, n_heads=12, top_k=1)
+
+
+def quick_config() -> HyperMoEConfig:
+    """--quick: a quarter of the width, 4 blocks; GPT-2's vocabulary and context kept (the measured shapes)."""
+    return gpt2_small_config().replace(d_model=192, d_ff=768, n_heads=4, n_layers=4)
+
+
+@dataclass
+class Options:
+    """What one run covers. The defaults are the full run (7.1 min on 2 quiet cores, 109 s of it the export;
+    ≈ 13 GB peak memory during the export); `quick()` is --quick."""
+
+    device: str = "cpu"  # "cpu" | "cuda" (torch on that device, onnxruntime's CUDA provider)
+    threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads (None: torch's)
+    flavours: tuple[str, ...] = ("sparse",)  # export flavours, one ort-<flavour> backend each (() none: torch only)
+    torch_backends: tuple[str, ...] = TORCH_BACKENDS
+    prefill_prompts: tuple[int, ...] | None = None  # prompt lengths L of the prefill groups (batch 1); None: 128
+    # and max_seq_len (GPT-2: 1024, the whole context)
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_contexts: tuple[int, ...] | None = None  # C: decode after C − n prompt tokens (C + n fits: after C);
+    # None: 128 and max_seq_len
+    new_tokens: int = 33  # n per decode repetition: 32 decode steps after the prefill's token
+    nocache_new_tokens: int = 3  # torch-nocache's n: 2 decode steps (each recomputes the whole context)
+    prefill_reps: int = 5
+    decode_reps: int = 3
+    seed: int = 0
+    cfg: HyperMoEConfig = field(default_factory=gpt2_small_config)
+
+    @classmethod
+    def quick(cls, **changes: Any) -> Options:
+        base = dict(cfg=quick_config(), new_tokens=17, prefill_reps=3, decode_reps=3)
+        return cls(**{**base, **changes})
+
+    def backends(self) -> tuple[str, ...]:
+        return tuple(f"ort-{f}" for f in self.flavours) + tuple(self.torch_backends)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One measured shape: phase "prefill" (B × L prompt tokens) or "decode" (B rows, prompt L, n new tokens)."""
+
+    phase: str
+    batch: int
+    prompt: int
+    new_tokens: int = 0  # decode: n (the cached backends; torch-nocache runs Options.nocache_new_tokens)
+    context: int = 0  # decode: the nominal context C of the label
+
+    @property
+    def label(self) -> str:
+        if self.phase == "prefill":
+            return f"prefill B={self.batch} L={self.prompt}"
+        return f"decode B={self.batch} C={self.context}"
+
+
+def groups(opts: Options) -> list[Group]:
+    """The prefill groups (batch 1), then the decode groups (each batch at each context)."""
+    P = opts.cfg.max_seq_len
+    default = tuple(dict.fromkeys((min(128, P), P)))
+    out = [Group("prefill", 1, L) for L in opts.prefill_prompts or default]
+    for C in opts.decode_contexts or default:
+        for B in opts.decode_batches:
+            L = C if C + opts.new_tokens <= P else C - opts.new_tokens  # context C: decoded around C
+            out.append(Group("decode", B, L, opts.new_tokens, C))
+    for g in out:
+        if g.prompt < 1 or g.prompt + g.new_tokens > P:
+            raise ValueError(f"{g.label}: prompt {g.prompt} + {g.new_tokens} new tokens does not fit the context "
+                             f"of {P} positions")
+    return out
+
+
+def check_options(opts: Options) -> None:
+    if opts.device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {opts.device!r}")
+    unknown = [f for f in opts.flavours if f not in FLAVOURS]
+    if unknown:
+        raise ValueError(f"flavours must be among {FLAVOURS}, got {unknown}")
+    if [b for b in opts.torch_backends if b not in TORCH_BACKENDS]:
+        raise ValueError(f"torch backends must be among {TORCH_BACKENDS}, got {list(opts.torch_backends)}")
+    if BASE not in opts.torch_backends:
+        raise ValueError(f"{BASE} is the row every ratio divides by: it cannot be left out")
+    if opts.new_tokens < 2 or opts.nocache_new_tokens < 2:
+        raise ValueError("new tokens must be ≥ 2 (the first new token comes from the prefill, not a decode step)")
+    if min(opts.prefill_reps, opts.decode_reps) < 1:
+        raise ValueError("repetitions must be ≥ 1")
+    if opts.cfg.capacity is not None:
+        raise ValueError("a config with capacity cannot decode with a KV cache")
+    groups(opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(opts: Options):
+    """The torch model in eval mode, its parameters drawn from torch's RNG seeded with opts.seed."""
+    import torch
+
+    from hypermoe.model import HyperMoETransformer
+
+    torch.manual_seed(opts.seed)
+    return HyperMoETransformer(opts.cfg, device=opts.device).eval()
+
+
+def export_flavours(model, opts: Options, directory: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One with-past export per flavour of the model's parameters into directory/<flavour> → what each took."""
+    from export.exporter import export_model
+    from hypermoe.layer import params_to_ref
+
+    params = params_to_ref(model)  # float32 copies on the host
+    out = []
+    for flavour in opts.flavours:
+        say(f"exporting the with-past {flavour} graph (d={opts.cfg.d_model}, {opts.cfg.n_layers} blocks; minutes at "
+            "full size)…")
+        result = export_model(os.path.join(directory, flavour), opts.cfg, params, kind="model", with_past=True,
+                              flavour=flavour, source="hypermoe bench --generation")
+        say(f"  {flavour}: {result.seconds:.0f} s, {result.bytes / 2**20:,.0f} MiB, hyper form {result.hyper_form}")
+        out.append({"flavour": flavour, "seconds": result.seconds, "bytes": result.bytes,
+                    "hyper_form": result.hyper_form, "external_data": result.external_data})
+    return out
+
+
+def make_decoders(model, opts: Options, directory: str) -> dict[str, Any]:
+    from export.generate import OrtDecoder
+    from hypermoe.model import TorchDecoder
+
+    provider = "cuda" if opts.device == "cuda" else "cpu"
+    decoders: dict[str, Any] = {}
+    for flavour in opts.flavours:
+        decoders[f"ort-{flavour}"] = OrtDecoder(os.path.join(directory, flavour), provider, threads=opts.threads)
+    for name in opts.torch_backends:
+        decoders[name] = TorchDecoder(model, use_cache=name == "torch-kv")
+    return decoders
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def prompts_for(group: Group, opts: Options, vocab_size: int) -> list[list[int]]:
+    """B random prompts of L ids (each row its own), the same for every backend of the group."""
+    rng = np.random.default_rng([opts.seed, group.batch, group.prompt])
+    return rng.integers(0, vocab_size, (group.batch, group.prompt)).tolist()
+
+
+def prefill(decoder, prompts: list[list[int]]) -> tuple[float, np.ndarray]:
+    """generate()'s first step, called directly (see the module docstring) → (seconds, logits (B, V))."""
+    ids = np.asarray(prompts, dtype=np.int64)  # (B, L), equal lengths: no padding
+    B, L = ids.shape
+    mask = np.ones((B, L), dtype=np.int64)  # (B, L)
+    positions = np.broadcast_to(np.arange(L, dtype=np.int64), (B, L)).copy()  # (B, L)
+    decoder.begin(B, L)
+    start = time.perf_counter()
+    logits = decoder.step(ids, mask, positions)  # (B, V)
+    return time.perf_counter() - start, logits
+
+
+def decode(decoder, prompts: list[list[int]], new_tokens: int, opts: Options, rep: int):
+    """generate() with temperature-1 sampling seeded per repetition (rep 0: the warm-up)."""
+    from hypermoe.generation import Sampling, generate
+
+    return generate(decoder, prompts, max_new_tokens=new_tokens, max_length=opts.cfg.max_seq_len,
+                    sampling=Sampling(temperature=1.0, seed=opts.seed * 1000 + rep))
+
+
+def check_logits(decoders: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
+    """Every backend's prefill logits on 2 × 16 random tokens against torch-kv's."""
+    prompts = np.random.default_rng([opts.seed, 7]).integers(0, opts.cfg.vocab_size, (2, 16)).tolist()
+    logits = {name: prefill(decoder, prompts)[1] for name, decoder in decoders.items()}
+    base = logits[BASE]
+    scale = float(np.abs(base).max()) or 1.0
+    return [{"backend": name, "max_rel_diff": float(np.abs(value - base).max()) / scale,
+             "ok": bool(np.abs(value - base).max() <= 1e-3 * scale)} for name, value in logits.items()]
+
+
+def measure_group(group: Group, decoders: dict[str, Any], opts: Options,
+                  say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The group's repetitions in rounds (every backend once per round, order rotated) → one row per backend."""
+    names = list(decoders)
+    prompts = prompts_for(group, opts, opts.cfg.vocab_size)
+    new = {name: (opts.nocache_new_tokens if name == "torch-nocache" else group.new_tokens) for name in names}
+    warm = [row[:8] for row in prompts]
+    for name in names:  # warm-up with the group's batch size: first-run allocations, shape-specialised kernels
+        decode(decoders[name], warm, 3, opts, rep=0) if group.phase == "decode" else prefill(decoders[name], warm)
+    reps = opts.prefill_reps if group.phase == "prefill" else opts.decode_reps
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        timings = []
+        for name in order:
+            if group.phase == "prefill":
+                seconds, _ = prefill(decoders[name], prompts)
+                sample = {"prefill_s": seconds, "tokens_per_s": group.batch * group.prompt / seconds}
+                timings.append(f"{name} {seconds:.2f} s")
+            else:
+                result = decode(decoders[name], prompts, new[name], opts, rep=r + 1)
+                sample = {"prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds,
+                          "steps": len(result.step_seconds), "step_s": result.step_seconds,
+                          "tokens_per_s": result.decode_tokens_per_s, "latency_ms": result.latency_ms,
+                          "tokens": result.tokens}
+                timings.append(f"{name} {result.latency_ms:.0f} ms/step")
+            samples[name].append(sample)
+        say(f"  {group.label}: round {r + 1}/{reps}: " + ", ".join(timings))
+    rows = []
+    for name in names:
+        s = samples[name]
+        rate = [x["tokens_per_s"] for x in s]
+        row = {"phase": group.phase, "batch": group.batch, "prompt": group.prompt, "context": group.context,
+               "backend": name, "reps": len(s), "new_tokens": new[name] if group.phase == "decode" else 0,
+               "tokens_per_s": float(np.median(rate)), "tokens_per_s_min": float(min(rate)),
+               "tokens_per_s_max": float(max(rate)), "samples": s}
+        if group.phase == "decode":
+            row["latency_ms"] = float(np.median([t for x in s for t in x["step_s"]])) * 1e3
+            row["steps"] = s[0]["steps"]
+            row["context_range"] = [group.prompt + 1, group.prompt + s[0]["steps"]]  # positions the steps attend to
+        else:
+            row["latency_ms"] = float(np.median([x["prefill_s"] for x in s])) * 1e3
+        rows.append(row)
+    _compare(rows)
+    return rows
+
+
+def _compare(rows: list[dict[str, Any]]) -> None:
+    """Each row's speed against torch-kv's (median / median) and, for decode, how many of its drawn tokens match
+    torch-kv's in the same repetition (torch-nocache: its fewer tokens)."""
+    base = next(r for r in rows if r["backend"] == BASE)
+    for r in rows:
+        r["x_vs_torch_kv"] = r["tokens_per_s"] / base["tokens_per_s"]
+        if r["phase"] == "decode":
+            same = total = 0
+            for mine, theirs in zip(r["samples"], base["samples"]):
+                for a, b in zip(mine["tokens"], theirs["tokens"]):
+                    same += sum(x == y for x, y in zip(a, b))
+                    total += min(len(a), len(b))
+            r["tokens_same"], r["tokens_compared"] = same, total
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(opts: Options, threads: int) -> dict[str, Any]:
+    import torch
+
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    cpu = platform.processor() or ""
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    meta = {"kind": KIND, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "torch": torch.__version__, "onnxruntime": ort_version, "numpy": np.__version__,
+            "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "device": opts.device, "loadavg_start": list(os.getloadavg()), "config": opts.cfg.to_dict(),
+            "options": {k: v for k, v in asdict(opts).items() if k != "cfg"}}
+    if opts.device == "cuda":
+        meta["gpu"], meta["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
+    return meta
+
+
+def run(opts: Options, progress: Callable[[str], None] | None = None,
+        workdir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole benchmark → {"meta", "exports", "checks", "rows"} (JSON-serialisable). The exports live in a
+    temporary directory under `workdir` (default: the system's) and are deleted before returning."""
+    import torch
+
+    check_options(opts)
+    say = progress or (lambda message: None)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    threads = opts.threads or torch.get_num_threads()
+    meta = environment(opts, threads)
+    cfg = opts.cfg
+    say(f"building the model: d={cfg.d_model}, {cfg.n_layers} blocks, N={cfg.n_experts}, k={cfg.top_k}, "
+        f"V={cfg.vocab_size}, {cfg.max_seq_len} positions")
+    model = build_model(opts)
+    meta["parameters"] = sum(p.numel() for p in model.parameters())
+    directory = tempfile.mkdtemp(prefix="hypermoe-bench-generation-", dir=workdir)  # the exports, deleted below
+    try:
+        exports = export_flavours(model, opts, directory, say)
+        gc.collect()
+        _malloc_trim()  # the export's transient copies (≈ 13 GB peak at full size) go back to the system
+        decoders = make_decoders(model, opts, directory)
+        checks = check_logits(decoders, opts)
+        rows: list[dict[str, Any]] = []
+        for group in groups(opts):
+            say(f"{group.label}: {', '.join(decoders)}")
+            rows += measure_group(group, decoders, opts, say)
+        del decoders
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    meta["loadavg_end"] = list(os.getloadavg())
+    return {"meta": meta, "exports": exports, "checks": checks, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+COLUMNS = ("phase", "B", "prompt", "steps attend to", "backend", "reps", "tokens/s (median)", "min–max",
+           "ms per step (median)", "× torch-kv", "tokens = torch-kv")
+
+
+def table_rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for r in result["rows"]:
+        decode_row = r["phase"] == "decode"
+        context = f"{r['context_range'][0]}–{r['context_range'][1]}" if decode_row else ""
+        same = f"{r['tokens_same']}/{r['tokens_compared']}" if decode_row else ""
+        out.append([r["phase"], str(r["batch"]), str(r["prompt"]), context, r["backend"],
+                    f"{r['reps']}" + (f"×{r['steps']}" if decode_row else ""), f"{r['tokens_per_s']:,.1f}",
+                    f"{r['tokens_per_s_min']:,.1f}–{r['tokens_per_s_max']:,.1f}", f"{r['latency_ms']:,.1f}",
+                    f"{r['x_vs_torch_kv']:.2f}", same])
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets: torch-kv ≥ 10× torch-nocache per decoded token at the longest context; every
+    onnxruntime backend's decode ≥ torch-kv's (median; min–max ratios as a second opinion)."""
+    rows = [r for r in result["rows"] if r["phase"] == "decode"]
+    if not rows:
+        return []
+    longest = max(r["context"] for r in rows)
+    by_key = {(r["batch"], r["context"], r["backend"]): r for r in rows}
+    out = []
+    for r in rows:
+        key = (r["batch"], r["context"])
+        base = by_key[(*key, BASE)]
+        if r["backend"] == "torch-nocache" and r["context"] == longest:
+            value = base["tokens_per_s"] / r["tokens_per_s"]
+            out.append({"target": "torch KV cache × faster than recompute, per decoded token", "batch": key[0],
+                        "context": key[1], "value": value, "goal": 10.0, "met": value >= 10.0,
+                        "range": [base["tokens_per_s_min"] / r["tokens_per_s_max"],
+                                  base["tokens_per_s_max"] / r["tokens_per_s_min"]]})
+        if r["backend"].startswith("ort-"):
+            value = r["tokens_per_s"] / base["tokens_per_s"]
+            out.append({"target": f"{r['backend']} decode ≥ torch eager (KV cache)", "batch": key[0],
+                        "context": key[1], "value": value, "goal": 1.0, "met": value >= 1.0,
+                        "range": [r["tokens_per_s_min"] / base["tokens_per_s_max"],
+                                  r["tokens_per_s_max"] / base["tokens_per_s_min"]]})
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    cfg = meta["config"]
+    lines = [
+        f"- command: `{meta.get('command') or 'hypermoe bench --generation (from Python)'}`"
+        + (f"; wall time {meta['wall_s'] / 60:.1f} min" if meta.get("wall_s") else ""),
+        f"- date: {meta['date_utc']}; device: {meta['device']}" + (f" ({meta['gpu']}, CUDA {meta['cuda']})" if "gpu" in meta else ""),
+        f"- torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, numpy {meta['numpy']}, Python {meta['python']}",
+        f"- CPU: {meta['cpu']}, {meta['cores']} cores; torch and onnxruntime threads {meta['threads']}; load average "
+        f"at start {meta['loadavg_start'][0]:.2f}, at end {meta.get('loadavg_end', [float('nan')])[0]:.2f}",
+        f"- model: d={cfg['d_model']}, {cfg['n_layers']} blocks, {cfg['n_heads']} heads, V={cfg['vocab_size']}, "
+        f"{cfg['max_seq_len']} positions, N={cfg['n_experts']}, k={cfg['top_k']}, f={cfg['d_ff']}, a={cfg['d_adapter']}, "
+        f"hypernetwork {cfg['d_expert_embed']}/{cfg['d_process']}/{cfg['d_hyper']}/{cfg['d_generator']}, layer embedding "
+        f"{cfg['d_layer_embed']}; {meta['parameters'] / 1e6:,.0f} M parameters, fp32",
+    ]
+    lines += [f"- export `{e['flavour']}`: {e['seconds']:.0f} s, {e['bytes'] / 2**20:,.0f} MiB, HyperExpert form "
+              f"{e['hyper_form']}" for e in result["exports"]]
+    lines += [f"- check: {c['backend']} prefill logits vs torch-kv, max rel diff {c['max_rel_diff']:.1e} "
+              f"({'ok' if c['ok'] else 'FAILED'})" for c in result["checks"]]
+    lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    checks = targets(result)
+    if checks:
+        lines += ["", "| target | B | context | median ratio | ratio range (min/max) | goal | met |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['batch']} | {t['context']} | {t['value']:.2f} | {t['range'][0]:.2f}–"
+                  f"{t['range'][1]:.2f} | ≥ {t['goal']:g} | {'yes' if t['met'] else '**no**'} |" for t in checks]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: hypermoe bench --generation (the parser is hypermoe.bench's)
+# ---------------------------------------------------------------------------------------------
+
+LAYER_ONLY = ("tokens", "top_k", "dtypes", "impls", "modes")  # hypermoe bench options of the layer benchmark
+
+
+def is_result(result: Any) -> bool:
+    return isinstance(result, dict) and isinstance(result.get("meta"), dict) and result["meta"].get("kind") == KIND
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that repeats this run (the options that change what is measured; outputs left out)."""
+    words = ["hypermoe", "bench", "--generation"]
+    words += ["--quick"] if args.quick else []
+    words += ["--device", args.device] if args.device != "cpu" else []
+    words += ["--threads", str(args.threads)] if args.threads else []
+    words += ["--flavours", *dict.fromkeys(args.flavours)] if getattr(args, "flavours", None) else []
+    words += ["--config", args.config] if args.config else []
+    words += ["--seed", str(args.seed)] if args.seed else []
+    return " ".join(words)
+
+
+def command(args: argparse.Namespace) -> int:
+    """`hypermoe bench --generation …`: run, print the table, write --json/--markdown atomically."""
+    given = [f"--{name.replace('_', '-')}" for name in LAYER_ONLY if getattr(args, name, None)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of the layer benchmark, not of --generation")
+    changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
+    if getattr(args, "flavours", None):
+        changes["flavours"] = tuple(dict.fromkeys(args.flavours))
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+    opts = Options.quick(**changes) if args.quick else Options(**changes)
+    if args.config:
+        import ref.io
+
+        try:
+            cfg, _ = ref.io.read_config(args.config)
+        except OSError as err:
+            raise ValueError(f"--config {args.config}: cannot read it ({err.strerror})") from None
+        opts.cfg = cfg
+    check_options(opts)
+    for out in (args.json, args.markdown):
+        if out:
+            check_output(out, force=args.force)  # before the run, which takes minutes
+    started = time.perf_counter()
+    result = run(opts, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    result["meta"]["command"] = command_line(args)
+    result["meta"]["wall_s"] = time.perf_counter() - started
+    text = markdown(result)
+    print(text)
+    if args.json:
+        with atomic_output(args.json, force=args.force) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        with atomic_output(args.markdown, force=args.force) as tmp:
+            tmp.write_text(text)
+    return 0
+
+
+__all__ = ["Options", "Group", "gpt2_small_config", "groups", "markdown", "run", "targets"]
