@@ -22,6 +22,7 @@ H heads, c = d / H head width, V vocabulary, f = d_ff hidden width.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -116,6 +117,13 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, S, c)
+        elif torch.compiler.is_exporting():
+            # the same softmax(q kᵀ / √c + bias) v, spelt out for the ONNX graph: the exporter's SDPA decomposition
+            # materialises kᵀ and scales the whole cache every step (a Transpose and a Mul over (B, H, P + S, c));
+            # here the scale goes on q (S rows) and the Transpose feeds the MatMul directly, which onnxruntime fuses
+            # into one FusedMatMul(transB) that reads the cache in place (BENCHMARKS.md, "Generation")
+            scores = (q * (1.0 / math.sqrt(d // H))) @ k.transpose(-2, -1) + bias  # (B, H, S, P + S)
+            out = torch.softmax(scores, dim=-1) @ v  # (B, H, S, c)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, S, c)
         return self.proj(out.transpose(1, 2).reshape(B, S, d)), (k, v)  # (B, S, d): heads side by side
