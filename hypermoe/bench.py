@@ -670,7 +670,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             r["saved_ratio_vs_official"] = base["saved_bytes"] / r["saved_bytes"]
 
 
-def environment(opts: Options, threads: int) -> dict[str, Any]:
+def machine(device: str) -> dict[str, Any]:
+    """When and where a benchmark ran: date, library versions, CPU model and cores, the load average at the start,
+    and the GPU on CUDA (the meta of every benchmark's JSON; bench_generation uses it too)."""
     import torch
 
     try:
@@ -687,17 +689,23 @@ def environment(opts: Options, threads: int) -> dict[str, Any]:
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "onnxruntime": ort_version, "numpy": np.__version__,
-        "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads,
-        "device": opts.device, "loadavg_start": list(os.getloadavg()),
+        "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(),
+        "device": device, "loadavg_start": list(os.getloadavg()),
+    }
+    if device == "cuda":
+        meta["gpu"], meta["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
+    return meta
+
+
+def environment(opts: Options, threads: int) -> dict[str, Any]:
+    meta = {
+        **machine(opts.device), "torch_threads": threads,
         "config": {k: getattr(opts.cfg, k) for k in ("d_model", "d_ff", "n_experts", "d_adapter", "d_expert_embed",
                                                       "d_process", "d_hyper", "d_generator", "d_layer_embed",
                                                       "activation", "expert_bias", "gate")},
         "options": {k: getattr(opts, k) for k in ("dtypes", "top_ks", "tokens", "modes", "impls", "block_s",
                                                    "budget_s", "max_reps", "min_reps", "seed")},
     }
-    if opts.device == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name()
-        meta["cuda"] = torch.version.cuda
     return meta
 
 

@@ -37,12 +37,9 @@ The library never prints: progress goes to the `progress` callback (the CLI writ
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -54,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from ref import HyperMoEConfig
-from hypermoe.bench import _malloc_trim
+from hypermoe.bench import _malloc_trim, machine
 from ref.files import atomic_output, check_output
 
 KIND = "generation"  # the JSON's meta.kind: `hypermoe bench --render` tells this benchmark's files apart
@@ -310,27 +307,8 @@ def _compare(rows: list[dict[str, Any]]) -> None:
 
 
 def environment(opts: Options, threads: int) -> dict[str, Any]:
-    import torch
-
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    cpu = platform.processor() or ""
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
-    except (OSError, AttributeError):
-        pass
-    meta = {"kind": KIND, "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "onnxruntime": ort_version, "numpy": np.__version__,
-            "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "device": opts.device, "loadavg_start": list(os.getloadavg()), "config": opts.cfg.to_dict(),
+    return {"kind": KIND, **machine(opts.device), "threads": threads, "config": opts.cfg.to_dict(),
             "options": {k: v for k, v in asdict(opts).items() if k != "cfg"}}
-    if opts.device == "cuda":
-        meta["gpu"], meta["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
-    return meta
 
 
 def run(opts: Options, progress: Callable[[str], None] | None = None,
