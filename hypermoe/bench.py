@@ -884,21 +884,39 @@ def bench_command(args: argparse.Namespace) -> int:
     if any(T < 1 for T in changes.get("tokens", ())) or any(k < 1 for k in changes.get("top_ks", ())):
         raise ValueError("--tokens and --top-k must be ≥ 1")
     if args.config:
-        try:  # a bare config JSON, a model directory's config.json (kind, spec_version), or the directory
-            changes["cfg"], _ = ref.io.read_config(args.config)
-        except OSError as err:
-            raise ValueError(f"--config {args.config}: cannot read it ({err.strerror})") from None
-    for out in (args.json, args.markdown):
-        if out:
-            check_output(out, force=args.force)  # before the run, which takes minutes
+        changes["cfg"] = config_option(args.config)
+    check_outputs(args)
     if args.device == "cuda" and not args.quick:
         changes["gemm_sizes"] = (4096, 8192)  # a GPU needs the larger GEMM to approach its peak
     opts = Options.quick(**changes) if args.quick else Options(**changes)
+    command = " ".join(["hypermoe", *sys.argv[1:]]) if sys.argv[0].endswith("hypermoe") else None
+    return run_and_report(args, lambda progress: run(opts, progress=progress), markdown, command)
+
+
+def config_option(path: str) -> HyperMoEConfig:
+    """--config: a bare config JSON, a model directory's config.json (kind, spec_version), or the directory."""
+    try:
+        cfg, _ = ref.io.read_config(path)
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
+    return cfg
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--json / --markdown refused before the run (which takes minutes) when they exist without --force."""
+    for out in (args.json, args.markdown):
+        if out:
+            check_output(out, force=args.force)
+
+
+def run_and_report(args: argparse.Namespace, run_fn, markdown_fn, command: str | None) -> int:
+    """Run a benchmark (`run_fn(progress)` → result with a "meta" dict; progress lines go to stderr), record the
+    command and wall time, print `markdown_fn(result)` and write --json / --markdown atomically."""
     started = time.perf_counter()
-    result = run(opts, progress=lambda message: print(message, file=sys.stderr, flush=True))
-    result["meta"]["command"] = " ".join(["hypermoe", *sys.argv[1:]]) if sys.argv[0].endswith("hypermoe") else None
+    result = run_fn(lambda message: print(message, file=sys.stderr, flush=True))
+    result["meta"]["command"] = command
     result["meta"]["wall_s"] = time.perf_counter() - started
-    text = markdown(result)
+    text = markdown_fn(result)
     print(text)
     if args.json:
         with atomic_output(args.json, force=args.force) as tmp:

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,8 +49,7 @@ from typing import Any
 import numpy as np
 
 from ref import HyperMoEConfig
-from hypermoe.bench import _malloc_trim, machine
-from ref.files import atomic_output, check_output
+from hypermoe.bench import _malloc_trim, check_outputs, config_option, machine, run_and_report
 
 KIND = "generation"  # the JSON's meta.kind: `hypermoe bench --render` tells this benchmark's files apart
 FLAVOURS = ("portable", "sparse", "fused")
@@ -459,30 +456,10 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     opts = Options.quick(**changes) if args.quick else Options(**changes)
     if args.config:
-        import ref.io
-
-        try:
-            cfg, _ = ref.io.read_config(args.config)
-        except OSError as err:
-            raise ValueError(f"--config {args.config}: cannot read it ({err.strerror})") from None
-        opts.cfg = cfg
+        opts.cfg = config_option(args.config)
     check_options(opts)
-    for out in (args.json, args.markdown):
-        if out:
-            check_output(out, force=args.force)  # before the run, which takes minutes
-    started = time.perf_counter()
-    result = run(opts, progress=lambda message: print(message, file=sys.stderr, flush=True))
-    result["meta"]["command"] = command_line(args)
-    result["meta"]["wall_s"] = time.perf_counter() - started
-    text = markdown(result)
-    print(text)
-    if args.json:
-        with atomic_output(args.json, force=args.force) as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        with atomic_output(args.markdown, force=args.force) as tmp:
-            tmp.write_text(text)
-    return 0
+    check_outputs(args)
+    return run_and_report(args, lambda progress: run(opts, progress=progress), markdown, command_line(args))
 
 
 __all__ = ["Options", "Group", "gpt2_small_config", "groups", "markdown", "run", "targets"]
