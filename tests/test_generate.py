@@ -115,12 +115,19 @@ PROMPTS = [list(b"hello"), [1, 2], [250]]  # unequal lengths: left padding; "Hel
 # ---------------------------------------------------------------------------------------------
 
 
-def test_greedy_tokens_equal_torch(lm, ort_decoder, torch_decoder):
+def greedy_tokens_equal_torch(lm, decoder, torch_decoder) -> list[list[int]]:
+    """24 greedy tokens of PROMPTS from `decoder` equal torch's at every decidable step, ≥ 60 of them decidable;
+    → the tokens (also tests/test_generate_cuda.py)."""
     cfg, params, _, _ = lm
-    got = generate(ort_decoder, PROMPTS, max_new_tokens=24, max_length=cfg.max_seq_len).tokens
+    got = generate(decoder, PROMPTS, max_new_tokens=24, max_length=cfg.max_seq_len).tokens
     want = generate(torch_decoder, PROMPTS, max_new_tokens=24, max_length=cfg.max_seq_len).tokens
     same, decided, undecided = compare_tokens(got, want, greedy_decidable(cfg, params, PROMPTS, got))
     assert decided >= 60, f"only {decided} decidable tokens of {same} identical ({undecided}): the test says little"
+    return got
+
+
+def test_greedy_tokens_equal_torch(lm, ort_decoder, torch_decoder):
+    got = greedy_tokens_equal_torch(lm, ort_decoder, torch_decoder)
     assert len(set(map(tuple, got))) == 3 and len({t for row in got for t in row}) >= 3  # not one repeated token
 
 

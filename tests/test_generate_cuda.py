@@ -13,7 +13,8 @@ from export.generate import OrtDecoder, _last_position
 from hypermoe.generation import generate
 from ref.model import init_model
 from tests.test_generate import (  # noqa: F401 (fixtures)
-    PROMPTS, check_step_logits, compare_tokens, greedy_decidable, lm, step_logits, torch_decoder,
+    PROMPTS, check_step_logits, compare_tokens, greedy_tokens_equal_torch, lm, step_logits,
+    torch_decoder,
 )
 
 CUDA_OK, CUDA_WHY = runtime.cuda_status()
@@ -28,11 +29,7 @@ def cuda_decoder(lm):
 
 
 def test_cuda_greedy_tokens_equal_torch(lm, cuda_decoder, torch_decoder):
-    cfg, params, _, _ = lm
-    got = generate(cuda_decoder, PROMPTS, max_new_tokens=24, max_length=cfg.max_seq_len).tokens
-    want = generate(torch_decoder, PROMPTS, max_new_tokens=24, max_length=cfg.max_seq_len).tokens
-    same, decided, undecided = compare_tokens(got, want, greedy_decidable(cfg, params, PROMPTS, got))
-    assert decided >= 60, f"only {decided} decidable tokens of {same} identical ({undecided})"
+    greedy_tokens_equal_torch(lm, cuda_decoder, torch_decoder)
 
 
 def test_cuda_step_logits_within_bound_of_ref(lm, cuda_decoder):
