@@ -28,6 +28,7 @@ from export.runtime import (
     ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, ONNX_TYPES, PROVIDERS, _ortvalue_bits, cuda_libraries,
     from_bfloat16_bits, open_session,
 )
+from ref import model as ref_model
 
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
 MAX_CONFIG_BYTES = 1 << 20  # a genai_config.json is a few kB; a bigger one is not ours
@@ -224,21 +225,14 @@ class OrtDecoder:
                                  f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
             arrays.append(np.ascontiguousarray(a, dtype=np.int64))
         ids, mask, positions = arrays
+        if ids.shape[0] != B:
+            raise ValueError(f"input_ids must have begin()'s batch size {B}, got shape {ids.shape}")
+        ref_model.check_tokens(cfg, ids)  # (B, S), S ≥ 1, ids in [0, V)
         S = ids.shape[1]
-        for name, a, want in (("input_ids", ids, (B, S)), ("attention_mask", mask, (B, P + S)),
-                              ("position_ids", positions, (B, S))):
-            if a.shape != want or S < 1:
-                raise ValueError(f"{name} must have shape {want} (batch {B}, {P} cached + {S} new positions), got {a.shape}")
         if P + S > self._max_length:
             raise ValueError(f"{P} cached + {S} new positions exceed begin()'s max_length {self._max_length}")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
-                             f"[{ids.min()}, {ids.max()}]")
-        if positions.min() < 0 or positions.max() >= cfg.max_seq_len:
-            raise ValueError(f"position ids must be in [0, max_seq_len={cfg.max_seq_len}), got values in "
-                             f"[{positions.min()}, {positions.max()}]")
-        if not np.isin(mask, (0, 1)).all():
-            raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+        ref_model.check_attention_mask(cfg, ids, mask, past=P)  # (B, P + S), values 0/1
+        ref_model.check_positions(cfg, ids, positions)  # (B, S), in [0, max_seq_len)
         return ids, mask, positions
 
 

@@ -136,14 +136,17 @@ def check_tokens(cfg: HyperMoEConfig, tokens: np.ndarray) -> None:
                          f"got values in [{tokens.min()}, {tokens.max()}]")
 
 
-def check_attention_mask(cfg: HyperMoEConfig, tokens: np.ndarray, attention_mask: np.ndarray) -> None:
+def check_attention_mask(cfg: HyperMoEConfig, tokens: np.ndarray, attention_mask: np.ndarray, past: int = 0) -> None:
+    """attention_mask (B, P + S) of S new tokens after `past` = P cached positions (the reference has none; a
+    cached decoder, export/generate.py's, checks its steps with this too)."""
     B, S = tokens.shape
     if not isinstance(attention_mask, np.ndarray):
         raise ValueError(f"attention_mask must be a numpy array, got {type(attention_mask).__name__}")
     if attention_mask.dtype.kind not in "iub":
         raise ValueError(f"attention_mask must be an integer or bool array, got dtype {attention_mask.dtype}")
-    if attention_mask.shape != (B, S):
-        raise ValueError(f"attention_mask must have shape (B, S) = {(B, S)}, got {attention_mask.shape}")
+    if attention_mask.shape != (B, past + S):
+        raise ValueError(f"attention_mask must have shape (B, P + S) = {(B, past + S)} ({past} cached + {S} new "
+                         f"positions), got {attention_mask.shape}")
     if not np.isin(attention_mask, (0, 1)).all():
         raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
     if cfg.capacity is not None and not attention_mask.all():
