@@ -18,7 +18,7 @@ import numpy as np
 import ref
 
 # modules that provide a `register(subparsers)`; listed in the order `--help` shows them
-COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert", "hypermoe.train.cli", "hypermoe.bench", "conformance.cli",
+COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert.cli", "hypermoe.train.cli", "hypermoe.bench", "conformance.cli",
                    "export.cli", "export.generate"]
 
 
