@@ -1,5 +1,5 @@
-"""`hypermoe export`, `hypermoe verify`, `hypermoe run` and `hypermoe main` (export → verify → run on the
-default layer). Heavy imports (torch, onnx, onnxruntime) happen inside the command functions."""
+"""`hypermoe export`, `hypermoe verify`, `hypermoe run`, `hypermoe main` (export → verify → run on the
+default layer) and `hypermoe generate`. Heavy imports (torch, onnx, onnxruntime) happen inside the command functions."""
 
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
     p.set_defaults(func=main_command)
+    register_generate(subparsers)
 
 
 def _export_options(p) -> None:
@@ -320,7 +321,96 @@ def _latencies(runner, cfg, params, x: np.ndarray, device: str, runs: int) -> tu
     return ort_ms, statistics.median(times) * 1e3
 
 
-if __name__ == "__main__":
-    from hypermoe.cli import main
+# ---------------------------------------------------------------------------------------------
+# hypermoe generate
+# ---------------------------------------------------------------------------------------------
 
-    sys.exit(main())
+
+def register_generate(subparsers) -> None:
+    from export.runtime import PROVIDERS
+
+    p = subparsers.add_parser(
+        "generate", help="generate text with a language model: onnxruntime (with-past export) or torch (model dir)",
+        description="Generates up to --max-new-tokens tokens after the prompt and prints the text, then "
+        "onnxruntime-genai's benchmark metrics: prefill (prompt) tokens/s, decode tokens/s and per-token latency "
+        "(median and p90 of the decode steps), and the backend used. MODEL is a with-past export directory "
+        "(`hypermoe export MODEL_DIR --with-past -o DIR`: model.onnx + genai_config.json) or its .onnx file, run "
+        "on onnxruntime with IOBinding (the KV cache stays on the device); or a model directory (config.json kind "
+        "'model'), run on torch with its KV cache — the reference backend the export is compared with. Greedy by "
+        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed.")
+    p.add_argument("model", metavar="MODEL", help="with-past export directory or .onnx, or a model directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded by the tokenizer")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated (e.g. 1,2,3)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="tokens to generate per prompt (default 32); prompt + N must fit the model's context (max_seq_len)")
+    p.add_argument("--provider", choices=PROVIDERS, default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice), cuda, cpu")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="intra-op threads of onnxruntime or torch (default: theirs)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely ids (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample within the smallest set of ids of probability ≥ P (1 = off)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampler (default 0)")
+    p.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
+                   help="stop a sequence after this token (repeatable; default: the export's genai_config.json "
+                   "eos_token_id, else none)")
+    p.add_argument("--tokenizer", metavar="tokenizer.json", default=None,
+                   help="a Hugging Face tokenizer.json (needs the tokenizers package, extra 'serve'); default: UTF-8 "
+                   "bytes as ids 0..255 (needs vocab_size ≥ 256, else give --prompt-ids)")
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="run the prompt as B identical sequences at once (throughput; prints the first)")
+    p.add_argument("--print-ids", action="store_true", help="also print the generated token ids")
+    p.set_defaults(func=generate_command)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from export.generate import ByteTokenizer, FileTokenizer, export_token_ids, load_decoder, parse_ids
+    from hypermoe.generation import Sampling, generate
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be ≥ 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
+    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
+    decoder, cfg, backend, notice = load_decoder(args.model, args.provider, threads=args.threads)
+    if notice:
+        print(notice, file=sys.stderr)
+    if args.prompt_ids is not None:
+        prompt = parse_ids(args.prompt_ids, "--prompt-ids")
+    else:
+        if not args.tokenizer and cfg.vocab_size < 256:
+            raise ValueError(f"the byte tokenizer needs vocab_size ≥ 256 (this model has {cfg.vocab_size}): "
+                             "give --prompt-ids or --tokenizer")
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise ValueError("the prompt encodes to no tokens: give a non-empty --prompt")
+    if max(prompt) >= cfg.vocab_size:
+        raise ValueError(f"prompt token id {max(prompt)} ≥ the model's vocab_size {cfg.vocab_size}")
+    if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                         f"context of {cfg.max_seq_len} positions (max_seq_len)")
+    eos, pad = export_token_ids(args.model)
+    if args.eos_id is not None:
+        eos = tuple(args.eos_id)
+    for i in eos:
+        if not 0 <= i < cfg.vocab_size:
+            raise ValueError(f"--eos-id {i} is not a token id in [0, vocab_size={cfg.vocab_size})")
+    result = generate(decoder, [prompt] * args.batch, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      eos_token_ids=eos, pad_token_id=pad, max_length=cfg.max_seq_len)
+    tokens = result.tokens[0]
+    print(tokenizer.decode(prompt + tokens))
+    if args.print_ids:
+        print("ids: " + " ".join(map(str, tokens)))
+    steps_ms = np.asarray(result.step_seconds) * 1e3
+    latency = (f"median {np.median(steps_ms):.2f} ms, p90 {np.percentile(steps_ms, 90):.2f} ms" if steps_ms.size
+               else "n/a (no decode step)")
+    print(f"backend: {backend}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
+          + (" (stopped at EOS)" if tokens and tokens[-1] in eos else ""))
+    print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} tokens/s, "
+          f"per-token latency {latency}")
+    return 0

@@ -309,7 +309,7 @@ class OnnxRunner:
         result = {}
         for name, value in self._output_values.items():
             if value.element_type() == ONNX_BFLOAT16:
-                result[name] = from_bfloat16_bits(_ortvalue_bits(value))
+                result[name] = from_bfloat16_bits(ortvalue_bits(value))
             else:
                 result[name] = value.numpy()
         return result
@@ -334,7 +334,7 @@ class OnnxRunner:
         return Timing(median * 1e3, tokens / median if median > 0 else float("inf"), runs)
 
 
-def _ortvalue_bits(value) -> np.ndarray:
+def ortvalue_bits(value) -> np.ndarray:
     """Raw bits of a bfloat16 OrtValue (numpy has no bfloat16 and this onnxruntime build has no DLPack
     export): a byte copy from its buffer, by memmove on the CPU or cudaMemcpy on the GPU."""
     bits = np.empty(value.shape(), dtype=np.uint16)

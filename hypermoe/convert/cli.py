@@ -8,10 +8,11 @@ import numpy as np
 
 import ref
 import ref.io
-from hypermoe.convert import convert
-from hypermoe.convert.common import KINDS, SOURCES, SWITCH_FF_LAYER
 from ref.config import ACTIVATIONS
 from ref.files import check_output
+from hypermoe.convert import convert
+from hypermoe.convert.common import KINDS, SOURCES, SWITCH_FF_LAYER
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(

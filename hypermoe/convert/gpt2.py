@@ -12,7 +12,6 @@ import numpy as np
 from hypermoe.convert.common import (
     Converted, GPT2_KNOWN_UNUSED, KINDS, WHOLE_LM, anchor, block_count, check_official, finish, linear_t,
 )
-import ref
 from ref.config import HyperMoEConfig
 
 def resolve_kind(state: Mapping[str, np.ndarray], prefix: str, kind: str) -> str:

@@ -12,7 +12,6 @@ from hypermoe.convert.common import (
     hyper_part_expected, hyper_sizes, moe_every_for,
 )
 from hypermoe.convert.gpt2 import as_model, check_heads, resolve_kind
-import ref
 from ref.config import HyperMoEConfig
 
 def from_official_gpt2(

@@ -11,7 +11,6 @@ from hypermoe.convert.common import (
     Converted, SWITCH_FF_LAYER, anchor, assemble, block_count, check_activation, check_official, find_blocks,
     find_param_gen, hyper_part_expected, hyper_sizes, linear_t, moe_every_for,
 )
-import ref
 from ref.config import HyperMoEConfig
 
 def from_official_switch(
