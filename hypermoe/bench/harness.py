@@ -194,7 +194,7 @@ def gemm_rate(m: int, k: int, n: int, dtype: str, opts) -> dict[str, Any]:
 
 def machine(device: str) -> dict[str, Any]:
     """When and where a benchmark ran: date, library versions, CPU model and cores, the load average at the start,
-    and the GPU on CUDA (the meta of every benchmark's JSON; bench_generation uses it too)."""
+    and the GPU on CUDA (the meta of every benchmark's JSON; the generation benchmark uses it too)."""
     import torch
 
     try:
