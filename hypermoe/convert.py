@@ -44,10 +44,11 @@ import numpy as np
 
 import ref
 import ref.io
+import ref.model
 from ref.config import ACTIVATIONS, HyperMoEConfig
 from ref.files import check_output
 
-SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp")
+SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp", "hypermoe-dense")
 # what a conversion writes: "stack" (layers.{ℓ}.* for the HyperMoE blocks + hyper.*) or, from a whole GPT-2
 # language model, "model" (ref.model: embeddings, attention, norms, dense MLPs, HyperMoE blocks, hypernetwork);
 # "auto" picks "model" when the checkpoint holds WHOLE_LM (Switch conversions are always stacks)
@@ -737,14 +738,9 @@ def upcycle_gpt2_mlp(
     check_official(state, expected)
 
     params = ref.init_stack(cfg, seed=seed)  # float64; the experts are overwritten below
-    for i in moe:
-        # every expert starts as the dense MLP (N identical copies): (d, f) → (N, d, f), ...
-        for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"), ("b2", "c_proj.bias")):
-            params[f"layers.{i}.experts.{ours}"] = np.repeat(np.asarray(state[mlp(i) + theirs])[None], n_experts, axis=0)
-    # the heads that generate W_up and b_up start at zero: every HyperExpert outputs relu(...) @ 0 + 0 = 0, so
-    # the upcycled model starts as the dense one (the heads' gradients are not zero: training moves them)
-    for name in ("hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias"):
-        params[name] = np.zeros_like(params[name])
+    upcycle_(params, {f"layers.{i}.experts.{ours}": np.asarray(state[mlp(i) + theirs]) for i in moe
+                      for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"),
+                                           ("b2", "c_proj.bias"))}, n_experts)
     dense = re.compile(re.escape(prefix) + r"h\.(\d+)\.mlp\.c_(fc|proj)\.(weight|bias)")
     unused = {key: f"dense MLP of a block that stays dense (moe_every = {moe_every})"
               for key in state if key not in expected and dense.fullmatch(key)}
@@ -753,6 +749,44 @@ def upcycle_gpt2_mlp(
     if model:
         return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
     return stack
+
+
+UP_HEADS = ("hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias")
+
+
+def upcycle_(params: dict[str, np.ndarray], dense: Mapping[str, np.ndarray], n_experts: int) -> None:
+    """Upcycling, in place: each `dense` MLP tensor (name → (d, f), (f,), (f, d) or (d,)) copied into all N experts
+    of that name ((N, d, f), ...: N identical copies), and the hypernetwork heads that generate W_up and b_up set to
+    zero, so every HyperExpert outputs relu(...) @ 0 + 0 = 0 and the upcycled layer starts as the dense MLP (the
+    heads' gradients are not zero: training moves them). The router and the rest stay as `params` has them."""
+    for name, value in dense.items():
+        params[name] = np.repeat(np.asarray(value)[None], n_experts, axis=0)
+    for name in UP_HEADS:
+        if name in params:
+            params[name] = np.zeros_like(params[name])
+
+
+def upcycle_dense_model(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, n_experts: int, top_k: int,
+                        gate: str = "topk", hyper_expert: bool = True, seed: int = 0, dtype=np.float32) -> Converted:
+    """A hypermoe model directory's dense model (kind "model", n_experts 1, no HyperExpert: the cpu-small-dense
+    preset) → the same model with N experts per HyperMoE block, each a copy of the dense MLP (upcycle_); router,
+    expert embeddings, process MLP and hypernetwork fresh from ref.init_model(cfg, seed) (the training init's
+    distributions), W_up / b_up heads zero. Every other parameter (embeddings, attention, norms) is copied.
+    With gate "topk" and k = 1 the upcycled model computes the dense logits exactly (every gate is 1); with k > 1
+    up to rounding; with gate "switch" each FFN output starts scaled by the router probability p of its expert."""
+    if cfg.n_experts != 1 or cfg.hyper_expert:
+        raise ValueError(f"--from hypermoe-dense needs a dense model directory (n_experts 1, hyper_expert false), got "
+                         f"n_experts {cfg.n_experts}, hyper_expert {cfg.hyper_expert}")
+    new = cfg.replace(n_experts=n_experts, top_k=top_k, gate=gate, hyper_expert=hyper_expert)  # validates k, gate
+    # float64; drawn for the HyperMoE config even for a plain MoE, so that both get the same router from one seed
+    fresh = ref.model.init_model(new.replace(hyper_expert=True), seed=seed)
+    fresh = {name: fresh[name] for name in ref.io.expected_shapes(new, "model")}
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe_block(i)]
+    experts = {f"blocks.{i}.moe.experts.{w}" for i in moe for w in ("w1", "b1", "w2", "b2")}
+    out = {name: (np.asarray(params[name]) if name in params and name not in experts and ".moe.router." not in name
+                  else value) for name, value in fresh.items()}
+    upcycle_(out, {name: np.asarray(params[name])[0] for name in experts}, n_experts)
+    return Converted(new, finish(new, out, dtype, kind="model"), {}, [], kind="model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,6 +799,13 @@ def convert(path: str | os.PathLike, source: str, **options) -> Converted:
     "official-switch" → from_official_switch, "gpt2-mlp" → upcycle_gpt2_mlp; `options` go to that function."""
     functions = {"official-gpt2": from_official_gpt2, "official-switch": from_official_switch,
                  "gpt2-mlp": upcycle_gpt2_mlp}
+    if source == "hypermoe-dense":  # a model directory, not a state dict
+        if not Path(path).is_dir():
+            raise ValueError(f"{path}: --from hypermoe-dense takes a model directory (config.json + weights)")
+        cfg, params, kind = ref.io.load_dir(path)
+        if kind != "model":
+            raise ValueError(f"{path}: a model directory of kind {kind!r}; --from hypermoe-dense needs kind 'model'")
+        return upcycle_dense_model(cfg, params, **options)
     if source not in functions:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     return functions[source](load_state_dict(path), **options)
@@ -783,18 +824,27 @@ def register(subparsers) -> None:
     )
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
     p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...), a .safetensors "
-                   "file or a .npz")
+                   "file or a .npz; for hypermoe-dense a model directory (hypermoe train's checkpoint/model of a "
+                   "dense run)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write (staged "
                    "next to it, then renamed in; its parent must exist)")
     p.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR (default: refuse it)")
     p.add_argument("--stack", choices=tuple(SWITCH_FF_LAYER), help="official-switch: which stack to convert (required)")
     p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, the official "
                    "config's expert_capacity (HF default 64), or 'none' for no limit (required)")
-    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official) and gpt2-mlp (required)")
+    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official), gpt2-mlp and "
+                   "hypermoe-dense (required)")
+    p.add_argument("--gate", choices=("topk", "switch"), default=None, help="hypermoe-dense: the upcycled model's gate "
+                   "(default topk: with k = 1 it starts at the dense logits exactly, but its routers get no task "
+                   "gradient; switch: gate = router probability)")
+    p.add_argument("--no-hyper-expert", dest="no_hyper_expert", action="store_true", default=None,
+                   help="hypermoe-dense: upcycle to a plain MoE (no HyperExpert)")
     p.add_argument("--keep-noise", action="store_true", help="official-gpt2: keep w_noise as router.noise_weight "
                    "(noisy gating, for further training)")
-    p.add_argument("--experts", type=int, default=None, help="gpt2-mlp: number of experts N (required)")
-    p.add_argument("--seed", type=int, default=None, help="gpt2-mlp: seed of the fresh parameters (default 0)")
+    p.add_argument("--experts", type=int, default=None, help="gpt2-mlp and hypermoe-dense: number of experts N "
+                   "(required)")
+    p.add_argument("--seed", type=int, default=None, help="gpt2-mlp and hypermoe-dense: seed of the fresh parameters "
+                   "(default 0)")
     p.add_argument("--moe-every", type=int, default=None, help="gpt2-mlp: upcycle block ℓ when "
                    "ℓ %% moe_every == moe_every - 1 (default 1: every block)")
     p.add_argument("--d-adapter", type=int, default=None, help="gpt2-mlp: HyperExpert width a (default 64)")
@@ -823,11 +873,12 @@ def run(args: argparse.Namespace) -> int:
         "official-gpt2": {"top_k", "keep_noise", "activation", *lm_flags},
         "official-switch": {"stack", "capacity", "activation"},
         "gpt2-mlp": {"top_k", "experts", "seed", "moe_every", "d_adapter", "hyper_width", "activation", *lm_flags},
+        "hypermoe-dense": {"top_k", "experts", "seed", "gate", "no_hyper_expert"},
     }[args.source]
     flags = {"stack": args.stack, "capacity": args.capacity, "top_k": args.top_k, "keep_noise": args.keep_noise or None,
              "experts": args.experts, "seed": args.seed, "moe_every": args.moe_every, "d_adapter": args.d_adapter,
              "hyper_width": args.hyper_width, "activation": args.activation, "kind": args.kind, "heads": args.heads,
-             "layer_norm_eps": args.layer_norm_eps}
+             "layer_norm_eps": args.layer_norm_eps, "gate": args.gate, "no_hyper_expert": args.no_hyper_expert}
     stray = sorted("--" + k.replace("_", "-") for k, v in flags.items() if v is not None and k not in per_source)
     if stray:
         raise ValueError(f"{', '.join(stray)} do(es) not apply to --from {args.source}")
@@ -836,7 +887,7 @@ def run(args: argparse.Namespace) -> int:
     options: dict = {"dtype": np.dtype(args.dtype)}
     if args.activation:
         options["activation"] = args.activation
-    if args.source != "official-switch":
+    if args.source not in ("official-switch", "hypermoe-dense"):
         options.update(kind=args.kind or "auto", n_heads=args.heads)
         if args.layer_norm_eps is not None:
             options["layer_norm_eps"] = args.layer_norm_eps
@@ -848,7 +899,12 @@ def run(args: argparse.Namespace) -> int:
                              "config's expert_capacity, HF default 64; the checkpoint does not store it)")
         capacity = None if args.capacity.lower() == "none" else _positive_int(args.capacity, "--capacity")
         options.update(stack=args.stack, capacity=capacity)
-    else:
+    elif args.source == "hypermoe-dense":
+        if args.experts is None or args.top_k is None:
+            raise ValueError("--from hypermoe-dense needs --experts N and --top-k k")
+        options.update(n_experts=args.experts, top_k=args.top_k, gate=args.gate or "topk",
+                       hyper_expert=not args.no_hyper_expert, seed=args.seed or 0)
+    elif args.source == "gpt2-mlp":
         if args.experts is None or args.top_k is None:
             raise ValueError("--from gpt2-mlp needs --experts N and --top-k k")
         options.update(n_experts=args.experts, top_k=args.top_k, seed=args.seed or 0, moe_every=args.moe_every or 1)

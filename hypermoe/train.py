@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ RUN_ENTRIES = ("train.json", "log.jsonl", "checkpoint")  # what --force may repl
 
 # Built-in model configs (--config NAME). A dense baseline is a preset too: one expert, k = 1, no HyperExpert is a
 # dense MLP of width d_ff (the gate of the only expert is 1; its router gets gradient only from z_loss).
+# Top-1 presets use the Switch gate (gate = the router probability): with gate "topk" and k = 1 the renormalised
+# gate is p/p = 1, so the language-model loss sends the router no gradient at all (router_gets_task_gradient).
 _HYPER_SMALL = dict(d_expert_embed=64, d_process=64, d_hyper=64, d_layer_embed=10, d_generator=64, d_adapter=16)
 PRESETS: dict[str, HyperMoEConfig] = {
     # seconds per run on a CPU: tests and smoke checks
@@ -56,10 +59,12 @@ PRESETS: dict[str, HyperMoEConfig] = {
                            d_layer_embed=4, d_generator=8, d_adapter=4, n_layers=2, n_heads=2, max_seq_len=32,
                            vocab_size=256),
     # the CPU experiment: byte vocabulary, 4 blocks, 8 experts top-1
-    "cpu-small": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
+    "cpu-small": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, gate="switch", n_layers=4, n_heads=4,
                                 max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
-    "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
-                                    max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, gate="switch", n_layers=4,
+                                    n_heads=4, max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-k2": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=2, n_layers=4, n_heads=4,
+                                   max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
     "cpu-small-moe-k2": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=2, n_layers=4, n_heads=4,
                                        max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
     "cpu-small-dense": HyperMoEConfig(d_model=128, d_ff=256, n_experts=1, top_k=1, n_layers=4, n_heads=4,
@@ -94,6 +99,10 @@ class TrainConfig:
     log_every: int = 10  # steps between log.jsonl lines (and the last step)
     freeze_hyper_heads: bool = False  # ablation: HyperExpert output heads zero and frozen, so ê = 0 throughout
     expert_parallel: int = 1  # under torchrun: ranks each expert stack is sharded over (divides N and the world size)
+    init: str | None = None  # a model directory (kind "model") whose weights start the run (fine-tuning); None: fresh
+    allow_router_without_task_gradient: bool = False  # acknowledge top-1 "topk" routing (see router_gets_task_gradient)
+    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None: torch's default. Changes speed and,
+    #                              through the reduction order, the last bits: recorded so that --resume restores it
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, HyperMoEConfig):
@@ -126,6 +135,14 @@ class TrainConfig:
                              f"got {self.balance_loss!r}")
         if not isinstance(self.freeze_hyper_heads, bool):
             raise ValueError(f"train config field 'freeze_hyper_heads' must be a bool, got {self.freeze_hyper_heads!r}")
+        if not isinstance(self.allow_router_without_task_gradient, bool):
+            raise ValueError("train config field 'allow_router_without_task_gradient' must be a bool, got "
+                             f"{self.allow_router_without_task_gradient!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"train config field 'threads' must be null or an int ≥ 1, got {self.threads!r}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ValueError(f"train config field 'init' must be a model directory path or null, got {self.init!r}")
         if self.freeze_hyper_heads and not self.model.hyper_expert:
             raise ValueError("train config field 'freeze_hyper_heads' needs a model with hyper_expert=True")
         ep = self.expert_parallel
@@ -160,6 +177,44 @@ def model_config(spec: str) -> HyperMoEConfig:
     if not os.path.exists(spec):
         raise ValueError(f"--config {spec!r} is neither a file nor a preset ({', '.join(PRESETS)})")
     return ref.io.read_config(spec)[0]
+
+
+def router_gets_task_gradient(model: HyperMoEConfig) -> bool:
+    """Whether the language-model loss reaches the routers. Not with N > 1, k = 1 and gate "topk": the renormalised
+    gate is p/p = 1 exactly (SPEC.md §3.3) and the selection is discrete, so the routers learn only from the balance
+    and z losses (load-balanced, task-blind routing). gate "switch" (gate = p) or k ≥ 2 let the task gradient in."""
+    return not (model.n_experts > 1 and model.top_k == 1 and model.gate == "topk")
+
+
+class RouterGradientWarning(UserWarning):
+    """A trainable router that the language-model loss cannot reach (router_gets_task_gradient)."""
+
+
+def router_warning(cfg: TrainConfig) -> str | None:
+    """The warning for a run whose routers get no task gradient (router_gets_task_gradient), or None: also when the
+    run says it means it (allow_router_without_task_gradient: the official GPT-2 protocol does this on purpose)."""
+    if router_gets_task_gradient(cfg.model) or cfg.allow_router_without_task_gradient:
+        return None
+    return (f"top_k = 1 with gate 'topk' and {cfg.model.n_experts} experts: every gate is p/p = 1, so the routers "
+            "get no gradient from the language-model loss (only from the balance and z losses). Use gate 'switch' "
+            "(--gate switch) for a router that learns, or pass --allow-router-without-task-gradient "
+            "(allow_router_without_task_gradient=True) if this is intended.")
+
+
+def load_init(cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The parameters of cfg.init (a model directory of kind "model" whose config equals cfg.model): ValueError
+    naming the differing fields otherwise."""
+    path = Path(cfg.init)
+    if not path.is_dir():
+        raise ValueError(f"--init {path}: not a directory (a model directory: config.json + weights)")
+    model_cfg, params, kind = ref.io.load_dir(path)
+    if kind != "model":
+        raise ValueError(f"--init {path}: a model directory of kind {kind!r}; training needs kind 'model'")
+    differ = _differing(model_cfg.to_dict(), cfg.model.to_dict())
+    if differ:
+        raise ValueError(f"--init {path}: its config differs from the run's model config in "
+                         + ", ".join(f"{k} ({getattr(model_cfg, k)!r} vs {getattr(cfg.model, k)!r})" for k in differ))
+    return params
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -257,6 +312,8 @@ def build_model(cfg: TrainConfig):
 
     torch.manual_seed(cfg.seed)
     model = HyperMoETransformer(cfg.model, device=cfg.device, dtype=torch.float32)
+    if cfg.init is not None:  # fine-tuning: every parameter from the model directory (the optimizer starts fresh)
+        model.load_ref(load_init(cfg))
     if cfg.freeze_hyper_heads:  # W_down = b_down = W_up = b_up = 0 ⇒ ê = relu(0) · 0 + 0 = 0 exactly
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -488,7 +545,7 @@ def load_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, model, optimizer, j
     parallel.load_sharded(ckpt / "sharded", model, job.mesh, optimizer)
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
-    rng = ref.io.read_npz(ckpt / "rng.npz")
+    rng = _read_checkpoint_npz(ckpt / "rng.npz")
     torch.set_rng_state(torch.from_numpy(rng[f"torch.{job.rank}"]))
     if f"cuda.{job.rank}" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng[f"cuda.{job.rank}"]))
@@ -540,7 +597,7 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
     if model_cfg != cfg.model or kind != "model":
         raise ValueError(f"{ckpt / 'model'} holds another model config than the run's")
     model.load_ref(params)
-    arrays = ref.io.read_npz(ckpt / "optimizer.npz")
+    arrays = _read_checkpoint_npz(ckpt / "optimizer.npz")
     for name, p in model.named_parameters():
         if name in state["adam_step"]:
             optimizer.state[p] = {
@@ -550,7 +607,7 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
             }
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
-    rng = ref.io.read_npz(ckpt / "rng.npz")
+    rng = _read_checkpoint_npz(ckpt / "rng.npz")
     torch.set_rng_state(torch.from_numpy(rng["torch"]))
     if "cuda" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng["cuda"]))
@@ -561,8 +618,15 @@ def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
     """state.json of a checkpoint, after checking that it belongs to this model config and run settings."""
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt / 'state.json'}: no such file (the run wrote no checkpoint yet)")
-    state = json.loads((ckpt / "state.json").read_text())
-    saved = TrainConfig.from_dict(state["train_config"])
+    file = ckpt / "state.json"
+    try:
+        state = json.loads(file.read_text())
+        saved = TrainConfig.from_dict(state["train_config"])
+        int(state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); the checkpoint is damaged") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: not a checkpoint state of hypermoe train ({type(err).__name__}: {err})") from None
     differ = _differing(saved.model.to_dict(), cfg.model.to_dict())
     if differ:
         raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
@@ -570,6 +634,16 @@ def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
     if differ:
         raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
     return state
+
+
+def _read_checkpoint_npz(file: Path) -> dict[str, np.ndarray]:
+    """ref.io.read_npz with the file's name in every error (a truncated or damaged checkpoint file)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (the checkpoint is incomplete)")
+    try:
+        return ref.io.read_npz(file)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}; the checkpoint is damaged") from None
 
 
 def _differing(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -602,6 +676,11 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     write the checkpoint (torch.distributed.checkpoint); `callback` runs on rank 0 (docs/parallel.md)."""
     import torch
 
+    message = router_warning(cfg)
+    if message:
+        warnings.warn(message, RouterGradientWarning, stacklevel=2)  # shown once per process (Python's default)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     job = start_distributed(cfg)
     try:
         return _train(cfg, Path(run_dir), resume, force, progress, callback, job)
@@ -645,6 +724,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
             start = load_checkpoint(run_dir, cfg, model, optimizer)
         else:
             start = load_checkpoint_sharded(run_dir, cfg, model, optimizer, job)
+        if start >= cfg.steps:  # nothing to do, or fewer steps than done: train.json stays as it is
+            raise ValueError(f"{run_dir} is at step {start} of {saved.steps}: "
+                             + ("the run is finished; pass --steps N with N > " if start == saved.steps and
+                                cfg.steps == saved.steps else f"--steps {cfg.steps} is not past its checkpoint; pass "
+                                "--steps N with N > ") + f"{start} to continue it")
 
         def rewrite() -> None:
             _truncate_log(log_file, start)  # lines past the checkpoint belong to steps that are redone
@@ -711,6 +795,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
                               "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
                     _write(log, record, callback)
                     window_start, window_tokens = now, 0
+                paused = time.perf_counter()  # evaluation and checkpoints are not training time
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                     last_eval = {"step": step, **evaluate(cfg, model, corpus.val, job)}
                     _write(log, last_eval, callback)
@@ -725,6 +810,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
                         save_checkpoint(run_dir, cfg, step, model, optimizer)
                     else:
                         save_checkpoint_sharded(run_dir, cfg, step, model, optimizer, job)
+                idle = time.perf_counter() - paused
+                window_start += idle
+                began += idle
     finally:
         if bar is not None:
             bar.close()
@@ -825,6 +913,7 @@ _OPTIONS = {
     "balance_loss": "balance_loss", "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef",
     "eval_every": "eval_every", "eval_tokens": "eval_tokens", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "freeze_hyper_heads": "freeze_hyper_heads", "expert_parallel": "expert_parallel",
+    "init": "init", "allow_router_without_task_gradient": "allow_router_without_task_gradient", "threads": "threads",
 }
 
 
@@ -838,8 +927,11 @@ def register(subparsers) -> None:
         "shards the experts over P ranks and splits each batch over all ranks (docs/parallel.md). Presets: "
         + ", ".join(PRESETS) + ".",
     )
-    p.add_argument("--config", help="model config JSON (or a model directory) or a preset name "
-                   f"({', '.join(PRESETS)}); with --resume, taken from the run")
+    p.add_argument("--config", help="model config JSON (or a model directory: only its config.json, the weights "
+                   f"start fresh; --init loads them) or a preset name ({', '.join(PRESETS)}); with --resume, taken "
+                   "from the run; with --init, taken from that directory")
+    p.add_argument("--init", metavar="MODEL_DIR", help="fine-tune: start from this model directory's weights (kind "
+                   "model; its config.json is the model config) with a fresh optimizer and schedule")
     p.add_argument("--data", help="corpus directory (train.bin, val.bin, meta.json; scripts/fetch_corpus.py)")
     p.add_argument("--out", help="run directory to create (refused if it holds a run, unless --force)")
     p.add_argument("--force", action="store_true", help="replace the run in --out")
@@ -852,6 +944,12 @@ def register(subparsers) -> None:
                        help="plain MoE ablation: no HyperExpert")
     p.add_argument("--freeze-hyper-heads", action="store_true", default=None,
                    help="ablation: the HyperExpert's output heads zero and frozen (its output is 0 throughout)")
+    p.add_argument("--gate", choices=("topk", "switch"), default=None, help="override the model config's gate: "
+                   "'switch' (gate = router probability; top-1 routers learn from the loss) or 'topk' (renormalised "
+                   "over the k selected; with k = 1 every gate is 1 and the routers get no task gradient)")
+    p.add_argument("--allow-router-without-task-gradient", action="store_true", default=None,
+                   help="acknowledge a top-1 'topk' model whose routers the language-model loss cannot reach (the "
+                   "official GPT-2 protocol) and silence the warning about it")
     for flag, kind in (("seed", int), ("steps", int), ("batch-size", int), ("seq-len", int), ("grad-accum", int),
                        ("lr", float), ("min-lr", float), ("warmup-steps", int), ("weight-decay", float),
                        ("grad-clip", float), ("balance-coef", float), ("z-loss-coef", float), ("eval-every", int),
@@ -862,7 +960,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 (bfloat16: autocast)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cpu")
     p.add_argument("--balance-loss", choices=BALANCE_LOSSES, default=None, help="default switch_balance")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: bitwise-reproducible runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, recorded in train.json and "
+                   "restored by --resume (default: torch's own choice; 1: bitwise-reproducible runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train_command)
 
@@ -879,8 +978,6 @@ def register(subparsers) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    import torch
-
     given = {field: getattr(args, opt) for opt, field in _OPTIONS.items() if getattr(args, opt) is not None}
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
@@ -888,19 +985,35 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir, base = Path(args.resume), _read_train_json(Path(args.resume))
         model = model_config(args.config) if args.config else base.model
         cfg = TrainConfig.from_dict({**base.to_dict(), "model": model.to_dict()}).replace(**given)
+    elif args.init:
+        if not (args.data and args.out):
+            raise ValueError("--data and --out are required with --init MODEL_DIR")
+        run_dir, model, cfg = Path(args.out), ref.io.read_config(args.init)[0], None
+        if args.config:  # the weights fix the model: a --config may only repeat it
+            differ = _differing(model_config(args.config).to_dict(), model.to_dict())
+            if differ:
+                raise ValueError(f"--config {args.config} contradicts --init {args.init}'s config.json in "
+                                 f"field(s) {', '.join(differ)}; leave --config out (--init sets the model)")
     else:
         if not (args.config and args.data and args.out):
             raise ValueError("--config, --data and --out are required (or --resume RUN_DIR)")
         run_dir, model = Path(args.out), model_config(args.config)
         cfg = None
-    if args.hyper_expert is not None:
-        model = model.replace(hyper_expert=args.hyper_expert)
+        if os.path.isdir(args.config):
+            print(f"note: --config {args.config} uses that directory's config.json only; the weights start fresh "
+                  "(--init MODEL_DIR fine-tunes from them)", file=sys.stderr)
+    changes = {k: v for k, v in (("hyper_expert", args.hyper_expert), ("gate", args.gate)) if v is not None}
+    if args.init and any(getattr(model, k) != v for k, v in changes.items()):
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} contradict(s) --init "
+                         f"{args.init}'s config.json ({', '.join(f'{k}={getattr(model, k)!r}' for k in changes)})")
+    model = model.replace(**changes)
     cfg = (cfg.replace(model=model) if cfg else TrainConfig(model=model, **given))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
+    message = router_warning(cfg)
+    if message:
+        print(f"hypermoe train: warning: {message}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouterGradientWarning)  # said above, in the CLI's words
+        result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
     val = "" if result.val_loss is None else f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
         print(f"{run_dir}: step {result.step}, loss {result.loss:.4f}{val}, {result.tokens_per_s:,.0f} tokens/s")
@@ -921,4 +1034,5 @@ def checkpoint_command(args: argparse.Namespace) -> int:
 
 
 __all__ = ["TrainConfig", "TrainResult", "PRESETS", "train", "evaluate", "open_corpus", "lr_at", "read_log",
+           "router_gets_task_gradient", "RouterGradientWarning",
            "Distributed", "start_distributed"]
