@@ -6,6 +6,7 @@ and dense GPT-2 MLPs → HyperMoE layers (upcycling). docs/convert.md has the fu
         one `{stack}.param_gen.` per stack; one stack per conversion)          → gate "switch", no expert biases, relu
     dense GPT-2 `h.{ℓ}.mlp.c_fc` / `c_proj` copied into every expert         → fresh router, embeddings, hypernetwork
                                                                                 (W_up / b_up heads zero)
+    a dense hypermoe model directory (n_experts 1), its MLPs likewise       → the same model with N experts (dense.py)
 
 Kinds. The HyperMoE layers and the hypernetwork make a "stack" (ref.stack_param_shapes). A GPT-2 checkpoint
 that holds the whole language model (wte, wpe, ln_f: GPT2LMHeadModel's state dict, HF's model.safetensors)
@@ -31,6 +32,9 @@ P positions.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import ref.io
 
 from hypermoe.convert.common import (  # noqa: F401 (the names hypermoe.convert has always had)
     Converted, GPT2_KNOWN_UNUSED, KINDS, KNOWN_UNUSED, SOURCES, SWITCH_FF_LAYER, WHOLE_LM, anchor, assemble,
@@ -46,7 +50,8 @@ from hypermoe.convert.read import (  # noqa: F401 (the names hypermoe.convert ha
 )
 from hypermoe.convert.official_gpt2 import from_official_gpt2
 from hypermoe.convert.official_switch import from_official_switch
-from hypermoe.convert.upcycle import upcycle_gpt2_mlp
+from hypermoe.convert.dense import upcycle_dense_model
+from hypermoe.convert.upcycle import UP_HEADS, upcycle_, upcycle_gpt2_mlp  # noqa: F401
 
 
 def convert(path: str | os.PathLike, source: str, **options) -> Converted:
@@ -54,6 +59,13 @@ def convert(path: str | os.PathLike, source: str, **options) -> Converted:
     "official-switch" → from_official_switch, "gpt2-mlp" → upcycle_gpt2_mlp; `options` go to that function."""
     functions = {"official-gpt2": from_official_gpt2, "official-switch": from_official_switch,
                  "gpt2-mlp": upcycle_gpt2_mlp}
+    if source == "hypermoe-dense":  # a model directory, not a state dict
+        if not Path(path).is_dir():
+            raise ValueError(f"{path}: --from hypermoe-dense takes a model directory (config.json + weights)")
+        cfg, params, kind = ref.io.load_dir(path)
+        if kind != "model":
+            raise ValueError(f"{path}: a model directory of kind {kind!r}; --from hypermoe-dense needs kind 'model'")
+        return upcycle_dense_model(cfg, params, **options)
     if source not in functions:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     return functions[source](load_state_dict(path), **options)

@@ -27,18 +27,27 @@ def register(subparsers) -> None:
     )
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
     p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...), a .safetensors "
-                   "file or a .npz")
+                   "file or a .npz; for hypermoe-dense a model directory (hypermoe train's checkpoint/model of a "
+                   "dense run)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write (staged "
                    "next to it, then renamed in; its parent must exist)")
     p.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR (default: refuse it)")
     p.add_argument("--stack", choices=tuple(SWITCH_FF_LAYER), help="official-switch: which stack to convert (required)")
     p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, the official "
                    "config's expert_capacity (HF default 64), or 'none' for no limit (required)")
-    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official) and gpt2-mlp (required)")
+    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official), gpt2-mlp and "
+                   "hypermoe-dense (required)")
+    p.add_argument("--gate", choices=("topk", "switch"), default=None, help="hypermoe-dense: the upcycled model's gate "
+                   "(default topk: with k = 1 it starts at the dense logits exactly, but its routers get no task "
+                   "gradient; switch: gate = router probability)")
+    p.add_argument("--no-hyper-expert", dest="no_hyper_expert", action="store_true", default=None,
+                   help="hypermoe-dense: upcycle to a plain MoE (no HyperExpert)")
     p.add_argument("--keep-noise", action="store_true", help="official-gpt2: keep w_noise as router.noise_weight "
                    "(noisy gating, for further training)")
-    p.add_argument("--experts", type=int, default=None, help="gpt2-mlp: number of experts N (required)")
-    p.add_argument("--seed", type=int, default=None, help="gpt2-mlp: seed of the fresh parameters (default 0)")
+    p.add_argument("--experts", type=int, default=None, help="gpt2-mlp and hypermoe-dense: number of experts N "
+                   "(required)")
+    p.add_argument("--seed", type=int, default=None, help="gpt2-mlp and hypermoe-dense: seed of the fresh parameters "
+                   "(default 0)")
     p.add_argument("--moe-every", type=int, default=None, help="gpt2-mlp: upcycle block ℓ when "
                    "ℓ %% moe_every == moe_every - 1 (default 1: every block)")
     p.add_argument("--d-adapter", type=int, default=None, help="gpt2-mlp: HyperExpert width a (default 64)")
@@ -67,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
         "official-gpt2": {"top_k", "keep_noise", "activation", *lm_flags},
         "official-switch": {"stack", "capacity", "activation"},
         "gpt2-mlp": {"top_k", "experts", "seed", "moe_every", "d_adapter", "hyper_width", "activation", *lm_flags},
+        "hypermoe-dense": {"top_k", "experts", "seed", "gate", "no_hyper_expert"},
     }[args.source]
     flags = {"stack": args.stack, "capacity": args.capacity, "top_k": args.top_k, "keep_noise": args.keep_noise or None,
              "experts": args.experts, "seed": args.seed, "moe_every": args.moe_every, "d_adapter": args.d_adapter,
              "hyper_width": args.hyper_width, "activation": args.activation, "kind": args.kind, "heads": args.heads,
-             "layer_norm_eps": args.layer_norm_eps}
+             "layer_norm_eps": args.layer_norm_eps, "gate": args.gate, "no_hyper_expert": args.no_hyper_expert}
     stray = sorted("--" + k.replace("_", "-") for k, v in flags.items() if v is not None and k not in per_source)
     if stray:
         raise ValueError(f"{', '.join(stray)} do(es) not apply to --from {args.source}")
@@ -80,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     options: dict = {"dtype": np.dtype(args.dtype)}
     if args.activation:
         options["activation"] = args.activation
-    if args.source != "official-switch":
+    if args.source not in ("official-switch", "hypermoe-dense"):
         options.update(kind=args.kind or "auto", n_heads=args.heads)
         if args.layer_norm_eps is not None:
             options["layer_norm_eps"] = args.layer_norm_eps
@@ -92,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
                              "config's expert_capacity, HF default 64; the checkpoint does not store it)")
         capacity = None if args.capacity.lower() == "none" else _positive_int(args.capacity, "--capacity")
         options.update(stack=args.stack, capacity=capacity)
-    else:
+    elif args.source == "hypermoe-dense":
+        if args.experts is None or args.top_k is None:
+            raise ValueError("--from hypermoe-dense needs --experts N and --top-k k")
+        options.update(n_experts=args.experts, top_k=args.top_k, gate=args.gate or "topk",
+                       hyper_expert=not args.no_hyper_expert, seed=args.seed or 0)
+    elif args.source == "gpt2-mlp":
         if args.experts is None or args.top_k is None:
             raise ValueError("--from gpt2-mlp needs --experts N and --top-k k")
         options.update(n_experts=args.experts, top_k=args.top_k, seed=args.seed or 0, moe_every=args.moe_every or 1)

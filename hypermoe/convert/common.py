@@ -17,7 +17,7 @@ import ref
 import ref.io
 from ref.config import ACTIVATIONS, HyperMoEConfig
 
-SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp")
+SOURCES = ("official-gpt2", "official-switch", "gpt2-mlp", "hypermoe-dense")
 # what a conversion writes: "stack" (layers.{ℓ}.* for the HyperMoE blocks + hyper.*) or, from a whole GPT-2
 # language model, "model" (ref.model: embeddings, attention, norms, dense MLPs, HyperMoE blocks, hypernetwork);
 # "auto" picks "model" when the checkpoint holds WHOLE_LM (Switch conversions are always stacks)

@@ -1,4 +1,4 @@
-"""Upcycling: each dense GPT-2 MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`) copied into every expert of a HyperMoE layer, with
+"""Upcycling dense GPT-2 MLPs (`--from gpt2-mlp`), and the one upcycling step every source shares (upcycle_): each dense GPT-2 MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`) copied into every expert of a HyperMoE layer, with
 a fresh router, expert embeddings and hypernetwork whose W_up / b_up heads start at zero, so that the upcycled
 model first computes exactly the dense model's outputs."""
 
@@ -59,14 +59,9 @@ def upcycle_gpt2_mlp(
     check_official(state, expected)
 
     params = ref.init_stack(cfg, seed=seed)  # float64; the experts are overwritten below
-    for i in moe:
-        # every expert starts as the dense MLP (N identical copies): (d, f) → (N, d, f), ...
-        for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"), ("b2", "c_proj.bias")):
-            params[f"layers.{i}.experts.{ours}"] = np.repeat(np.asarray(state[mlp(i) + theirs])[None], n_experts, axis=0)
-    # the heads that generate W_up and b_up start at zero: every HyperExpert outputs relu(...) @ 0 + 0 = 0, so
-    # the upcycled model starts as the dense one (the heads' gradients are not zero: training moves them)
-    for name in ("hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias"):
-        params[name] = np.zeros_like(params[name])
+    upcycle_(params, {f"layers.{i}.experts.{ours}": np.asarray(state[mlp(i) + theirs]) for i in moe
+                      for ours, theirs in (("w1", "c_fc.weight"), ("b1", "c_fc.bias"), ("w2", "c_proj.weight"),
+                                           ("b2", "c_proj.bias"))}, n_experts)
     dense = re.compile(re.escape(prefix) + r"h\.(\d+)\.mlp\.c_(fc|proj)\.(weight|bias)")
     unused = {key: f"dense MLP of a block that stays dense (moe_every = {moe_every})"
               for key in state if key not in expected and dense.fullmatch(key)}
@@ -75,3 +70,18 @@ def upcycle_gpt2_mlp(
     if model:
         return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
     return stack
+
+
+UP_HEADS = ("hyper.w_up.weight", "hyper.w_up.bias", "hyper.b_up.weight", "hyper.b_up.bias")
+
+
+def upcycle_(params: dict[str, np.ndarray], dense: Mapping[str, np.ndarray], n_experts: int) -> None:
+    """Upcycling, in place: each `dense` MLP tensor (name → (d, f), (f,), (f, d) or (d,)) copied into all N experts
+    of that name ((N, d, f), ...: N identical copies), and the hypernetwork heads that generate W_up and b_up set to
+    zero, so every HyperExpert outputs relu(...) @ 0 + 0 = 0 and the upcycled layer starts as the dense MLP (the
+    heads' gradients are not zero: training moves them). The router and the rest stay as `params` has them."""
+    for name, value in dense.items():
+        params[name] = np.repeat(np.asarray(value)[None], n_experts, axis=0)
+    for name in UP_HEADS:
+        if name in params:
+            params[name] = np.zeros_like(params[name])

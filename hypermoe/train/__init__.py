@@ -14,12 +14,16 @@ from hypermoe.train.checkpoint import (  # noqa: F401 (the names hypermoe.train 
     load_checkpoint, load_checkpoint_sharded, save_checkpoint, save_checkpoint_sharded,
 )
 from hypermoe.train.config import (  # noqa: F401
-    BALANCE_LOSSES, PRESETS, RUN_ENTRIES, SPLITS, TOKEN_DTYPES, TrainConfig, lr_at, model_config,
+    BALANCE_LOSSES, PRESETS, RUN_ENTRIES, SPLITS, TOKEN_DTYPES, RouterGradientWarning, TrainConfig, lr_at,
+    model_config, router_gets_task_gradient, router_warning,
 )
 from hypermoe.train.data import Corpus, batch, eval_offsets, open_corpus, train_offsets  # noqa: F401
 from hypermoe.train.loop import TrainResult, read_log, train
-from hypermoe.train.objective import HYPER_HEADS, build_model, build_optimizer, evaluate, total_loss  # noqa: F401
+from hypermoe.train.objective import (  # noqa: F401
+    HYPER_HEADS, build_model, build_optimizer, evaluate, load_init, total_loss,
+)
 from hypermoe.train.strategy import Distributed, SingleProcess, choose_strategy, start_distributed
 
 __all__ = ["TrainConfig", "TrainResult", "PRESETS", "train", "evaluate", "open_corpus", "lr_at", "read_log",
+           "router_gets_task_gradient", "RouterGradientWarning",
            "Distributed", "start_distributed", "SingleProcess", "choose_strategy"]

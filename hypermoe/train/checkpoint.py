@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 import ref.io
-from hypermoe.train.config import TrainConfig
+from hypermoe.train.config import TrainConfig, differing
 from ref.files import atomic_output
 
 def save_checkpoint(run_dir: Path, cfg: TrainConfig, step: int, model, optimizer) -> None:
@@ -57,7 +57,7 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
     if model_cfg != cfg.model or kind != "model":
         raise ValueError(f"{ckpt / 'model'} holds another model config than the run's")
     model.load_ref(params)
-    arrays = ref.io.read_npz(ckpt / "optimizer.npz")
+    arrays = _read_checkpoint_npz(ckpt / "optimizer.npz")
     for name, p in model.named_parameters():
         if name in state["adam_step"]:
             optimizer.state[p] = {
@@ -67,7 +67,7 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
             }
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
-    rng = ref.io.read_npz(ckpt / "rng.npz")
+    rng = _read_checkpoint_npz(ckpt / "rng.npz")
     torch.set_rng_state(torch.from_numpy(rng["torch"]))
     if "cuda" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng["cuda"]))
@@ -78,19 +78,32 @@ def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
     """state.json of a checkpoint, after checking that it belongs to this model config and run settings."""
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt / 'state.json'}: no such file (the run wrote no checkpoint yet)")
-    state = json.loads((ckpt / "state.json").read_text())
-    saved = TrainConfig.from_dict(state["train_config"])
-    differ = _differing(saved.model.to_dict(), cfg.model.to_dict())
+    file = ckpt / "state.json"
+    try:
+        state = json.loads(file.read_text())
+        saved = TrainConfig.from_dict(state["train_config"])
+        int(state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err}); the checkpoint is damaged") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: not a checkpoint state of hypermoe train ({type(err).__name__}: {err})") from None
+    differ = differing(saved.model.to_dict(), cfg.model.to_dict())
     if differ:
         raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
-    differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("model", "steps"))
+    differ = differing(saved.to_dict(), cfg.to_dict(), ignore=("model", "steps"))
     if differ:
         raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
     return state
 
 
-def _differing(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+def _read_checkpoint_npz(file: Path) -> dict[str, np.ndarray]:
+    """ref.io.read_npz with the file's name in every error (a truncated or damaged checkpoint file)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (the checkpoint is incomplete)")
+    try:
+        return ref.io.read_npz(file)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}; the checkpoint is damaged") from None
 
 
 
@@ -146,7 +159,7 @@ def load_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, model, optimizer, j
     parallel.load_sharded(ckpt / "sharded", model, job.mesh, optimizer)
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
-    rng = ref.io.read_npz(ckpt / "rng.npz")
+    rng = _read_checkpoint_npz(ckpt / "rng.npz")
     torch.set_rng_state(torch.from_numpy(rng[f"torch.{job.rank}"]))
     if f"cuda.{job.rank}" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng[f"cuda.{job.rank}"]))

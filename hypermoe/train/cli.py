@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from pathlib import Path
 
-from hypermoe.train.config import BALANCE_LOSSES, PRESETS, TrainConfig, model_config
+import ref.io
+
+from hypermoe.train.config import (
+    BALANCE_LOSSES, PRESETS, RouterGradientWarning, TrainConfig, differing, model_config, router_warning,
+)
 from hypermoe.train.loop import _read_train_json, train
 from hypermoe.train.plot import plot_runs
 
@@ -19,6 +25,7 @@ _OPTIONS = {
     "balance_loss": "balance_loss", "balance_coef": "balance_coef", "z_loss_coef": "z_loss_coef",
     "eval_every": "eval_every", "eval_tokens": "eval_tokens", "checkpoint_every": "checkpoint_every",
     "log_every": "log_every", "freeze_hyper_heads": "freeze_hyper_heads", "expert_parallel": "expert_parallel",
+    "init": "init", "allow_router_without_task_gradient": "allow_router_without_task_gradient", "threads": "threads",
 }
 
 
@@ -32,8 +39,11 @@ def register(subparsers) -> None:
         "shards the experts over P ranks and splits each batch over all ranks (docs/parallel.md). Presets: "
         + ", ".join(PRESETS) + ".",
     )
-    p.add_argument("--config", help="model config JSON (or a model directory) or a preset name "
-                   f"({', '.join(PRESETS)}); with --resume, taken from the run")
+    p.add_argument("--config", help="model config JSON (or a model directory: only its config.json, the weights "
+                   f"start fresh; --init loads them) or a preset name ({', '.join(PRESETS)}); with --resume, taken "
+                   "from the run; with --init, taken from that directory")
+    p.add_argument("--init", metavar="MODEL_DIR", help="fine-tune: start from this model directory's weights (kind "
+                   "model; its config.json is the model config) with a fresh optimizer and schedule")
     p.add_argument("--data", help="corpus directory (train.bin, val.bin, meta.json; scripts/fetch_corpus.py)")
     p.add_argument("--out", help="run directory to create (refused if it holds a run, unless --force)")
     p.add_argument("--force", action="store_true", help="replace the run in --out")
@@ -46,6 +56,12 @@ def register(subparsers) -> None:
                        help="plain MoE ablation: no HyperExpert")
     p.add_argument("--freeze-hyper-heads", action="store_true", default=None,
                    help="ablation: the HyperExpert's output heads zero and frozen (its output is 0 throughout)")
+    p.add_argument("--gate", choices=("topk", "switch"), default=None, help="override the model config's gate: "
+                   "'switch' (gate = router probability; top-1 routers learn from the loss) or 'topk' (renormalised "
+                   "over the k selected; with k = 1 every gate is 1 and the routers get no task gradient)")
+    p.add_argument("--allow-router-without-task-gradient", action="store_true", default=None,
+                   help="acknowledge a top-1 'topk' model whose routers the language-model loss cannot reach (the "
+                   "official GPT-2 protocol) and silence the warning about it")
     for flag, kind in (("seed", int), ("steps", int), ("batch-size", int), ("seq-len", int), ("grad-accum", int),
                        ("lr", float), ("min-lr", float), ("warmup-steps", int), ("weight-decay", float),
                        ("grad-clip", float), ("balance-coef", float), ("z-loss-coef", float), ("eval-every", int),
@@ -56,7 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default float32 (bfloat16: autocast)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cpu")
     p.add_argument("--balance-loss", choices=BALANCE_LOSSES, default=None, help="default switch_balance")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: bitwise-reproducible runs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, recorded in train.json and "
+                   "restored by --resume (default: torch's own choice; 1: bitwise-reproducible runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train_command)
 
@@ -74,8 +91,6 @@ def register(subparsers) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    import torch
-
     given = {field: getattr(args, opt) for opt, field in _OPTIONS.items() if getattr(args, opt) is not None}
     if args.resume:
         if args.out and Path(args.out) != Path(args.resume):
@@ -83,19 +98,35 @@ def train_command(args: argparse.Namespace) -> int:
         run_dir, base = Path(args.resume), _read_train_json(Path(args.resume))
         model = model_config(args.config) if args.config else base.model
         cfg = TrainConfig.from_dict({**base.to_dict(), "model": model.to_dict()}).replace(**given)
+    elif args.init:
+        if not (args.data and args.out):
+            raise ValueError("--data and --out are required with --init MODEL_DIR")
+        run_dir, model, cfg = Path(args.out), ref.io.read_config(args.init)[0], None
+        if args.config:  # the weights fix the model: a --config may only repeat it
+            differ = differing(model_config(args.config).to_dict(), model.to_dict())
+            if differ:
+                raise ValueError(f"--config {args.config} contradicts --init {args.init}'s config.json in "
+                                 f"field(s) {', '.join(differ)}; leave --config out (--init sets the model)")
     else:
         if not (args.config and args.data and args.out):
             raise ValueError("--config, --data and --out are required (or --resume RUN_DIR)")
         run_dir, model = Path(args.out), model_config(args.config)
         cfg = None
-    if args.hyper_expert is not None:
-        model = model.replace(hyper_expert=args.hyper_expert)
+        if os.path.isdir(args.config):
+            print(f"note: --config {args.config} uses that directory's config.json only; the weights start fresh "
+                  "(--init MODEL_DIR fine-tunes from them)", file=sys.stderr)
+    changes = {k: v for k, v in (("hyper_expert", args.hyper_expert), ("gate", args.gate)) if v is not None}
+    if args.init and any(getattr(model, k) != v for k, v in changes.items()):
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} contradict(s) --init "
+                         f"{args.init}'s config.json ({', '.join(f'{k}={getattr(model, k)!r}' for k in changes)})")
+    model = model.replace(**changes)
     cfg = (cfg.replace(model=model) if cfg else TrainConfig(model=model, **given))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
+    message = router_warning(cfg)
+    if message:
+        print(f"hypermoe train: warning: {message}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouterGradientWarning)  # said above, in the CLI's words
+        result = train(cfg, run_dir, resume=bool(args.resume), force=args.force, progress=not args.quiet)
     val = "" if result.val_loss is None else f", val loss {result.val_loss:.4f} (ppl {result.val_ppl:.2f})"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, from rank 0
         print(f"{run_dir}: step {result.step}, loss {result.loss:.4f}{val}, {result.tokens_per_s:,.0f} tokens/s")

@@ -25,6 +25,8 @@ RUN_ENTRIES = ("train.json", "log.jsonl", "checkpoint")  # what --force may repl
 
 # Built-in model configs (--config NAME). A dense baseline is a preset too: one expert, k = 1, no HyperExpert is a
 # dense MLP of width d_ff (the gate of the only expert is 1; its router gets gradient only from z_loss).
+# Top-1 presets use the Switch gate (gate = the router probability): with gate "topk" and k = 1 the renormalised
+# gate is p/p = 1, so the language-model loss sends the router no gradient at all (router_gets_task_gradient).
 _HYPER_SMALL = dict(d_expert_embed=64, d_process=64, d_hyper=64, d_layer_embed=10, d_generator=64, d_adapter=16)
 PRESETS: dict[str, HyperMoEConfig] = {
     # seconds per run on a CPU: tests and smoke checks
@@ -32,10 +34,12 @@ PRESETS: dict[str, HyperMoEConfig] = {
                            d_layer_embed=4, d_generator=8, d_adapter=4, n_layers=2, n_heads=2, max_seq_len=32,
                            vocab_size=256),
     # the CPU experiment: byte vocabulary, 4 blocks, 8 experts top-1
-    "cpu-small": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
+    "cpu-small": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, gate="switch", n_layers=4, n_heads=4,
                                 max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
-    "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, n_layers=4, n_heads=4,
-                                    max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-moe": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=1, gate="switch", n_layers=4,
+                                    n_heads=4, max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
+    "cpu-small-k2": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=2, n_layers=4, n_heads=4,
+                                   max_seq_len=128, vocab_size=256, **_HYPER_SMALL),
     "cpu-small-moe-k2": HyperMoEConfig(d_model=128, d_ff=256, n_experts=8, top_k=2, n_layers=4, n_heads=4,
                                        max_seq_len=128, vocab_size=256, hyper_expert=False, **_HYPER_SMALL),
     "cpu-small-dense": HyperMoEConfig(d_model=128, d_ff=256, n_experts=1, top_k=1, n_layers=4, n_heads=4,
@@ -70,6 +74,10 @@ class TrainConfig:
     log_every: int = 10  # steps between log.jsonl lines (and the last step)
     freeze_hyper_heads: bool = False  # ablation: HyperExpert output heads zero and frozen, so ê = 0 throughout
     expert_parallel: int = 1  # under torchrun: ranks each expert stack is sharded over (divides N and the world size)
+    init: str | None = None  # a model directory (kind "model") whose weights start the run (fine-tuning); None: fresh
+    allow_router_without_task_gradient: bool = False  # acknowledge top-1 "topk" routing (see router_gets_task_gradient)
+    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None: torch's default. Changes speed and,
+    #                              through the reduction order, the last bits: recorded so that --resume restores it
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, HyperMoEConfig):
@@ -102,6 +110,14 @@ class TrainConfig:
                              f"got {self.balance_loss!r}")
         if not isinstance(self.freeze_hyper_heads, bool):
             raise ValueError(f"train config field 'freeze_hyper_heads' must be a bool, got {self.freeze_hyper_heads!r}")
+        if not isinstance(self.allow_router_without_task_gradient, bool):
+            raise ValueError("train config field 'allow_router_without_task_gradient' must be a bool, got "
+                             f"{self.allow_router_without_task_gradient!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"train config field 'threads' must be null or an int ≥ 1, got {self.threads!r}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ValueError(f"train config field 'init' must be a model directory path or null, got {self.init!r}")
         if self.freeze_hyper_heads and not self.model.hyper_expert:
             raise ValueError("train config field 'freeze_hyper_heads' needs a model with hyper_expert=True")
         ep = self.expert_parallel
@@ -138,10 +154,36 @@ def model_config(spec: str) -> HyperMoEConfig:
     return ref.io.read_config(spec)[0]
 
 
+def router_gets_task_gradient(model: HyperMoEConfig) -> bool:
+    """Whether the language-model loss reaches the routers. Not with N > 1, k = 1 and gate "topk": the renormalised
+    gate is p/p = 1 exactly (SPEC.md §3.3) and the selection is discrete, so the routers learn only from the balance
+    and z losses (load-balanced, task-blind routing). gate "switch" (gate = p) or k ≥ 2 let the task gradient in."""
+    return not (model.n_experts > 1 and model.top_k == 1 and model.gate == "topk")
+
+
+class RouterGradientWarning(UserWarning):
+    """A trainable router that the language-model loss cannot reach (router_gets_task_gradient)."""
+
+
+def router_warning(cfg: TrainConfig) -> str | None:
+    """The warning for a run whose routers get no task gradient (router_gets_task_gradient), or None: also when the
+    run says it means it (allow_router_without_task_gradient: the official GPT-2 protocol does this on purpose)."""
+    if router_gets_task_gradient(cfg.model) or cfg.allow_router_without_task_gradient:
+        return None
+    return (f"top_k = 1 with gate 'topk' and {cfg.model.n_experts} experts: every gate is p/p = 1, so the routers "
+            "get no gradient from the language-model loss (only from the balance and z losses). Use gate 'switch' "
+            "(--gate switch) for a router that learns, or pass --allow-router-without-task-gradient "
+            "(allow_router_without_task_gradient=True) if this is intended.")
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """The learning rate of update `step` (1-based): linear warmup, then cosine decay to min_lr at cfg.steps."""
     if step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def differing(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
 

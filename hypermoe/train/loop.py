@@ -15,12 +15,12 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hypermoe.train.checkpoint import _differing
-from hypermoe.train.config import RUN_ENTRIES, TrainConfig, lr_at
+from hypermoe.train.config import RUN_ENTRIES, RouterGradientWarning, TrainConfig, differing, lr_at, router_warning
 from hypermoe.train.data import batch, open_corpus, train_offsets
 from hypermoe.train.objective import _autocast, build_model, build_optimizer, evaluate, total_loss
 from hypermoe.train.strategy import Strategy, choose_strategy
@@ -45,6 +45,13 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
     Under torchrun (or with cfg.expert_parallel > 1) every rank calls this: the experts are sharded over
     expert_parallel ranks, each micro-batch is split over all ranks, rank 0 writes train.json and log.jsonl, all
     write the checkpoint (torch.distributed.checkpoint); `callback` runs on rank 0 (docs/parallel.md)."""
+    import torch
+
+    message = router_warning(cfg)
+    if message:
+        warnings.warn(message, RouterGradientWarning, stacklevel=2)  # shown once per process (Python's default)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     strategy = choose_strategy(cfg)  # decided once: the loop below is the same for one process and for P
     try:
         return _train(cfg, Path(run_dir), resume, force, progress, callback, strategy)
@@ -72,11 +79,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
     log_file = run_dir / "log.jsonl"
     if resume:
         saved = _read_train_json(run_dir)
-        differ = _differing(saved.to_dict(), cfg.to_dict(), ignore=("steps",))
+        differ = differing(saved.to_dict(), cfg.to_dict(), ignore=("steps",))
         if differ:
             raise ValueError(f"cannot resume {run_dir}: train config field(s) {', '.join(differ)} differ from its "
                              f"train.json (only steps may change)")
         start = strategy.load_checkpoint(run_dir, cfg, model, optimizer)
+        if start >= cfg.steps:  # nothing to do, or fewer steps than done: train.json stays as it is
+            raise ValueError(f"{run_dir} is at step {start} of {saved.steps}: "
+                             + ("the run is finished; pass --steps N with N > " if start == saved.steps and
+                                cfg.steps == saved.steps else f"--steps {cfg.steps} is not past its checkpoint; pass "
+                                "--steps N with N > ") + f"{start} to continue it")
 
         def rewrite() -> None:
             _truncate_log(log_file, start)  # lines past the checkpoint belong to steps that are redone
@@ -136,6 +148,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
                               "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
                     _write(log, record, callback)
                     window_start, window_tokens = now, 0
+                paused = time.perf_counter()  # evaluation and checkpoints are not training time
                 if (cfg.eval_every and step % cfg.eval_every == 0) or last:
                     last_eval = {"step": step, **evaluate(cfg, model, corpus.val, strategy)}
                     _write(log, last_eval, callback)
@@ -147,6 +160,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, force: bool, progress:
                         log.flush()
                         os.fsync(log.fileno())
                     strategy.save_checkpoint(run_dir, cfg, step, model, optimizer)
+                idle = time.perf_counter() - paused
+                window_start += idle
+                began += idle
     finally:
         if bar is not None:
             bar.close()

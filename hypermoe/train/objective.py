@@ -11,15 +11,33 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hypermoe.train.config import TrainConfig
+import ref.io
+from hypermoe.train.config import TrainConfig, differing
 from hypermoe.train.data import batch, eval_offsets
 from hypermoe.train.strategy import SingleProcess, Strategy
 
 HYPER_HEADS = ("hyper.w_down.", "hyper.w_up.", "hyper.b_down.", "hyper.b_up.")  # the generator's output projections
+
+
+def load_init(cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The parameters of cfg.init (a model directory of kind "model" whose config equals cfg.model): ValueError
+    naming the differing fields otherwise."""
+    path = Path(cfg.init)
+    if not path.is_dir():
+        raise ValueError(f"--init {path}: not a directory (a model directory: config.json + weights)")
+    model_cfg, params, kind = ref.io.load_dir(path)
+    if kind != "model":
+        raise ValueError(f"--init {path}: a model directory of kind {kind!r}; training needs kind 'model'")
+    differ = differing(model_cfg.to_dict(), cfg.model.to_dict())
+    if differ:
+        raise ValueError(f"--init {path}: its config differs from the run's model config in "
+                         + ", ".join(f"{k} ({getattr(model_cfg, k)!r} vs {getattr(cfg.model, k)!r})" for k in differ))
+    return params
 
 
 def build_model(cfg: TrainConfig):
@@ -29,6 +47,8 @@ def build_model(cfg: TrainConfig):
 
     torch.manual_seed(cfg.seed)
     model = HyperMoETransformer(cfg.model, device=cfg.device, dtype=torch.float32)
+    if cfg.init is not None:  # fine-tuning: every parameter from the model directory (the optimizer starts fresh)
+        model.load_ref(load_init(cfg))
     if cfg.freeze_hyper_heads:  # W_down = b_down = W_up = b_up = 0 ⇒ ê = relu(0) · 0 + 0 = 0 exactly
         with torch.no_grad():
             for name, p in model.named_parameters():
