@@ -223,7 +223,7 @@ def test_damaged_checkpoint_names_the_file(corpus, tmp_path, capsys, damage):
 def test_summary_tokens_per_s_excludes_evaluation(corpus, tmp_path, monkeypatch):
     """A fake clock: every perf_counter call advances it by 1 s, every evaluation by 1000 s. The summary's rate counts
     only training time, so it stays far above tokens / 1000 s (with evaluation time it would be below)."""
-    import hypermoe.train as module
+    import hypermoe.train.loop as module  # the loop's clock and its evaluate
 
     clock = [0.0]
 
