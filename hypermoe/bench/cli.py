@@ -12,9 +12,8 @@ from typing import Any
 import ref.io
 from ref import HyperMoEConfig
 from ref.files import atomic_output, check_output
+from hypermoe import bench  # the layer benchmark, through the package: bench.run is looked up when a command runs
 from hypermoe.bench import generation
-from hypermoe.bench.layer import IMPLS, MODES, Options, run
-from hypermoe.bench.layer_report import markdown
 
 
 def register(subparsers) -> None:
@@ -35,8 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--tokens", type=int, nargs="+", help="token counts T (default 64 1024 8192)")
     p.add_argument("--top-k", type=int, nargs="+", dest="top_k", help="top-k values (default 1 2)")
     p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), help="default fp32 on cpu, fp32 bf16 on cuda")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, help=f"implementations (default all: {' '.join(IMPLS)})")
-    p.add_argument("--modes", nargs="+", choices=MODES, help="fwd and/or fwd+bwd (default both)")
+    p.add_argument("--impls", nargs="+", choices=bench.IMPLS, help=f"implementations (default all: {' '.join(bench.IMPLS)})")
+    p.add_argument("--modes", nargs="+", choices=bench.MODES, help="fwd and/or fwd+bwd (default both)")
     p.add_argument("--config", metavar="FILE", help="a config.json to benchmark instead of the official sizes "
                    "(its top_k is replaced by --top-k's values)")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +66,7 @@ def bench_command(args: argparse.Namespace) -> int:
             return 0
         if not isinstance(result, dict) or not {"meta", "gemm", "rows"} <= set(result):
             raise ValueError(f"--render {args.render}: not a `hypermoe bench --json` file")
-        print(markdown(result))
+        print(bench.markdown(result))
         return 0
     if args.generation:
         return generation_command(args)
@@ -85,9 +84,9 @@ def bench_command(args: argparse.Namespace) -> int:
     check_outputs(args)
     if args.device == "cuda" and not args.quick:
         changes["gemm_sizes"] = (4096, 8192)  # a GPU needs the larger GEMM to approach its peak
-    opts = Options.quick(**changes) if args.quick else Options(**changes)
+    opts = bench.Options.quick(**changes) if args.quick else bench.Options(**changes)
     command = " ".join(["hypermoe", *sys.argv[1:]]) if sys.argv[0].endswith("hypermoe") else None
-    return run_and_report(args, lambda progress: run(opts, progress=progress), markdown, command)
+    return run_and_report(args, lambda progress: bench.run(opts, progress=progress), bench.markdown, command)
 
 
 def config_option(path: str) -> HyperMoEConfig:
