@@ -47,8 +47,8 @@ A = {
     "moe-k1-topk": ("cpu-small-moe", ["--gate", "topk", ACK]),  # the old baseline: router without task gradient
     "hyper-k1-topk": ("cpu-small", ["--gate", "topk", ACK]),
 }
-A_TRAIN = ["--steps", "400", "--batch-size", "16", "--seq-len", "128", "--lr", "1e-3", "--min-lr", "1e-4",
-           "--warmup-steps", "40", "--eval-every", "50", "--eval-tokens", "32768", "--checkpoint-every", "400",
+A_TRAIN = ["--steps", "1000", "--batch-size", "16", "--seq-len", "128", "--lr", "1e-3", "--min-lr", "1e-4",
+           "--warmup-steps", "100", "--eval-every", "100", "--eval-tokens", "32768", "--checkpoint-every", "1000",
            "--threads", "1", "--quiet"]
 
 # Protocol B: pretraining, upcycling, fine-tuning variants -> (upcycled model name or "dense", extra flags)
