@@ -27,6 +27,34 @@ CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE = "config.json", "weights.npz", "wei
 FORMATS = {"npz": WEIGHTS_FILE, "safetensors": SAFETENSORS_FILE}  # save_dir's format → the weights file it writes
 ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE)  # what a model directory may hold (--force replaces only these)
 
+# The fields a transformers loader reads from a kind-"model" config.json (hypermoe.hf): the model type AutoConfig
+# looks up, the class that loads it, and the special token ids generate() uses. They change no number; save_dir
+# writes model_type and architectures for every kind-"model" directory, read_config_fields checks and returns them,
+# and any other field is still an unknown-field error (HyperMoEConfig.from_dict).
+MODEL_TYPE, ARCHITECTURE = "hypermoe", "HyperMoEForCausalLM"
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TRANSFORMERS_FIELDS = ("model_type", "architectures", *TOKEN_ID_FIELDS)
+
+
+def check_transformers_fields(fields: Mapping, kind: str) -> dict:
+    """The transformers fields of a config.json (TRANSFORMERS_FIELDS), checked: model_type "hypermoe", architectures
+    [ARCHITECTURE], token ids None or an int ≥ 0 (eos_token_id also a list of them); only in a kind-"model" file."""
+    fields = dict(fields)
+    if fields and kind != "model":
+        raise ValueError(f"field(s) {', '.join(sorted(fields))} belong to a kind 'model' config, this one is kind {kind!r}")
+    if fields.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise ValueError(f"model_type must be {MODEL_TYPE!r}, got {fields['model_type']!r}")
+    if fields.get("architectures", [ARCHITECTURE]) != [ARCHITECTURE]:
+        raise ValueError(f"architectures must be [{ARCHITECTURE!r}], got {fields['architectures']!r}")
+    token_id = lambda v: type(v) is int and v >= 0  # noqa: E731
+    for name in TOKEN_ID_FIELDS:
+        value = fields.get(name)
+        ids = value if name == "eos_token_id" and isinstance(value, list) and value else [value]
+        if value is not None and not all(token_id(v) for v in ids):
+            raise ValueError(f"{name} must be a token id (an int ≥ 0){' or a list of them' * (name == 'eos_token_id')}"
+                             f" or null, got {value!r}")
+    return fields
+
 
 def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]]:
     from ref import semantics as layer
@@ -43,12 +71,20 @@ def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]
 
 
 def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *,
-             force: bool = False, format: str = "npz") -> Path:
+             force: bool = False, format: str = "npz", token_ids: Mapping[str, int | list[int] | None] | None = None,
+             ) -> Path:
     """Write config.json + weights.npz (format "npz") or weights.safetensors (format "safetensors") as the
     directory `path`, atomically (ref.files): staged next to it, then renamed in. An existing non-empty `path`
-    is refused unless `force`. Arrays must be float32/float64."""
+    is refused unless `force`. Arrays must be float32/float64. A kind-"model" config.json also names its
+    transformers model type and class, and `token_ids` (TOKEN_ID_FIELDS → id) when given (hypermoe.hf reads them)."""
     if format not in FORMATS:
         raise ValueError(f"unknown weights format {format!r}; expected one of {tuple(FORMATS)}")
+    unknown = sorted(set(token_ids or {}) - set(TOKEN_ID_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown token id field(s) {', '.join(unknown)}; expected some of {TOKEN_ID_FIELDS}")
+    extra = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE]} if kind == "model" else {}
+    extra.update({k: v for k, v in (token_ids or {}).items() if v is not None})
+    check_transformers_fields(extra, kind)
     shapes = expected_shapes(cfg, kind)
     dtypes = {np.asarray(v).dtype for v in params.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
@@ -61,7 +97,7 @@ def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, 
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(params.items())}
     save_file = safetensors_package().numpy.save_file if format == "safetensors" else None  # package missing: fail first
     with atomic_output(path, force=force, directory=True, entries=ENTRIES) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps({"spec_version": SPEC_VERSION, "kind": kind, **cfg.to_dict()},
+        (tmp / CONFIG_FILE).write_text(json.dumps({"spec_version": SPEC_VERSION, "kind": kind, **cfg.to_dict(), **extra},
                                                   indent=2, sort_keys=True) + "\n")
         if save_file is not None:
             save_file(arrays, str(tmp / SAFETENSORS_FILE))
@@ -82,9 +118,17 @@ def load_config(path: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
 def read_config(file: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
     """(config, kind) of a config JSON file: a model directory's config.json (with kind and spec_version) or
     a bare config (kind "layer"); a directory stands for its config.json."""
+    return read_config_fields(file)[:2]
+
+
+def read_config_fields(file: str | os.PathLike) -> tuple[HyperMoEConfig, str, dict]:
+    """(config, kind, transformers fields) of a config JSON file, as read_config; the third is the
+    TRANSFORMERS_FIELDS the file holds, checked (check_transformers_fields)."""
     file = Path(file)
     if file.is_dir():
-        return load_config(file)
+        file = file / CONFIG_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
     try:
@@ -93,16 +137,24 @@ def read_config(file: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a JSON object")
-    kind = data.pop("kind", "layer")
-    if kind not in KINDS:
-        raise ValueError(f"{file}: unknown kind {kind!r}; expected one of {KINDS}")
-    version = data.get("spec_version", SPEC_VERSION)
-    if str(version).split(".")[0] != SPEC_VERSION.split(".")[0]:
-        raise ValueError(f"{file}: spec version {version} is incompatible with this hypermoe (spec {SPEC_VERSION})")
     try:
-        return HyperMoEConfig.from_dict(data), kind
+        return config_from_fields(data)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
+
+
+def config_from_fields(data: Mapping) -> tuple[HyperMoEConfig, str, dict]:
+    """(config, kind, transformers fields) of a config.json's parsed object (kind "layer" when absent); ValueError
+    naming the problem: an unknown kind, an incompatible spec version, a bad or unknown field."""
+    data = dict(data)
+    kind = data.pop("kind", "layer")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    version = data.get("spec_version", SPEC_VERSION)
+    if str(version).split(".")[0] != SPEC_VERSION.split(".")[0]:
+        raise ValueError(f"spec version {version} is incompatible with this hypermoe (spec {SPEC_VERSION})")
+    fields = check_transformers_fields({k: data.pop(k) for k in TRANSFORMERS_FIELDS if k in data}, kind)
+    return HyperMoEConfig.from_dict(data), kind, fields
 
 
 def read_npy(fh, size: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ref", "hypermoe", "export", "conformance")
-LIBRARY = ("hypermoe", "hypermoe.layer", "hypermoe.model", "hypermoe.generation", "hypermoe.parallel")
+LIBRARY = ("hypermoe", "hypermoe.layer", "hypermoe.model", "hypermoe.generation", "hypermoe.parallel", "hypermoe.hf")
 TOOLS = ("hypermoe.convert", "hypermoe.train", "hypermoe.bench")
 # rank of each room: a module may import its own room and rooms of a lower rank, nothing else
 RANKS = {"ref": 0, "library": 1, "export": 2, "conformance": 3, **{t: 4 for t in TOOLS}, "commands": 5, "scripts": 6}
