@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin, PretrainedConfig,
     PreTrainedModel, PreTrainedTokenizerFast,
@@ -37,6 +39,11 @@ from ref.config import SPEC_VERSION, HyperMoEConfig
 from hypermoe.layer import params_to_ref
 from hypermoe.model import HyperMoETransformer
 
+OLDEST_TRANSFORMERS = (4, 46, 3)  # the oldest version tests/test_hf.py passed on (pyproject's hf extra)
+if tuple(int(p) for p in transformers.__version__.split(".")[:3] if p.isdigit()) < OLDEST_TRANSFORMERS:
+    raise ImportError(f"hypermoe.hf needs transformers ≥ {'.'.join(map(str, OLDEST_TRANSFORMERS))}, found "
+                      f"{transformers.__version__} (pip install 'hypermoe[hf]')")
+
 HYPERMOE_FIELDS = tuple(f.name for f in dataclasses.fields(HyperMoEConfig))
 # from_pretrained's keyword arguments that concern downloading (AutoModelForCausalLM and pipeline pass them along):
 # a local model directory needs none of them
@@ -44,7 +51,7 @@ HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "proxies", "tok
               "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision", "use_safetensors"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # the output field generate() reads the cache from: "cache" in transformers 5, "past_key_values" in 4.x
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclasses.dataclass(repr=False, eq=False)  # eq: transformers' own (every attribute)
@@ -113,12 +120,15 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_cache_class = True  # transformers 4.x: generate() passes a DynamicCache (5.x always does)
 
     def __init__(self, config: HyperMoEHFConfig, *, transformer: HyperMoETransformer | None = None) -> None:
-        super().__init__(config)
+        with warnings.catch_warnings():  # 4.x derives a generation config from ours and warns at its top_k (experts)
+            warnings.filterwarnings("ignore", message=r".*`top_k` is set to", category=UserWarning)
+            super().__init__(config)
         cfg = config.to_hypermoe()
         if transformer is not None and transformer.config != cfg:
             raise ValueError("the HyperMoETransformer's config differs from the transformers config")
         self.model = transformer if transformer is not None else HyperMoETransformer(cfg)
         self.post_init()
+        self.generation_config = HyperMoEGenerationConfig.from_model_config(config)  # 4.x made its own from config
 
     def _init_weights(self, module) -> None:
         """Nothing: HyperMoETransformer initialises its parameters itself (reset_parameters, ref.model's σ)."""
@@ -152,12 +162,12 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
         B, S = input_ids.shape
         legacy = isinstance(cache, (tuple, list))
         if cache is None and use_cache:
-            cache = DynamicCache(config=self.config)
+            cache = new_cache(self.config)
         if legacy:  # 4.x: n_layers (key, value) pairs, the model's own past_key_values
             past, P = tuple(cache), cache[0][0].shape[2]
         else:
             P = 0 if cache is None else cache.get_seq_length()
-            past = None if P == 0 else tuple((layer.keys, layer.values) for layer in cache.layers)  # each (B, H, P, c)
+            past = None if P == 0 else cached_pairs(cache)
         if position_ids is not None:
             position_ids = position_ids.expand(B, S)  # generate passes (1, S) without a mask
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past,
@@ -173,7 +183,7 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
                                    ignore_index=-100)  # position t predicts token t + 1
         if return_dict is False:
             return tuple(v for v in (loss, out.logits, cache) if v is not None)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{_CACHE_FIELD: cache})
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{CACHE_FIELD: cache})
 
     # --- folders: a hypermoe model directory is the pretrained folder ---
 
@@ -223,8 +233,23 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return model.eval()
 
 
+def new_cache(config: HyperMoEHFConfig) -> DynamicCache:
+    """An empty DynamicCache for the model of `config` (what generate() makes)."""
+    try:
+        return DynamicCache(config=config)  # transformers 5: layers laid out from the config
+    except TypeError:  # 4.x: DynamicCache() takes no config
+        return DynamicCache()
+
+
+def cached_pairs(cache: Cache) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """A Cache's keys and values as the model's past_key_values: one (key, value) per block, each (B, H, P, c)."""
+    if hasattr(cache, "layers"):  # transformers 5: one CacheLayer per block
+        return tuple((layer.keys, layer.values) for layer in cache.layers)
+    return tuple(zip(cache.key_cache, cache.value_cache))  # 4.x's DynamicCache
+
+
 AutoConfig.register(ref.io.MODEL_TYPE, HyperMoEHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(HyperMoEHFConfig, HyperMoEForCausalLM, exist_ok=True)
 AutoTokenizer.register(HyperMoEHFConfig, fast_tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)
 
-__all__ = ["HyperMoEForCausalLM", "HyperMoEHFConfig"]
+__all__ = ["HyperMoEForCausalLM", "HyperMoEHFConfig", "cached_pairs", "new_cache"]

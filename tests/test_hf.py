@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="4.46.3")  # hypermoe.hf's oldest (pyproject's hf extra)
 pytest.importorskip("tokenizers")
 
 import tokenizers  # noqa: E402
@@ -25,7 +25,7 @@ import hypermoe.hf  # noqa: E402,F401  registers model_type "hypermoe"
 import ref  # noqa: E402
 from export.exporter import export_model  # noqa: E402
 from hypermoe.cli import main  # noqa: E402
-from hypermoe.hf import HyperMoEForCausalLM, HyperMoEHFConfig  # noqa: E402
+from hypermoe.hf import HyperMoEForCausalLM, HyperMoEHFConfig, cached_pairs, new_cache  # noqa: E402
 from hypermoe.model import HyperMoETransformer  # noqa: E402
 from ref import io as ref_io  # noqa: E402
 from ref import model as ref_model  # noqa: E402
@@ -41,6 +41,7 @@ NEW = 16
 # bound, 1e-10 relative to the logits' magnitude S (measured ≤ 50 u S = 6e-15 S), valid while every token routes
 # with margin ≥ MARGIN
 RTOL64 = 1e-10
+CACHE_FIELD = hypermoe.hf.CACHE_FIELD  # the output's cache: "cache" (transformers 5) or "past_key_values" (4.x)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -158,20 +159,20 @@ def test_logits_equal_the_transformer_and_ref_with_a_cache(tmp_path):
     direct = HyperMoETransformer.from_dir(tmp_path / "m")(ids, attention_mask=am).logits.detach().numpy()
     real = mask == 1
     assert np.abs(whole - want)[real].max() <= bound and np.abs(direct - want)[real].max() <= bound
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)  # DynamicCache(config=...) in transformers 5, DynamicCache() in 4.x
     out = model(ids[:, :7], attention_mask=am[:, :7], cache=cache, use_cache=True)
-    assert out.cache is cache and cache.get_seq_length() == 7
+    assert out[CACHE_FIELD] is cache and cache.get_seq_length() == 7
     steps = [out.logits]
     for t in (7, 8):
         steps.append(model(ids[:, t:t + 1], attention_mask=am[:, :t + 1], cache=cache).logits)
-    assert cache.get_seq_length() == 9 and cache.layers[0].keys.shape == (2, cfg.n_heads, 9, cfg.d_model // cfg.n_heads)
+    assert cache.get_seq_length() == 9 and cached_pairs(cache)[0][0].shape == (2, cfg.n_heads, 9, cfg.d_model // cfg.n_heads)
     cached = torch.cat(steps, 1).detach().numpy()
     assert np.abs(cached - want)[real].max() <= bound
     legacy = model(ids[:, :7], attention_mask=am[:, :7], past_key_values=None, use_cache=True, cache=None)
-    assert isinstance(legacy.cache, DynamicCache)
-    pairs = tuple((layer.keys, layer.values) for layer in legacy.cache.layers)  # 4.x's tuple cache
+    assert isinstance(legacy[CACHE_FIELD], DynamicCache)
+    pairs = cached_pairs(legacy[CACHE_FIELD])  # as 4.x's tuple cache
     step = model(ids[:, 7:8], attention_mask=am[:, :8], past_key_values=pairs)
-    assert isinstance(step.cache, tuple) and step.cache[0][0].shape[2] == 8
+    assert isinstance(step[CACHE_FIELD], tuple) and step[CACHE_FIELD][0][0].shape[2] == 8
     assert np.abs(step.logits.detach().numpy()[:, 0] - want[:, 7])[real[:, 7]].max() <= bound
 
 
