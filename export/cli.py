@@ -134,11 +134,11 @@ def export_command(args: argparse.Namespace) -> int:
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
     cfg, params, kind, source = exporter.load_source(args.model_dir, seed=args.seed)
-    result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index,
-                                   dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
-                                   routing_outputs=args.routing_outputs, opset=args.opset, source=source,
-                                   force=args.force, with_past=args.with_past, eos_token_id=args.eos_token_id,
-                                   pad_token_id=args.pad_token_id)
+    tokenizer, eos = exporter.model_folder_extras(args.model_dir, args.eos_token_id, with_past=args.with_past)
+    result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index, dtype=args.dtype,
+                                   flavour=args.flavour, hyper_form=args.hyper_form, routing_outputs=args.routing_outputs,
+                                   opset=args.opset, source=source, force=args.force, with_past=args.with_past,
+                                   eos_token_id=eos, pad_token_id=args.pad_token_id, tokenizer=tokenizer)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

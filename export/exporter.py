@@ -14,6 +14,7 @@ Never the legacy TorchScript exporter: it silently bakes routing decisions into 
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import os
 import time
@@ -36,7 +37,10 @@ OUTPUT_NAMES = ("output", "selected_experts", "gates")
 MODEL_INPUT, MODEL_OUTPUT = "input_ids", "logits"  # kind "model": (batch, seq) int64 → (batch, seq, V)
 META_PREFIX = "hypermoe."
 PAST_MODEL_FILE, GENAI_CONFIG_FILE = "model.onnx", "genai_config.json"  # a with-past export's directory
-PAST_ENTRIES = (PAST_MODEL_FILE, PAST_MODEL_FILE + ".data", GENAI_CONFIG_FILE)  # what --force may replace there
+HF_CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"  # ... with Optimum's config.json and the tokenizer
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PAST_ENTRIES = (PAST_MODEL_FILE, PAST_MODEL_FILE + ".data", GENAI_CONFIG_FILE, HF_CONFIG_FILE, TOKENIZER_FILE,
+                TOKENIZER_CONFIG_FILE)  # what --force may replace there
 PAST_SAMPLE = (2, 3, 4)  # traced (batch, new, cached) sizes: distinct and ≥ 2 (else torch.export specialises/merges)
 
 
@@ -79,6 +83,21 @@ def load_source(source: str | os.PathLike | None, seed: int = 0) -> tuple[HyperM
         raise FileNotFoundError(f"{path}: not a model directory (expected config.json + weights.npz)")
     cfg, params, kind = io.load_dir(path)
     return cfg, params, kind, str(path.resolve())
+
+
+def model_folder_extras(source: str | os.PathLike | None, eos_token_id: int | None, *,
+                        with_past: bool) -> tuple[Path | None, int | None]:
+    """(the model directory's tokenizer.json or None, the EOS id: `eos_token_id` if given, else the one its config.json
+    declares, if one int) for a with-past export of `source`; (None, eos_token_id) for another export."""
+    if source is None or not with_past:
+        return None, eos_token_id
+    from ref import io
+
+    tokenizer = Path(source) / TOKENIZER_FILE
+    if eos_token_id is None:
+        declared = io.read_config_fields(source)[2].get("eos_token_id")
+        eos_token_id = declared if isinstance(declared, int) else None
+    return (tokenizer if tokenizer.is_file() else None), eos_token_id
 
 
 def supported_opsets() -> range:
@@ -140,7 +159,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
-                 pad_token_id: int = 0) -> ExportResult:
+                 pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -148,18 +167,29 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     On any failure or interrupt nothing new is left at `out_path` and an existing file is untouched.
 
     `with_past` (kind "model"): `out_path` is a directory, written whole and atomically, holding model.onnx
-    (+ model.onnx.data above 2 GB) and genai_config.json (eos_token_id, pad_token_id and context length
-    max_seq_len go there); ExportResult.path is the directory."""
+    (+ model.onnx.data above 2 GB), genai_config.json (eos_token_id, pad_token_id and context length
+    max_seq_len go there), config.json (export.genai.optimum_config) and a copy of `tokenizer` (a tokenizer.json,
+    e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
+    ExportResult.path is the directory."""
     from ref.files import atomic_output
 
     check_opset(opset)
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
+        from export.genai import optimum_config, tokenizer_config
+
+        hf_config = optimum_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if tokenizer is not None and not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"{tokenizer}: no such file (the tokenizer.json to copy into the export)")
         with atomic_output(out_path, force=force, directory=True, entries=PAST_ENTRIES) as tmp:
             result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
                                 flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
                                 source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True)
             (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+            (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+            if tokenizer is not None:
+                shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+                (tmp / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config(cfg), indent=2) + "\n")
         return result._replace(path=Path(out_path))
     with atomic_output(out_path, force=force) as tmp:
         result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,

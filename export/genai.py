@@ -12,6 +12,8 @@ read at 0.16-dev; the 0.18.0 wheel loads this file): `model.decoder.head_size`, 
 default `search.max_length`; `model.eos_token_id` ends a sequence, and when it is absent genai uses
 `pad_token_id` as the end of sequence (Config::Config: "If no eos_token_id was set, set it to the pad token
 id"): give an EOS id, or a pad id the model never emits before you want it to stop.
+`config.json` (optimum_config) carries the Hugging Face fields that Optimum's ORTModelForCausalLM and tools that
+inspect a model folder read (model_type, sizes, use_cache, token ids); genai itself reads genai_config.json.
 `search.past_present_share_buffer` must be false: our graph concatenates past and new keys into a `present`
 of length past + S (the shared-buffer mode expects a graph that writes into a max_length buffer in place).
 """
@@ -96,3 +98,30 @@ def genai_config(cfg: HyperMoEConfig, *, filename: str = "model.onnx", eos_token
 
 
 __all__ = ["genai_config", "INPUT_NAMES", "OUTPUT_NAMES"]
+
+
+def optimum_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id: int) -> dict[str, Any]:
+    """The config.json of a with-past export folder: Hugging Face's names for the sizes of the graph's model
+    (Optimum's NormalizedTextConfig reads num_hidden_layers, num_attention_heads, hidden_size, vocab_size) and the
+    token ids genai_config.json holds. model_type "hypermoe": no Optimum version knows it, so Optimum needs it
+    registered; the folder is an export, not a hypermoe model directory (that config.json holds kind "model")."""
+    config: dict[str, Any] = {
+        "model_type": "hypermoe",
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_heads,
+        "hidden_size": cfg.d_model,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "use_cache": True,
+        "pad_token_id": _token_id("pad_token_id", pad_token_id, cfg.vocab_size),
+    }
+    if eos_token_id is not None:
+        config["eos_token_id"] = _token_id("eos_token_id", eos_token_id, cfg.vocab_size)
+    return config
+
+
+def tokenizer_config(cfg: HyperMoEConfig) -> dict[str, Any]:
+    """The tokenizer_config.json written next to a copied tokenizer.json: onnxruntime-genai's og.Tokenizer refuses a
+    folder without one, and reads the class (transformers' generic fast tokenizer: tokenizer.json says the rest)."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}

@@ -321,8 +321,8 @@ def load_decoder(model: str | os.PathLike, provider: str = "auto", *, threads: i
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory (MODEL is a with-past export directory, its "
                                 ".onnx, or a model directory)")
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        cfg, kind = read_config(path / CONFIG_FILE)
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / GENAI_CONFIG_FILE).is_file():  # an export
+        cfg, kind = read_config(path / CONFIG_FILE)  # folder holds genai_config.json next to Optimum's config.json
         if kind != "model":
             raise ValueError(f"{path}: a saved {kind}, not a language model (kind 'model'): nothing to generate with")
         if provider == "cuda":

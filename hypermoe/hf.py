@@ -215,6 +215,9 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if not (path / ref.io.CONFIG_FILE).is_file():
             raise ValueError(f"{path}: not a local hypermoe model directory (no {ref.io.CONFIG_FILE}); download a hub "
                              f"repository first (huggingface_hub.snapshot_download)")
+        if (path / "genai_config.json").is_file():
+            raise ValueError(f"{path}: an ONNX export folder (hypermoe generate or onnxruntime-genai run it), not a "
+                             f"model directory")
         dtype = torch_dtype if dtype is None else dtype
         dtype = None if dtype in (None, "auto") else _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
