@@ -25,7 +25,8 @@ from ref.config import SPEC_VERSION, HyperMoEConfig
 KINDS = ("layer", "stack", "model")
 CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE = "config.json", "weights.npz", "weights.safetensors"
 FORMATS = {"npz": WEIGHTS_FILE, "safetensors": SAFETENSORS_FILE}  # save_dir's format → the weights file it writes
-ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE)  # what a model directory may hold (--force replaces only these)
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer a model directory may carry (hypermoe train copies its corpus's)
+ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, SAFETENSORS_FILE, TOKENIZER_FILE)  # what a model directory may hold (--force replaces only these)
 
 # The fields a transformers loader reads from a kind-"model" config.json (hypermoe.hf): the model type AutoConfig
 # looks up, the class that loads it, and the special token ids generate() uses. They change no number; save_dir

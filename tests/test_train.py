@@ -232,3 +232,19 @@ def test_config_validation_names_the_field(corpus):
         tiny(corpus, balance_loss="z_loss")
     with pytest.raises(ValueError, match="'freeze_hyper_heads'"):
         tiny(corpus, model=PRESETS["tiny"].replace(hyper_expert=False), freeze_hyper_heads=True)
+
+
+def test_the_corpus_tokenizer_goes_into_the_model_directory(corpus, tmp_path):
+    """A corpus whose meta.json names a tokenizer.json (scripts/fetch_corpus.py --tokenizer bpe): the run's checkpoint
+    model directory carries a copy; a tokenizer.json changed after meta.json is refused when the corpus is opened."""
+    text = '{"version": "1.0", "model": {"type": "BPE"}}\n'  # only copied and hashed here (tests/test_hf.py loads one)
+    (corpus / "tokenizer.json").write_text(text)
+    meta = json.loads((corpus / "meta.json").read_text())
+    meta["tokenizer"] = {"kind": "bpe", "file": "tokenizer.json", "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (corpus / "meta.json").write_text(json.dumps(meta))
+    train(tiny(corpus, steps=3), tmp_path / "run", progress=False)
+    assert (tmp_path / "run/checkpoint/model/tokenizer.json").read_text() == text
+    HyperMoETransformer.from_dir(tmp_path / "run/checkpoint/model")  # still a model directory
+    (corpus / "tokenizer.json").write_text(text + " ")
+    with pytest.raises(ValueError, match="tokenizer.json: sha256 differs"):
+        open_corpus(corpus)

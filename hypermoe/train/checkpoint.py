@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 import ref.io
 from hypermoe.train.config import TrainConfig, differing
+from hypermoe.train.data import corpus_tokenizer
 from ref.files import atomic_output
 
 def save_checkpoint(run_dir: Path, cfg: TrainConfig, step: int, model, optimizer) -> None:
@@ -34,6 +36,9 @@ def save_checkpoint(run_dir: Path, cfg: TrainConfig, step: int, model, optimizer
         rng["cuda"] = torch.cuda.get_rng_state().numpy()
     with atomic_output(run_dir / "checkpoint", directory=True, force=True) as tmp:
         model.save_dir(tmp / "model")
+        tokenizer = corpus_tokenizer(cfg.data, verify=False)  # checked when the run opened the corpus
+        if tokenizer is not None:  # the model directory carries the tokenizer its ids mean (hypermoe generate, hf)
+            shutil.copyfile(tokenizer, tmp / "model" / tokenizer.name)
         with open(tmp / "optimizer.npz", "wb") as fh:
             np.savez(fh, **arrays)
         (tmp / "state.json").write_text(json.dumps(

@@ -1,7 +1,8 @@
 """The corpus a run reads: train/val/test token files as memmaps, and which windows each update and evaluation takes.
 
 Data: a corpus directory (`train.bin`, `val.bin`, `test.bin`: flat token ids, uint8 bytes or uint16 BPE; `meta.json`
-{"vocab_size", "dtype", "sha256": {split: hex}, "source"}), read through np.memmap. The batch of update s is a
+{"vocab_size", "dtype", "sha256": {split: hex}, "source", and for a BPE corpus "tokenizer": {"file": "tokenizer.json",
+"sha256"}}), read through np.memmap; the corpus's tokenizer.json goes into every model directory a run writes. The batch of update s is a
 function of (seed, s) only: np.random.default_rng([seed, s]) draws the window offsets, so a resumed run reads the
 same batches as an uninterrupted one without any saved data position. Evaluation uses fixed, contiguous,
 non-overlapping windows from the start of val.bin covering eval_tokens.
@@ -66,6 +67,7 @@ def open_corpus(path: str | os.PathLike, *, verify: bool = True) -> Corpus:
         if verify and split in sha and sha256_file(file) != sha[split]:
             raise ValueError(f"{file}: sha256 differs from meta.json's; the file is corrupt or was changed")
         arrays[split] = np.memmap(file, dtype=dtype, mode="r")  # (n,)
+    corpus_tokenizer(path, verify=verify)
     return Corpus(arrays["train"], arrays["val"], arrays["test"], vocab, meta)
 
 
@@ -88,3 +90,19 @@ def eval_offsets(cfg: TrainConfig, n_tokens: int) -> np.ndarray:
     windows = min(cfg.eval_tokens, n_tokens - 1) // cfg.seq_len
     return np.arange(windows) * cfg.seq_len  # (W,)
 
+
+def corpus_tokenizer(path: str | os.PathLike, *, verify: bool = True) -> Path | None:
+    """The tokenizer.json a corpus's meta.json names ("tokenizer": {"file", "sha256"}; its sha256 checked when
+    `verify`), or None for a corpus without one (byte-level)."""
+    meta_file = Path(path) / "meta.json"
+    entry = json.loads(meta_file.read_text()).get("tokenizer")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or entry.get("file") != "tokenizer.json" or not isinstance(entry.get("sha256"), str):
+        raise ValueError(f"{meta_file}: 'tokenizer' must be {{\"file\": \"tokenizer.json\", \"sha256\": hex, ...}}")
+    file = Path(path) / entry["file"]
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (meta.json names it as the corpus's tokenizer)")
+    if verify and sha256_file(file) != entry["sha256"]:
+        raise ValueError(f"{file}: sha256 differs from meta.json's; the file is corrupt or was changed")
+    return file
