@@ -4,6 +4,7 @@
     python3 scripts/fetch_corpus.py && python3 scripts/fetch_corpus.py --works a && python3 scripts/fetch_corpus.py --works b
     python3 scripts/experiment.py run --jobs 2          # both protocols, every variant x seed (skips finished runs)
     python3 scripts/experiment.py time                  # s/step of every variant, one run at a time (idle machine!)
+    python3 scripts/experiment.py initial               # protocol B: step-0 validation perplexity of each start
     python3 scripts/experiment.py table                 # markdown tables (EXPERIMENTS.md) from runs/experiment/
     python3 scripts/experiment.py plot -o docs/experiments   # validation curves, mean and seed band, per protocol
 
@@ -56,8 +57,10 @@ B_PRETRAIN = ["--config", "cpu-small-dense", "--seed", "0", "--steps", "1000", "
               "128", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "100", "--eval-every", "250",
               "--eval-tokens", "32768", "--checkpoint-every", "1000", "--threads", "1", "--quiet"]
 B_UPCYCLED = {  # name -> convert flags
-    "moe-topk": ["--gate", "topk", "--no-hyper-expert"], "hyper-topk": ["--gate", "topk"],
-    "moe-switch": ["--gate", "switch", "--no-hyper-expert"], "hyper-switch": ["--gate", "switch"],
+    "moe-topk": ["--top-k", "1", "--gate", "topk", "--no-hyper-expert"], "hyper-topk": ["--top-k", "1", "--gate", "topk"],
+    "moe-switch": ["--top-k", "1", "--gate", "switch", "--no-hyper-expert"],
+    "hyper-switch": ["--top-k", "1", "--gate", "switch"],
+    "moe-topk-k2": ["--top-k", "2", "--gate", "topk", "--no-hyper-expert"], "hyper-topk-k2": ["--top-k", "2", "--gate", "topk"],
 }
 B = {
     "dense": ("dense", []),  # the pretrained dense model fine-tuned: the floor
@@ -65,6 +68,8 @@ B = {
     "hyper-k1-topk": ("hyper-topk", [ACK]),
     "moe-k1-switch": ("moe-switch", []),
     "hyper-k1-switch": ("hyper-switch", []),
+    "moe-k2-topk": ("moe-topk-k2", []),  # the yardstick: two experts per token
+    "hyper-k2-topk": ("hyper-topk-k2", []),
 }
 B_TRAIN = ["--steps", "300", "--batch-size", "16", "--seq-len", "128", "--lr", "3e-4", "--min-lr", "3e-5",
            "--warmup-steps", "30", "--eval-every", "50", "--eval-tokens", "32768", "--checkpoint-every", "300",
@@ -79,7 +84,10 @@ PAIRS = {
           ("moe-k1", "moe-k1-topk", "MoE k 1: switch − topk (a router that learns)")],
     "B": [("hyper-k1-topk", "moe-k1-topk", "HyperMoE − MoE, k 1, official topk gate"),
           ("hyper-k1-switch", "moe-k1-switch", "HyperMoE − MoE, k 1, switch gate"),
-          ("moe-k1-topk", "dense", "MoE k 1 topk − dense"), ("moe-k1-switch", "dense", "MoE k 1 switch − dense")],
+          ("hyper-k2-topk", "moe-k2-topk", "HyperMoE − MoE, k 2, topk gate"),
+          ("moe-k2-topk", "moe-k1-topk", "yardstick: MoE k 2 − k 1 (topk)"),
+          ("moe-k1-topk", "dense", "MoE k 1 topk − dense"), ("moe-k1-switch", "dense", "MoE k 1 switch − dense"),
+          ("moe-k1-switch", "moe-k1-topk", "MoE k 1: switch − topk")],
 }
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -97,7 +105,7 @@ def b_pretrain_command(root: Path) -> list[str]:
 
 def b_upcycle_command(name: str, root: Path) -> list[str]:
     return ["hypermoe", "convert", "--from", "hypermoe-dense", str(root / "B" / "pretrain-dense/checkpoint/model"),
-            "--experts", "8", "--top-k", "1", "--seed", "0", *B_UPCYCLED[name], "-o", str(root / "B" / f"up-{name}")]
+            "--experts", "8", "--seed", "0", *B_UPCYCLED[name], "-o", str(root / "B" / f"up-{name}")]
 
 
 def b_command(variant: str, seed: int, root: Path) -> list[str]:
@@ -221,6 +229,29 @@ def time_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def initial(args: argparse.Namespace) -> int:
+    """Protocol B's starting points: validation perplexity at step 0 (before fine-tuning) of every variant's --init
+    model on half b's validation split (the runs' eval windows), written to ROOT/B/initial.json. Evidence for what
+    upcycling does to each gate: topk k = 1 starts at the dense model's numbers, switch scales each FFN by p."""
+    import torch
+
+    from hypermoe.model import HyperMoETransformer
+    from hypermoe.train import TrainConfig, evaluate, open_corpus
+
+    torch.set_num_threads(1)
+    data = CORPUS / "shakespeare-b"
+    corpus, out = open_corpus(data), {}
+    for variant, (init, _) in B.items():
+        path = args.root / "B" / ("pretrain-dense/checkpoint/model" if init == "dense" else f"up-{init}")
+        model = HyperMoETransformer.from_dir(path)
+        cfg = TrainConfig(model=model.config, data=str(data), batch_size=16, seq_len=128, eval_tokens=32768)
+        result = evaluate(cfg, model, corpus.val)
+        out[variant] = result["val_ppl"]
+        print(f"{variant}: step-0 val ppl {result['val_ppl']:.3f} ({path})", flush=True)
+    (args.root / "B" / "initial.json").write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -298,17 +329,21 @@ def _ms(values) -> str:
 
 def table(args: argparse.Namespace) -> int:
     timing = json.loads((args.root / "timing.json").read_text())["s_per_step"] if (args.root / "timing.json").is_file() else {}
+    start = json.loads((args.root / "B/initial.json").read_text()) if (args.root / "B/initial.json").is_file() else {}
     for protocol, variants in (("A", A), ("B", B)):
         res = results(args.root, protocol, variants, args.seeds)
         if not res:
             continue
         print(f"### Protocol {protocol}\n")
-        print("| variant | seeds | val ppl | test ppl | s/step | load max/mean | HyperExpert share |")
-        print("|---|---|---|---|---|---|---|")
+        first = protocol == "B" and bool(start)
+        print("| variant | seeds | " + ("step-0 val ppl | " if first else "") +
+              "val ppl | test ppl | s/step | load max/mean | HyperExpert share |")
+        print("|---|---|---|---|---|---|---|" + ("---|" if first else ""))
         for v, runs in res.items():
             rows = list(runs.values())
             t = timing.get(f"{protocol}/{v}")
-            print(f"| {v} | {len(rows)} | {_ms([r['val_ppl'] for r in rows])} | {_ms([r['test_ppl'] for r in rows])} | "
+            print(f"| {v} | {len(rows)} | " + (f"{start[v]:.3f} | " if first and v in start else "– | " if first else "")
+                  + f"{_ms([r['val_ppl'] for r in rows])} | {_ms([r['test_ppl'] for r in rows])} | "
                   f"{'–' if t is None else f'{t:.3f}'} | {_ms([r['balance'] for r in rows])} | "
                   f"{_ms([r['hyper_share'] for r in rows])} |")
         print("\nPaired differences of test perplexity (same seed = same data order), 95 % interval (t, n − 1):\n")
@@ -374,9 +409,8 @@ def plot(args: argparse.Namespace) -> int:
             mean = ppl.mean(axis=0)
             line, = ax.plot(steps, mean, label=f"{v} (n={len(ppl)})", marker="o", markersize=3)
             ax.fill_between(steps, ppl.min(axis=0), ppl.max(axis=0), color=line.get_color(), alpha=0.15)
-        ax.set_yscale("log")
         ax.set_xlabel("update")
-        ax.set_ylabel("validation perplexity (log scale)")
+        ax.set_ylabel("validation perplexity")
         ax.set_title(f"Protocol {protocol}: validation perplexity, seed mean (band: min-max over seeds)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -391,7 +425,7 @@ def plot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "time", "table", "plot"))
+    p.add_argument("action", choices=("run", "time", "initial", "table", "plot"))
     p.add_argument("--root", type=Path, default=Path("runs/experiment"), help="where the runs go")
     p.add_argument("--variants-a", default=",".join(A), help=f"protocol A variants: {', '.join(A)} (empty: none)")
     p.add_argument("--variants-b", default=",".join(B), help=f"protocol B variants: {', '.join(B)} (empty: none)")
@@ -407,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant(s) {', '.join(unknown)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.root = args.root.resolve()
-    return {"run": run, "time": time_steps, "table": table, "plot": plot}[args.action](args)
+    return {"run": run, "time": time_steps, "initial": initial, "table": table, "plot": plot}[args.action](args)
 
 
 if __name__ == "__main__":
