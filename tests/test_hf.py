@@ -300,3 +300,23 @@ def test_dtype_and_device_arguments(lm):
     assert AutoModelForCausalLM.from_pretrained(lm[2], device_map="cpu").device.type == "cpu"
     with pytest.raises(ValueError, match="dtype"):
         AutoModelForCausalLM.from_pretrained(lm[2], dtype=torch.int32)
+
+
+def test_hf_generators_script_agrees(lm):
+    """scripts/hf_generators.py on the tiny model: hypermoe generate (torch, onnxruntime), transformers generate and
+    pipeline, onnxruntime-genai — each one's ids equal transformers' generate at every decidable step."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("hf_generators", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "hf_generators.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg, params, model_dir, export_dir = lm
+    results = script.generators(model_dir, "hello", NEW, export_dir)
+    assert len(results) >= 4 and results["transformers pipeline"][1].startswith("hello")
+    want = results["transformers generate"][0]
+    decidable = greedy_decidable(cfg, params, PROMPTS[:1], [want])
+    for name, (ids, _) in results.items():
+        same, decided, undecided = compare_tokens([ids], [want], decidable)
+        assert decided >= 10, f"{name}: only {decided} decidable tokens of {same} identical ({undecided})"
