@@ -6,8 +6,9 @@ onnxruntime-genai's names). The generation loop, sampling, padding and timings a
 this module only runs the graph. `hypermoe generate` drives either backend: an export directory (or its .onnx)
 runs on onnxruntime, a model directory (config.json kind "model") on torch with its KV cache (TorchDecoder).
 
-Tokenizers: byte-level by default (UTF-8 bytes as ids 0..255, what `hypermoe train` models on), or a
-Hugging Face tokenizer.json read by the `tokenizers` package (optional extra `serve`).
+Tokenizers: a Hugging Face tokenizer.json read by the `tokenizers` package (optional extra `serve`): --tokenizer,
+else the one in MODEL's folder; without one, UTF-8 bytes as ids 0..255 (what `hypermoe train` models on), only for
+a model whose vocabulary is the 256 bytes.
 
 Axis legend: B sequences, S new positions of a step, P cached positions, H heads, c head width, V vocabulary.
 """
@@ -33,6 +34,8 @@ from ref import model as ref_model
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
 MAX_CONFIG_BYTES = 1 << 20  # a genai_config.json is a few kB; a bigger one is not ours
 MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json files run to tens of MB (large vocabularies); refuse more
+TOKENIZER_FILE = "tokenizer.json"  # Hugging Face's name, in a model or export folder
+BYTE_VOCAB = 256  # a vocabulary of UTF-8 bytes: the only one the byte tokenizer fits
 _ITEMSIZE = {ONNX_FLOAT: 4, ONNX_FLOAT16: 2, ONNX_BFLOAT16: 2}
 _HOST_DTYPE = {ONNX_FLOAT: np.float32, ONNX_FLOAT16: np.float16, ONNX_BFLOAT16: np.uint16}  # bfloat16 as its bits
 
@@ -266,7 +269,7 @@ def _last_position(value, onnx_type: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers: UTF-8 bytes by default, or a Hugging Face tokenizer.json
+# Tokenizers: a Hugging Face tokenizer.json, or UTF-8 bytes for a byte-vocabulary model
 # ---------------------------------------------------------------------------------------------
 
 
@@ -286,6 +289,11 @@ class FileTokenizer:
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
+        if path.is_dir():  # a model's folder: its tokenizer.json
+            if not (path / TOKENIZER_FILE).is_file():
+                raise ValueError(f"{path} is a directory without a {TOKENIZER_FILE} (--tokenizer takes a "
+                                 f"{TOKENIZER_FILE}, or a directory holding one)")
+            path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (--tokenizer takes a tokenizer.json)")
         if path.stat().st_size > MAX_TOKENIZER_BYTES:
@@ -301,6 +309,7 @@ class FileTokenizer:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path}: not a tokenizer.json the tokenizers package can read ({message})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.path = path
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -343,6 +352,17 @@ def load_decoder(model: str | os.PathLike, provider: str = "auto", *, threads: i
     return decoder, decoder.config, f"onnxruntime {ort.__version__} {decoder.provider.upper()}, IOBinding", decoder.notice
 
 
+def model_tokenizer(model: str | os.PathLike, vocab_size: int):
+    """The tokenizer of MODEL when none is given: the tokenizer.json in its folder (a model or export directory,
+    or the folder of an .onnx), else the byte tokenizer where the model's vocabulary is the 256 bytes; None
+    otherwise (token ids only: byte ids fed to another vocabulary would give plausible garbage)."""
+    path = Path(model)
+    found = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+    if found.is_file():
+        return FileTokenizer(found)
+    return ByteTokenizer() if vocab_size == BYTE_VOCAB else None
+
+
 def parse_ids(text: str, what: str) -> list[int]:
     """'1,2,3' → [1, 2, 3]; a one-line ValueError naming `what` otherwise."""
     try:
@@ -368,7 +388,9 @@ def register(subparsers) -> None:
         "(`hypermoe export MODEL_DIR --with-past -o DIR`: model.onnx + genai_config.json) or its .onnx file, run "
         "on onnxruntime with IOBinding (the KV cache stays on the device); or a model directory (config.json kind "
         "'model'), run on torch with its KV cache — the reference backend the export is compared with. Greedy by "
-        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed.")
+        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed. Tokenizer: "
+        "--tokenizer, else the tokenizer.json in MODEL's folder (used automatically when present), else UTF-8 "
+        "bytes for a model of vocabulary 256; another model without one takes --prompt-ids and prints ids.")
     p.add_argument("model", metavar="MODEL", help="with-past export directory or .onnx, or a model directory")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded by the tokenizer")
@@ -388,8 +410,10 @@ def register(subparsers) -> None:
                    help="stop a sequence after this token (repeatable; default: the export's genai_config.json "
                    "eos_token_id, else none)")
     p.add_argument("--tokenizer", metavar="tokenizer.json", default=None,
-                   help="a Hugging Face tokenizer.json (needs the tokenizers package, extra 'serve'); default: UTF-8 "
-                   "bytes as ids 0..255 (needs vocab_size ≥ 256, else give --prompt-ids)")
+                   help="a Hugging Face tokenizer.json, or a directory holding one (needs the tokenizers package, "
+                   "extra 'serve'); default: the tokenizer.json in MODEL's folder when there is one, else UTF-8 "
+                   "bytes as ids 0..255 for a model whose vocabulary is the 256 bytes; any other model needs "
+                   "--tokenizer or --prompt-ids (then the output is printed as ids)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
                    help="run the prompt as B identical sequences at once (throughput; prints the first)")
     p.add_argument("--print-ids", action="store_true", help="also print the generated token ids")
@@ -406,16 +430,19 @@ def generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be ≥ 1, got {args.batch}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
-    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
+    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else None  # a bad one fails before the model loads
     decoder, cfg, backend, notice = load_decoder(args.model, args.provider, threads=args.threads)
     if notice:
         print(notice, file=sys.stderr)
+    if tokenizer is None:
+        tokenizer = model_tokenizer(args.model, cfg.vocab_size)
     if args.prompt_ids is not None:
         prompt = parse_ids(args.prompt_ids, "--prompt-ids")
     else:
-        if not args.tokenizer and cfg.vocab_size < 256:
-            raise ValueError(f"the byte tokenizer needs vocab_size ≥ 256 (this model has {cfg.vocab_size}): "
-                             "give --prompt-ids or --tokenizer")
+        if tokenizer is None:
+            raise ValueError(f"this model's vocabulary has {cfg.vocab_size} ids, not the {BYTE_VOCAB} bytes of the "
+                             f"byte tokenizer, and its folder holds no {TOKENIZER_FILE}: give --tokenizer "
+                             f"{TOKENIZER_FILE} (the model's own), or --prompt-ids")
         prompt = tokenizer.encode(args.prompt)
         if not prompt:
             raise ValueError("the prompt encodes to no tokens: give a non-empty --prompt")
@@ -433,13 +460,16 @@ def generate_command(args: argparse.Namespace) -> int:
     result = generate(decoder, [prompt] * args.batch, max_new_tokens=args.max_new_tokens, sampling=sampling,
                       eos_token_ids=eos, pad_token_id=pad, max_length=cfg.max_seq_len)
     tokens = result.tokens[0]
-    print(tokenizer.decode(prompt + tokens))
-    if args.print_ids:
+    if tokenizer is not None:
+        print(tokenizer.decode(prompt + tokens))
+    if args.print_ids or tokenizer is None:  # no tokenizer for this vocabulary: the ids are the output
         print("ids: " + " ".join(map(str, tokens)))
+    described = ("none (ids only)" if tokenizer is None else "UTF-8 bytes" if isinstance(tokenizer, ByteTokenizer)
+                 else str(tokenizer.path))
     steps_ms = np.asarray(result.step_seconds) * 1e3
     latency = (f"median {np.median(steps_ms):.2f} ms, p90 {np.percentile(steps_ms, 90):.2f} ms" if steps_ms.size
                else "n/a (no decode step)")
-    print(f"backend: {backend}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
+    print(f"backend: {backend}; tokenizer {described}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
           + (" (stopped at EOS)" if tokens and tokens[-1] in eos else ""))
     print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} tokens/s, "
           f"per-token latency {latency}")
