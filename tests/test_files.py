@@ -329,6 +329,37 @@ def test_main_workdir_refuses_an_existing_export_unless_force(tmp_path, tiny_mai
     assert (tmp_path / "hypermoe.onnx").read_bytes() != b"old" and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("torch_kept_it", [True, False], ids=["in-the-chain", "swallowed"])
+def test_an_interrupt_turned_into_another_error_is_reported_as_interrupted(tmp_path, monkeypatch, capsys,
+                                                                           torch_kept_it):
+    """SIGTERM while torch.onnx.export imports torch._dynamo: the handler's Terminated raised inside that import left
+    a module half initialised and torch raised an AttributeError instead, which the exporter wrapped ("torch.onnx
+    export failed", exit 2). Here torch.onnx.export is replaced by that sequence, deterministically: the real
+    handler raising, then torch's error, with the interrupt in its context or gone. Exit 143, one line."""
+    import torch
+
+    from hypermoe import cli
+
+    def export_interrupted_in_an_import(*args, **kwargs):
+        try:
+            cli._terminate(signal.SIGTERM, None)  # what the installed SIGTERM handler does
+        except KeyboardInterrupt:
+            if torch_kept_it:
+                raise AttributeError("partially initialized module 'torch._dynamo' has no attribute 'config' "
+                                     "(most likely due to a circular import)")
+        raise AttributeError("partially initialized module 'torch._dynamo' has no attribute 'config'")
+
+    ref.io.save_dir(tmp_path / "layer", CFG, ref.init(CFG, seed=0), "layer")
+    dest = tmp_path / "m.onnx"
+    dest.write_bytes(b"previous export")
+    monkeypatch.setattr(torch.onnx, "export", export_interrupted_in_an_import)
+    assert main(["export", str(tmp_path / "layer"), "-o", str(dest), "--force"]) == 143
+    assert capsys.readouterr().err == f"hypermoe export: interrupted (SIGTERM); nothing written to {dest}\n"
+    assert dest.read_bytes() == b"previous export" and leftovers(tmp_path) == []
+    monkeypatch.setattr(torch.onnx, "export", never)  # the next command starts with no signal received
+    assert main(["export", str(tmp_path / "layer"), "-o", str(dest), "--force"]) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals: a real process, killed in the middle of an export
 # ---------------------------------------------------------------------------------------------
