@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 
 import numpy as np
@@ -692,6 +693,32 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, capsys):
         assert "refused" in capsys.readouterr().err
     assert not NotATensor.constructed
     assert not (tmp_path / "o").exists()
+
+
+class CallsAFunction:  # pickled as a call of os.makedirs: a loader that ran it would create the folder
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.makedirs, (self.folder,)
+
+
+def test_a_pickled_function_call_in_a_zip_checkpoint_is_refused(tmp_path, capsys):
+    """torch 2.13 refuses a function of a blocked module (os, posix) with a message of its own ("Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked"), not "WeightsUnpickler error: …": the refusal is
+    read from the file's data.pkl, not from torch's wording."""
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(2), "x": CallsAFunction(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt: refused: .*would execute pickled code .*references "
+                                         r"(os|posix)\.makedirs"):
+        convert.load_state_dict(tmp_path / "evil.pt")
+    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "not a torch checkpoint" not in err and len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    assert convert.pickle_global(tmp_path / "evil.pt") in ("os.makedirs", "posix.makedirs")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert convert.pickle_global(tmp_path / "plain.pt") == ""  # torch's own globals (tensor rebuilds) are no finding
 
 
 def test_config_json_written_by_the_cli_is_a_stack(tmp_path):
