@@ -36,7 +36,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -95,6 +95,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     float16 / bfloat16 tensors become float32 (numpy has no bfloat16); the rest keep their dtype.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face model folder, say: name the file in it
+        inside = [name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        raise ValueError(f"{path} is a directory: convert reads one checkpoint file"
+                         + (f" such as {path / inside[0]}" if inside else " (.safetensors, .bin, .pt or .npz)"))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     kind = file_kind(path)
@@ -269,11 +273,14 @@ def find_blocks(state: Mapping[str, np.ndarray], pattern: str, what: str) -> tup
     return prefix, sorted(blocks)
 
 
-def anchor(state: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
-    """The shape of a tensor the sizes are inferred from."""
+def anchor(state: Mapping[str, np.ndarray], key: str, ndim: int, same: Sequence[str] = ()) -> tuple[int, ...]:
+    """The shape of a tensor the sizes are inferred from: `key`'s, or the shape most of `same` (the same tensor
+    in the other blocks) agree on where that is more common than `key`'s, so that one misshapen tensor is the
+    one check_official blames rather than every correct one."""
     if key not in state:
         raise ValueError(f"missing official tensor {key!r} (needed to infer the sizes)")
-    shape = tuple(np.shape(state[key]))
+    shapes = [tuple(np.shape(state[k])) for k in (key, *same) if k in state]
+    shape = max(shapes, key=shapes.count)  # the first of the most common: key's own on a tie
     if len(shape) != ndim:
         raise ValueError(f"official tensor {key!r} has shape {shape}, expected {ndim} dims")
     return shape
@@ -581,8 +588,9 @@ def from_official_gpt2(
     if model:
         check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
-    d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2)  # used as x @ w_gate: (d, N)
-    _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2)  # Conv1D: (d, f)
+    d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2, [mlp(i) + "w_gate" for i in blocks[1:]])  # x @ w_gate: (d, N)
+    _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2,
+                  [mlp(i) + "experts.expert_0.c_fc.weight" for i in blocks[1:]])  # Conv1D: (d, f)
     hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
     for i in blocks:
         if (mlp(i) + "n_experts_embedding.weight" in state) != hyper:
@@ -659,8 +667,10 @@ def from_official_switch(
     prefix, blocks = find_blocks(state, rf"{stack}\.block\.(\d+)\.layer\.{ff}\.mlp\.router\.classifier\.weight",
                                  f"official Switch HyperMoE blocks in the {stack} stack")
     mlp = lambda i: f"{prefix}{stack}.block.{i}.layer.{ff}.mlp."  # noqa: E731
-    N, d = anchor(state, mlp(blocks[0]) + "router.classifier.weight", 2)  # nn.Linear: (N, d)
-    f, _ = anchor(state, mlp(blocks[0]) + "experts.expert_0.wi.weight", 2)  # nn.Linear: (f, d)
+    N, d = anchor(state, mlp(blocks[0]) + "router.classifier.weight", 2,
+                  [mlp(i) + "router.classifier.weight" for i in blocks[1:]])  # nn.Linear: (N, d)
+    f, _ = anchor(state, mlp(blocks[0]) + "experts.expert_0.wi.weight", 2,
+                  [mlp(i) + "experts.expert_0.wi.weight" for i in blocks[1:]])  # nn.Linear: (f, d)
     router_bias = mlp(blocks[0]) + "router.classifier.bias" in state  # HF router_bias, default False
     hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
     for i in blocks:
@@ -740,7 +750,7 @@ def upcycle_gpt2_mlp(
     if model:
         check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
-    d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2)  # Conv1D: (d, f)
+    d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2, [mlp(i) + "c_fc.weight" for i in blocks[1:]])  # (d, f)
     n_layers = block_count(state, prefix, "h")
     cfg = HyperMoEConfig(
         d_model=d, d_ff=f, n_experts=n_experts, top_k=top_k, gate="topk", expert_bias=True, activation=activation,
