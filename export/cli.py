@@ -37,8 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--with-past", action="store_true",
                    help="a model (kind model) with past key/values (KV cache) as inputs and present ones as outputs, "
                    "for generation; no capacity (it counts the tokens of a whole sequence)")
-    p.add_argument("--eos-token-id", type=int, default=None, help="--with-past: end-of-sequence id for genai_config.json")
-    p.add_argument("--pad-token-id", type=int, default=0, help="--with-past: padding id for genai_config.json (default 0)")
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
+    p.add_argument("--pad-token-id", type=int, default=None,
+                   help="with --with-past only: padding id for genai_config.json (default 0)")
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
 
@@ -129,6 +131,9 @@ def export_command(args: argparse.Namespace) -> int:
     from ref.files import check_output
 
     exporter.check_opset(args.opset)  # both before loading a model that may take a while
+    if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
+        raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
+                         "without --with-past there is none (add --with-past, or drop them)")
     output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
@@ -137,7 +142,7 @@ def export_command(args: argparse.Namespace) -> int:
                                    dtype=args.dtype, flavour=args.flavour, hyper_form=args.hyper_form,
                                    routing_outputs=args.routing_outputs, opset=args.opset, source=source,
                                    force=args.force, with_past=args.with_past, eos_token_id=args.eos_token_id,
-                                   pad_token_id=args.pad_token_id)
+                                   pad_token_id=0 if args.pad_token_id is None else args.pad_token_id)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

@@ -418,6 +418,12 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     weights.npz, HyperMoETransformer.from_dir), in this single process; written atomically, replaced only with
     `force`."""
     path = Path(path)
+    if not (path / ".metadata").is_file() or not (path / CONFIG_FILE).is_file():  # DCP's index, and the config
+        single = next((p for p in (path / "checkpoint" / "model", path / "model") if (p / CONFIG_FILE).is_file()), None)
+        raise ValueError(f"{path} is not a sharded checkpoint (no .metadata and {CONFIG_FILE} of "
+                         "torch.distributed.checkpoint); to-model takes the run directory of a distributed run "
+                         "(--expert-parallel), its checkpoint/ or checkpoint/sharded/"
+                         + (f"; this single-process checkpoint's model directory is {single} already" if single else ""))
     config, kind = ref.io.read_config(path / CONFIG_FILE)
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
@@ -433,6 +439,10 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
 def from_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """An ordinary model directory → a sharded checkpoint directory (DCP, model.* only, + config.json) that
     load_sharded reads at any world size; written atomically, replaced only with `force`."""
+    config, kind = ref.io.load_config(model_dir)
+    if kind != "model":  # a training checkpoint holds a whole model (HyperMoETransformer)
+        raise ValueError(f"{model_dir}: a saved {kind}, not a model (kind 'model'); from-model converts the model "
+                         "directory of a language model")
     config, params, kind = ref.io.load_dir(model_dir)
     state = {f"model.{name}": torch.from_numpy(np.ascontiguousarray(a)) for name, a in params.items()}
     with atomic_output(out, directory=True, force=force) as tmp:

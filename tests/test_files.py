@@ -206,7 +206,9 @@ def test_export_refuses_an_existing_file_before_work_and_replaces_it_with_force(
         assert one_error_line(capsys, "export").endswith(f"{dest} {FORCE}\n")
         for bad, message in ((["-o", "/proc/x.onnx"], "cannot create files in /proc"),
                              (["-o", str(tmp_path / "no" / "m.onnx")], "does not exist"),
-                             (["-o", str(tmp_path / "x.onnx"), "--opset", "99"], "opset must be an int in [18, ")):
+                             (["-o", str(tmp_path / "x.onnx"), "--opset", "99"], "opset must be an int in [18, "),
+                             (["-o", str(tmp_path / "x.onnx"), "--eos-token-id", "2"], "without --with-past there is"),
+                             (["-o", str(tmp_path / "x.onnx"), "--pad-token-id", "0"], "add --with-past, or drop")):
             assert main(["export", str(source), *bad]) == 2
             assert message in one_error_line(capsys, "export")
     assert dest.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.onnx"]
