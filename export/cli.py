@@ -92,7 +92,10 @@ def register(subparsers) -> None:
                    "portable on CUDA (static shapes: CUDA-graph capturable)")
     p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs of each runtime (median reported; default 10)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="CPU threads of onnxruntime (intra-op) and of PyTorch, the same for both so that the two "
+                   "timings compare (default: PyTorch's default, the physical cores); the report states it")
     p.set_defaults(func=main_command)
 
 
@@ -245,6 +248,8 @@ def main_command(args: argparse.Namespace) -> int:
 
     if args.seq < 1 or args.runs < 1:
         raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     if args.keep and args.workdir:
         raise ValueError("--keep goes without --workdir (a --workdir is always kept)")
     provider, _ = choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
@@ -264,10 +269,13 @@ def main_command(args: argparse.Namespace) -> int:
 
 
 def _main_steps(args: argparse.Namespace, out: Path, flavour: str) -> int:
+    import torch
+
     from export import exporter
     from export.runtime import OnnxRunner
     from export.verify import verify
 
+    threads = args.threads or torch.get_num_threads()  # one count for both runtimes (torch's default: physical cores)
     t0 = time.perf_counter()
     cfg, params, kind, source = exporter.load_source(None)
     print(f"1. build: default layer (d={cfg.d_model}, f={cfg.d_ff}, N={cfg.n_experts}, k={cfg.top_k}, "
@@ -276,52 +284,66 @@ def _main_steps(args: argparse.Namespace, out: Path, flavour: str) -> int:
                                    force=args.force)
     print("2. ", end="")
     _print_export(result)
-    runner = OnnxRunner(result.path, args.provider)
+    runner = OnnxRunner(result.path, args.provider, threads=threads)
     report = verify(result.path, runner=runner, shapes=((2, 16), (1, 1), (3, 7)))
     print("3. " + "\n".join(report.lines()))
     if runner.notice:
         print("4. " + runner.notice)
     x = np.random.default_rng(1).standard_normal((1, args.seq, cfg.d_model)).astype(np.float32)
     device = "cuda" if runner.provider == "cuda" else "cpu"
-    ort_ms, torch_ms = _latencies(runner, cfg, params, x, device, args.runs)
-    print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
-          f"{cfg.d_model}), median {ort_ms:.2f} ms, {args.seq / ort_ms * 1e3:,.0f} tokens/s")
+    ort_ms, torch_ms = _latencies(runner, cfg, params, x, device, args.runs, threads)
+    cpu = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()} ({cpu}): (1, {args.seq}, "
+          f"{cfg.d_model}), {WARMUP} warm-up runs, median of {args.runs}: {ort_ms:.2f} ms, "
+          f"{args.seq / ort_ms * 1e3:,.0f} tokens/s")
     if torch_ms is not None:
-        print(f"   same input on PyTorch eager ({device.upper()}, hypermoe.layer, float32, timed after "
-              f"onnxruntime): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
+        print(f"   same input on PyTorch eager ({device.upper()}, {cpu}, hypermoe.layer, float32, timed after "
+              f"onnxruntime, {WARMUP} warm-up runs, median of {args.runs}): {torch_ms:.2f} ms, "
+              f"{args.seq / torch_ms * 1e3:,.0f} tokens/s")
     kept = args.workdir or args.keep
     print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}"
           + ("" if kept else " (removed at exit; --keep or --workdir keeps it)"))
     return 0 if report.ok else 1
 
 
-def _latencies(runner, cfg, params, x: np.ndarray, device: str, runs: int) -> tuple[float, float | None]:
-    """Median ms of onnxruntime (runner.run_bound, device-resident I/O), then of hypermoe.layer.HyperMoELayer
-    (eager, no grad; None where torch has no such device), one block after the other: interleaving them
+WARMUP = 4  # untimed calls before each runtime's timed ones
+
+
+def _latencies(runner, cfg, params, x: np.ndarray, device: str, runs: int,
+               threads: int) -> tuple[float, float | None]:
+    """Median ms of onnxruntime (runner.run_bound, device-resident I/O; the runner opened with `threads`
+    intra-op threads), then of hypermoe.layer.HyperMoELayer (eager, no grad, torch.set_num_threads(threads) for
+    the duration; None where torch has no such device), one block after the other: interleaving them
     measures each one's interference (onnxruntime's idle threads spin, which slows torch; without spinning
-    onnxruntime loses ~40% on 2 cores). Four warm-up calls each (the layer's first call builds its per-set
-    adapter cache, and torch's CPU kernels settle over the next few)."""
+    onnxruntime loses ~40% on 2 cores). WARMUP warm-up calls each (the layer's first call builds its per-set
+    adapter cache, and torch's CPU kernels settle over the next few). The same thread count for both: with
+    its default count on a busy 2-core machine torch took 440 ms, with 1 thread 35 ms (issue 20)."""
     import statistics
 
     import torch
 
     from hypermoe.layer import HyperMoELayer
 
-    ort_ms = runner.benchmark(x, warmup=4, runs=runs).median_ms
+    ort_ms = runner.benchmark(x, warmup=WARMUP, runs=runs).median_ms
     if device == "cuda" and not torch.cuda.is_available():
         return ort_ms, None
     layer = HyperMoELayer.from_ref(cfg, params, dtype=torch.float32, device=device).eval()
     xt = torch.from_numpy(x).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
-    with torch.no_grad():
-        for i in range(runs + 4):
-            sync()
-            start = time.perf_counter()
-            layer(xt)
-            sync()
-            if i >= 4:
-                times.append(time.perf_counter() - start)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for i in range(runs + WARMUP):
+                sync()
+                start = time.perf_counter()
+                layer(xt)
+                sync()
+                if i >= WARMUP:
+                    times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
     return ort_ms, statistics.median(times) * 1e3
 
 

@@ -321,6 +321,37 @@ def test_main_removes_its_temporary_directory_when_interrupted(tmp_path, tiny_ma
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_main_times_both_runtimes_with_the_same_threads_and_says_how_many(tiny_main, capsys, monkeypatch):
+    """onnxruntime's session and torch's timed calls run with --threads (torch's count restored after), and the
+    report states the count, the warm-up and the runs for each."""
+    import torch
+
+    from export import runtime
+    from hypermoe.layer import HyperMoELayer
+
+    sessions, calls = [], []
+    original_init, original_forward = runtime.OnnxRunner.__init__, HyperMoELayer.forward
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        sessions.append(self.session.get_session_options().intra_op_num_threads)
+
+    def forward(self, *args, **kwargs):
+        calls.append(torch.get_num_threads())
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.OnnxRunner, "__init__", init)
+    monkeypatch.setattr(HyperMoELayer, "forward", forward)
+    before = torch.get_num_threads()
+    assert main([*tiny_main, "--runs", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert sessions == [1] and calls == [1] * (3 + 4) and torch.get_num_threads() == before
+    assert "onnxruntime CPU (1 CPU thread): (1, 4, 16), 4 warm-up runs, median of 3:" in out
+    assert "PyTorch eager (CPU, 1 CPU thread, hypermoe.layer, float32, timed after onnxruntime, 4 warm-up runs, " \
+           "median of 3)" in out
+    assert main([*tiny_main, "--threads", "0"]) == 2 and "--threads must be ≥ 1" in capsys.readouterr().err
+
+
 def test_main_workdir_refuses_an_existing_export_unless_force(tmp_path, tiny_main, capsys, monkeypatch):
     (tmp_path / "hypermoe.onnx").write_bytes(b"old")
     with monkeypatch.context() as m:
