@@ -20,8 +20,9 @@ FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and an
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="export a HyperMoE layer, stack or model to ONNX and check the file",
-        description="Exports a saved model directory (config.json + weights.npz, kind layer or stack), or the "
-        "built-in default layer (official sizes, ref.init seed 0), to ONNX with torch's dynamo exporter: input "
+        description="Exports a saved model directory (config.json + weights.npz or weights.safetensors, of kind "
+        "layer, stack or model), or the built-in default layer (official sizes, ref.init seed 0), to ONNX, in "
+        "the portable flavour unless --flavour says otherwise, with torch's dynamo exporter: input "
         "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs); a model: "
         "input_ids (batch, seq) → logits. Dynamic batch and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
         "shape inference run on the written file. A model with --with-past: a directory with model.onnx (one graph "
@@ -54,9 +55,10 @@ def register(subparsers) -> None:
         "top-2 logit gap decides them.")
     p.add_argument("model", help="an .onnx file written by hypermoe export, or a --with-past export's directory")
     p.add_argument("--source", default=None, help="the model directory it was exported from (default: as recorded)")
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--shapes", default="2x16,1x1,3x7", help="(batch)x(seq) list (default 2x16,1x1,3x7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the margin-controlled inputs (default 0)")
     p.set_defaults(func=verify_command)
 
     p = subparsers.add_parser(
@@ -66,15 +68,16 @@ def register(subparsers) -> None:
         "one-line notice. Prints median latency and tokens/s.")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--input", default=None, help=".npy file of shape (batch, seq, d) (default: random N(0, 1))")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--batch", type=int, default=1, help="sequences of the random input (default 1; not with --input)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence of the random input (default 128)")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (fixed shape, CUDA only)")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20, help="timed runs (median reported; default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--save", default=None, help="write the output tensor to this .npy file")
     p.add_argument("--force", action="store_true", help="replace an existing --save file (default: refuse it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
     p.set_defaults(func=run_command)
 
     p = subparsers.add_parser(
@@ -90,7 +93,8 @@ def register(subparsers) -> None:
     p.add_argument("--flavour", choices=("auto", "portable", "fused", "sparse"), default="auto",
                    help=FLAVOUR_HELP + "; auto (default): sparse on the CPU provider (fastest there, BENCHMARKS.md), "
                    "portable on CUDA (static shapes: CUDA-graph capturable)")
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
     p.add_argument("--runs", type=int, default=10, help="timed runs of each runtime (median reported; default 10)")
     p.add_argument("--threads", type=int, default=None, metavar="T",
@@ -100,14 +104,17 @@ def register(subparsers) -> None:
 
 
 def _export_options(p) -> None:
-    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable", help=FLAVOUR_HELP)
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable",
+                   help=FLAVOUR_HELP + " (default portable)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the graph's weights and activations (default float32)")
     p.add_argument("--hyper-form", choices=("auto", "sets", "grouped", "factored"), default="auto",
                    help="HyperExpert as per-set constants (sets: dense one-hot, grouped: per-set dispatch) or "
                    "factored hypernetwork (default: by size and flavour)")
     p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
     p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
-    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset of the exported graph (default 20; at least 18, "
+                   "at most what the installed torch exporter supports)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in default's parameters")
 
 

@@ -417,6 +417,8 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     """A sharded checkpoint (save_sharded's directory) → one ordinary model directory (config.json +
     weights.npz, HyperMoETransformer.from_dir), in this single process; written atomically, replaced only with
     `force`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     path = Path(path)
     if not (path / ".metadata").is_file() or not (path / CONFIG_FILE).is_file():  # DCP's index, and the config
         single = next((p for p in (path / "checkpoint" / "model", path / "model") if (p / CONFIG_FILE).is_file()), None)
@@ -426,12 +428,20 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
                          + (f"; this single-process checkpoint's model directory is {single} already" if single else ""))
     config, kind = ref.io.read_config(path / CONFIG_FILE)
     reader = SafeFileSystemReader(path)
-    metadata = reader.read_metadata()
-    state = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-             for key, md in metadata.state_dict_metadata.items() if key.startswith("model.")}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    try:
+        metadata = reader.read_metadata()
+        state = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                 for key, md in metadata.state_dict_metadata.items() if key.startswith("model.")}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except ValueError:
+        raise
+    except (Exception, CheckpointException) as err:  # a damaged .metadata or shard: pickle's, torch.load's errors,
+        cause = next(iter(getattr(err, "failures", {}).values()), err)  # or DCP's (a BaseException) with them per rank
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise ValueError(f"{path}: not a readable sharded checkpoint ({type(cause).__name__}"
+                         + (f": {message}" if message else "") + ")") from None
     params = {key[len("model."):]: t.float().numpy() for key, t in state.items()}
     return ref.io.save_dir(out, config, params, kind, force=force)
 
