@@ -66,8 +66,8 @@ def atomic_output(path: str | os.PathLike, *, force: bool = False, directory: bo
             raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
         replaced = True
         _fsync_dir(path.parent)
-    except BaseException as err:  # the CLI prints the note with its "interrupted" line (also where an interrupt
-        if not replaced:          # was turned into another error by the work it interrupted)
+    except KeyboardInterrupt as err:  # the CLI prints the note with its "interrupted" line
+        if not replaced:
             err.add_note(f"nothing written to {path}")
         raise
     finally:
