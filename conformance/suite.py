@@ -1,5 +1,6 @@
-"""The golden cases on disk: the manifest, integrity checks (sha256 of every case file), loading, and the
-floating-point facts the tolerances and skip rules are built from. Read by the runner and the generator.
+"""The golden cases on disk: the manifest, integrity checks (sha256 of every case file), loading. The
+floating-point facts the tolerances and skip rules are built from (unit roundoff, rounding to a dtype) are
+ref/tolerances.py's. Read by the runner and the generator.
 
 A case is one `.npz` file (no pickle) holding, by key prefix:
     param.<name>      the parameters, float64, exactly ref/'s names (a layer: ref.param_shapes;
@@ -25,43 +26,17 @@ import numpy as np
 
 import ref
 from ref.files import sha256_file
+from ref.tolerances import DTYPES, UNIT_ROUNDOFF, representable, round_to  # noqa: F401 (defined in ref/)
 
 CASES_DIR = Path(__file__).resolve().parent / "cases"
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1  # bump when the manifest's or the case files' layout changes
 
-DTYPES = ("float64", "float32", "float16", "bfloat16")
-# unit roundoff u = 2^-(significand bits): the largest relative error of one rounding to nearest
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 AUX_NAMES = ("switch_balance", "z_loss", "cv_balance")
 
 
 class IntegrityError(ValueError):
     """A case file is missing, tampered with (sha256 mismatch), unreadable, or the manifest is invalid."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Rounding to the dtypes under test (NumPy has no bfloat16: emulated on float32 bit patterns)
-# ---------------------------------------------------------------------------------------------
-
-
-def round_to(dtype: str, a: np.ndarray) -> np.ndarray:
-    """`a` rounded to `dtype` (round to nearest even), returned as float64."""
-    a = np.asarray(a, dtype=np.float64)
-    if dtype == "float64":
-        return a
-    if dtype in ("float32", "float16"):
-        return a.astype(dtype).astype(np.float64)
-    if dtype == "bfloat16":  # keep the top 16 bits of the float32 pattern, rounding half to even
-        bits = a.astype(np.float32).view(np.uint32)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & np.uint32(0xFFFF0000)
-        return bits.view(np.float32).astype(np.float64)
-    raise ValueError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
-
-
-def representable(dtype: str, a: np.ndarray) -> bool:
-    """Whether every entry of `a` is exactly representable in `dtype`."""
-    return bool(np.array_equal(round_to(dtype, a), np.asarray(a, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Routing margins, the skip rule and the per-dtype tolerances of a golden case, computed once by the
-generator from the case's own magnitudes and written into the manifest (the runner only reads them).
+generator from the case's own magnitudes and written into the manifest (the runner only reads them). The bounds
+ε_D and S themselves (router_scales, logit_error_bound, magnitude) are ref/tolerances.py's, shared with export/verify.py.
 
     u_D    unit roundoff of the dtype under test D (float64 2^-53, float32 2^-24, float16 2^-11,
            bfloat16 2^-8); u_acc that of the router's accumulation (float32; float64 for D = float64)
@@ -34,8 +35,11 @@ from typing import Any
 import numpy as np
 
 import ref
-from conformance.suite import AUX_NAMES, UNIT_ROUNDOFF, representable, round_to
+from conformance.suite import AUX_NAMES
 from ref import HyperMoEConfig
+from ref.tolerances import (  # noqa: F401 (router_scales, logit_error_bound, magnitude: conformance.tolerances names)
+    UNIT_ROUNDOFF, logit_error_bound, magnitude, representable, round_to, router_scales,
+)
 
 K_VALUES = 64  # the output tolerance factor K
 
@@ -71,38 +75,6 @@ def _up2(v: float) -> float:
         return float(v)
     e = math.floor(math.log10(v)) - 1
     return float(f"{math.ceil(v / 10.0**e - 1e-9)}e{e}")
-
-
-def router_scales(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], h: np.ndarray, inputs: dict[str, np.ndarray]
-                  ) -> np.ndarray:
-    """R_t = max over experts j of Σ_i |x̃_ti W_ij| (+ |ε_tj| (Σ_i |x_ti Wn_ij| + 1.01)) → (T,)."""
-    xt = h.reshape(-1, cfg.d_model)  # (T, d)
-    xj = xt * inputs["jitter"].reshape(xt.shape) if "jitter" in inputs else xt  # (T, d) router input
-    R = np.abs(xj) @ np.abs(lp["router.weight"])  # (T, N)
-    if "gate_noise" in inputs:
-        eps = np.abs(inputs["gate_noise"].reshape(-1, cfg.n_experts))  # (T, N)
-        R = R + eps * (np.abs(xt) @ np.abs(lp["router.noise_weight"]) + 1.01)  # softplus(z) ≤ |z| + log 2
-    return R.max(axis=-1, initial=0.0)  # (T,)
-
-
-def logit_error_bound(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], R, dtype: str):
-    """ε_D of the module docstring for router scale(s) R (a float, or R_t per token → (T,))."""
-    u = UNIT_ROUNDOFF[dtype]
-    u_acc = UNIT_ROUNDOFF["float64" if dtype == "float64" else "float32"]
-    b = lp.get("router.bias", np.zeros(cfg.n_experts))
-    return (4 * u + (cfg.d_model + 2) * u_acc) * R + float(np.abs(b - round_to(dtype, b)).max() + u_acc * np.abs(b).max())
-
-
-def magnitude(cfg: HyperMoEConfig, lp: dict[str, np.ndarray], h: np.ndarray, result, *, with_input: bool = True
-              ) -> float:
-    """S: the largest intermediate magnitude of one layer (input, any expert's FFN output, routed, HyperExpert,
-    output); 0 for no tokens. Rounding errors of a conforming implementation are a few u_D of S.
-    with_input=False leaves the input out: the output's own scale, for weights that make it much smaller
-    than its input (export/verify.py)."""
-    xt = h.reshape(-1, cfg.d_model)  # (T, d)
-    ffn = [np.abs(ref.expert_ffn(cfg, lp, i, xt)).max(initial=0.0) for i in range(cfg.n_experts)]
-    parts = (h, result.output, result.routed, result.hyper) if with_input else (result.output, result.routed, result.hyper)
-    return float(max(*ffn, *(np.abs(a).max(initial=0.0) for a in parts)))
 
 
 def _aux_tolerances(cfg: HyperMoEConfig, result, dp: float, u_r: float, K: float) -> dict[str, list[float]]:

@@ -139,10 +139,11 @@ def choose_provider(requested: str = "auto") -> tuple[str, str]:
 
 
 def open_session(path: str | os.PathLike, provider: str = "auto", *, cuda_graph: bool = False, device_id: int = 0,
-                 threads: int | None = None, spinning: bool | None = None):
+                 threads: int | None = None, spinning: bool | None = None, profile_prefix: str | None = None):
     """(onnxruntime.InferenceSession, "cuda" | "cpu", notice) over one .onnx file: choose_provider's choice, the CUDA
     provider first with the CPU behind it for nodes without a CUDA kernel; CPU worker threads do not spin-wait
-    unless spinning=True. A file onnxruntime cannot load is a one-line ValueError."""
+    unless spinning=True. `profile_prefix`: onnxruntime's profiler on, its JSON at that prefix (session.end_profiling()
+    returns the file). A file onnxruntime cannot load is a one-line ValueError."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -166,6 +167,9 @@ def open_session(path: str | os.PathLike, provider: str = "auto", *, cuda_graph:
     if spinning is None:
         spinning = chosen != "cpu"
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     if chosen == "cuda":
         cuda_options = {"device_id": str(device_id)}
         if cuda_graph:
@@ -201,10 +205,12 @@ class OnnxRunner:
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", *, cuda_graph: bool = False,
-                 device_id: int = 0, threads: int | None = None, spinning: bool | None = None):
+                 device_id: int = 0, threads: int | None = None, spinning: bool | None = None,
+                 profile_prefix: str | None = None):
         path = Path(path)
         self.session, self.provider, self.notice = open_session(path, provider, cuda_graph=cuda_graph,
-                                                                device_id=device_id, threads=threads, spinning=spinning)
+                                                                device_id=device_id, threads=threads, spinning=spinning,
+                                                                profile_prefix=profile_prefix)
         self.device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
         self.cuda_graph = cuda_graph
         inputs = self.session.get_inputs()
@@ -309,7 +315,7 @@ class OnnxRunner:
         result = {}
         for name, value in self._output_values.items():
             if value.element_type() == ONNX_BFLOAT16:
-                result[name] = from_bfloat16_bits(_ortvalue_bits(value))
+                result[name] = from_bfloat16_bits(ortvalue_bits(value))
             else:
                 result[name] = value.numpy()
         return result
@@ -334,7 +340,7 @@ class OnnxRunner:
         return Timing(median * 1e3, tokens / median if median > 0 else float("inf"), runs)
 
 
-def _ortvalue_bits(value) -> np.ndarray:
+def ortvalue_bits(value) -> np.ndarray:
     """Raw bits of a bfloat16 OrtValue (numpy has no bfloat16 and this onnxruntime build has no DLPack
     export): a byte copy from its buffer, by memmove on the CPU or cudaMemcpy on the GPU."""
     bits = np.empty(value.shape(), dtype=np.uint16)

@@ -63,10 +63,9 @@ from typing import NamedTuple
 import numpy as np
 
 import ref
-from conformance.suite import UNIT_ROUNDOFF
-from conformance.suite import round_to as round_to_dtype
-from conformance.tolerances import logit_error_bound, magnitude, router_scales
 from ref import HyperMoEConfig
+from ref.tolerances import UNIT_ROUNDOFF, logit_error_bound, magnitude, router_scales
+from ref.tolerances import round_to as round_to_dtype
 
 YARDSTICK = 4.0  # × the measured deviation of ref in float32 from ref in float64 (module docstring)
 K = 16  # the floor K u_D S; conformance's K = 64 has no measured term beside it (module docstring)

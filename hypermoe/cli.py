@@ -18,8 +18,8 @@ import numpy as np
 import ref
 
 # modules that provide a `register(subparsers)`; listed in the order `--help` shows them
-COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert", "hypermoe.train", "hypermoe.plot", "hypermoe.bench", "conformance.cli",
-                   "export.cli", "export.generate"]
+COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert.cli", "hypermoe.train.cli", "hypermoe.bench.cli", "conformance.cli",
+                   "export.cli"]
 
 
 def _version() -> str:

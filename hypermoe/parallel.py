@@ -420,12 +420,6 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
-    if not (path / ".metadata").is_file() or not (path / CONFIG_FILE).is_file():  # DCP's index, and the config
-        single = next((p for p in (path / "checkpoint" / "model", path / "model") if (p / CONFIG_FILE).is_file()), None)
-        raise ValueError(f"{path} is not a sharded checkpoint (no .metadata and {CONFIG_FILE} of "
-                         "torch.distributed.checkpoint); to-model takes the run directory of a distributed run "
-                         "(--expert-parallel), its checkpoint/ or checkpoint/sharded/"
-                         + (f"; this single-process checkpoint's model directory is {single} already" if single else ""))
     config, kind = ref.io.read_config(path / CONFIG_FILE)
     reader = SafeFileSystemReader(path)
     try:
@@ -466,22 +460,6 @@ def from_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, forc
 def _config_json(config: HyperMoEConfig, kind: str = "model") -> str:
     return json.dumps({"spec_version": ref.io.SPEC_VERSION, "kind": kind, **config.to_dict()},
                       indent=2, sort_keys=True) + "\n"
-
-
-def broadcast_str(text: str | None, src: int = 0, limit: int = 4096, device: str = "cpu") -> str:
-    """`text` of rank `src` on every rank (UTF-8 in a uint8 tensor on `device`: "cuda" for NCCL; no pickle)."""
-    buf = torch.zeros(limit + 8, dtype=torch.uint8)
-    if dist.get_rank() == src:
-        data = text.encode()
-        if len(data) > limit:
-            raise ValueError(f"broadcast_str: {len(data)} bytes exceed {limit}")
-        buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-        buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    buf = buf.to(device)
-    dist.broadcast(buf, src)
-    buf = buf.cpu()
-    size = int.from_bytes(bytes(buf[:8].tolist()), "little")
-    return bytes(buf[8:8 + size].tolist()).decode()
 
 
 __all__ = ["ExpertParallelHyperMoE", "init_distributed", "expert_mesh", "expert_parallel_", "sync_gradients",

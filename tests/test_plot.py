@@ -1,4 +1,4 @@
-"""hypermoe.plot: `hypermoe plot` reads synthetic log.jsonl files (the format `hypermoe train` writes) and writes
+"""hypermoe.train.plot: `hypermoe plot` reads synthetic log.jsonl files (the format `hypermoe train` writes) and writes
 valid PNGs; bad input (missing or corrupt log, existing output without --force) is one line and exit 2."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from hypermoe.cli import main
-from hypermoe.plot import plot_runs, read_run
+from hypermoe.train.plot import plot_runs, read_run
 
 pytest.importorskip("matplotlib", reason="hypermoe plot needs matplotlib (pip install '.[train]')")
 
@@ -91,7 +91,7 @@ def test_missing_keys_skip_plots_with_a_note(tmp_path, caplog):
     (train_only / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n"
                                                   for s in range(1, 6)))
     listed = write_run(tmp_path / "listed", as_list=True)
-    with caplog.at_level("WARNING", logger="hypermoe.plot"):
+    with caplog.at_level("WARNING", logger="hypermoe.train.plot"):
         paths = plot_runs([train_only, listed], tmp_path / "out")
     assert sorted(p.name for p in paths) == ["expert_load_layer0.png", "expert_load_layer1.png", "loss.png"]
     assert "hyper_share.png skipped" in caplog.text and "dense logged no 'expert_fraction'" in caplog.text

@@ -1,4 +1,4 @@
-"""`hypermoe plot RUN_DIR [RUN_DIR ...] -o OUT_DIR`: PNG plots of training runs, read from each RUN_DIR/log.jsonl.
+"""PNG plots of training runs, read from each RUN_DIR/log.jsonl (`hypermoe plot RUN_DIR [RUN_DIR ...] -o OUT_DIR`).
 
 The log (written by `hypermoe train`) holds one JSON object per line. A line with "loss" is a training record
 ("step", "loss", and "lr", "tokens_per_s" which are not plotted); a line with "val_loss" is an evaluation
@@ -19,7 +19,6 @@ A plot whose data no run has is skipped with a note (a logging warning; the comm
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -249,24 +248,3 @@ def _run_names(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """Each run's directory name; the path as given where two runs share a name."""
     names = [_run_name(d) for d in run_dirs]
     return [str(d) if names.count(name) > 1 else name for d, name in zip(run_dirs, names)]
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plot", help="PNG plots of training runs: loss curves, expert load per layer",
-        description="Reads RUN_DIR/log.jsonl of each `hypermoe train` run and writes into OUT_DIR: loss.png "
-        "(training and validation loss of every run on one axis), expert_load_layer{L}.png (per MoE layer, a "
-        "heatmap per run of each expert's fraction of the tokens over the evaluation steps) and hyper_share.png. "
-        "A plot whose data no log holds is skipped with a note.",
-    )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding log.jsonl")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
-                   help="directory for the PNGs (created if missing; its parent must exist)")
-    p.add_argument("--force", action="store_true", help="replace existing PNGs of the same names (default: refuse)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    for path in plot_runs(args.run_dirs, args.output, force=args.force):
-        print(f"wrote {path}")
-    return 0

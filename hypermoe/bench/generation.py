@@ -1,4 +1,4 @@
-"""`hypermoe bench --generation`: text generation with a HyperMoE language model, three backends side by side.
+"""The generation benchmark (`hypermoe bench --generation`): text generation with a HyperMoE language model, three backends side by side.
 
 The model: GPT-2-small-sized (d = 768, 12 blocks, 12 heads, vocabulary 50257, 1024 learned positions), every
 block's FFN a HyperMoE layer at the official sizes (N = 8 experts of f = 3072 with biases and tanh-GELU, k = 1,
@@ -36,20 +36,20 @@ The library never prints: progress goes to the `progress` callback (the CLI writ
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ref import HyperMoEConfig
-from hypermoe.bench import _malloc_trim, check_outputs, config_option, machine, run_and_report
+from hypermoe.bench.harness import machine, malloc_trim
+
 
 KIND = "generation"  # the JSON's meta.kind: `hypermoe bench --render` tells this benchmark's files apart
 FLAVOURS = ("portable", "sparse", "fused")
@@ -329,7 +329,7 @@ def run(opts: Options, progress: Callable[[str], None] | None = None,
     try:
         exports = export_flavours(model, opts, directory, say)
         gc.collect()
-        _malloc_trim()  # the export's transient copies (≈ 13 GB peak at full size) go back to the system
+        malloc_trim()  # the export's transient copies (≈ 13 GB peak at full size) go back to the system
         decoders = make_decoders(model, opts, directory)
         checks = check_logits(decoders, opts)
         rows: list[dict[str, Any]] = []
@@ -421,45 +421,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: hypermoe bench --generation (the parser is hypermoe.bench's)
-# ---------------------------------------------------------------------------------------------
-
-LAYER_ONLY = ("tokens", "top_k", "dtypes", "impls", "modes")  # hypermoe bench options of the layer benchmark
-
-
 def is_result(result: Any) -> bool:
     return isinstance(result, dict) and isinstance(result.get("meta"), dict) and result["meta"].get("kind") == KIND
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that repeats this run (the options that change what is measured; outputs left out)."""
-    words = ["hypermoe", "bench", "--generation"]
-    words += ["--quick"] if args.quick else []
-    words += ["--device", args.device] if args.device != "cpu" else []
-    words += ["--threads", str(args.threads)] if args.threads else []
-    words += ["--flavours", *dict.fromkeys(args.flavours)] if getattr(args, "flavours", None) else []
-    words += ["--config", args.config] if args.config else []
-    words += ["--seed", str(args.seed)] if args.seed else []
-    return " ".join(words)
-
-
-def command(args: argparse.Namespace) -> int:
-    """`hypermoe bench --generation …`: run, print the table, write --json/--markdown atomically."""
-    given = [f"--{name.replace('_', '-')}" for name in LAYER_ONLY if getattr(args, name, None)]
-    if given:
-        raise ValueError(f"{', '.join(given)}: options of the layer benchmark, not of --generation")
-    changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
-    if getattr(args, "flavours", None):
-        changes["flavours"] = tuple(dict.fromkeys(args.flavours))
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
-    opts = Options.quick(**changes) if args.quick else Options(**changes)
-    if args.config:
-        opts.cfg = config_option(args.config)
-    check_options(opts)
-    check_outputs(args)
-    return run_and_report(args, lambda progress: run(opts, progress=progress), markdown, command_line(args))
 
 
 __all__ = ["Options", "Group", "gpt2_small_config", "groups", "markdown", "run", "targets"]
