@@ -417,26 +417,27 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     """A sharded checkpoint (save_sharded's directory) → one ordinary model directory (config.json +
     weights.npz, HyperMoETransformer.from_dir), in this single process; written atomically, replaced only with
     `force`."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     path = Path(path)
     config, kind = ref.io.read_config(path / CONFIG_FILE)
     reader = SafeFileSystemReader(path)
     try:
-        metadata = reader.read_metadata()
-        state = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-                 for key, md in metadata.state_dict_metadata.items() if key.startswith("model.")}
+        reader.read_metadata()  # its checks (DCP's classes only, tensors only) before anything is allocated
+        state = {f"model.{name}": torch.full(shape, float("nan"))  # the config's shapes (DCP refuses others), and
+                 for name, shape in ref.io.expected_shapes(config, kind).items()}  # NaN where no stored chunk lands
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, no_dist=True)
     except ValueError:
         raise
-    except (Exception, CheckpointException) as err:  # a damaged .metadata or shard: pickle's, torch.load's errors,
-        cause = next(iter(getattr(err, "failures", {}).values()), err)  # or DCP's (a BaseException) with them per rank
+    except (Exception, dcp.CheckpointException) as err:  # a damaged .metadata or shard: pickle's, torch.load's errors,
+        cause = next(iter(getattr(err, "failures", {}).values()), (err,))[0]  # or DCP's (a BaseException): per rank
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise ValueError(f"{path}: not a readable sharded checkpoint ({type(cause).__name__}"
                          + (f": {message}" if message else "") + ")") from None
     params = {key[len("model."):]: t.float().numpy() for key, t in state.items()}
+    bad = sorted(name for name, a in params.items() if not np.isfinite(a).all())  # a damaged .metadata's chunk
+    if bad:  # offsets can leave elements unread: dcp.load fills only what the stored chunks cover
+        raise ValueError(f"{path}: not a readable sharded checkpoint ({bad[0]!r} is not fully stored, or not finite)")
     return ref.io.save_dir(out, config, params, kind, force=force)
 
 
