@@ -100,7 +100,12 @@ def read_config(file: str | os.PathLike) -> tuple[HyperMoEConfig, str]:
     if str(version).split(".")[0] != SPEC_VERSION.split(".")[0]:
         raise ValueError(f"{file}: spec version {version} is incompatible with this hypermoe (spec {SPEC_VERSION})")
     try:
-        return HyperMoEConfig.from_dict(data), kind
+        cfg = HyperMoEConfig.from_dict(data)
+        if kind == "model":
+            from ref.model import check_model
+
+            check_model(cfg)  # the model-only rules (n_heads | d_model), which a layer's config need not obey
+        return cfg, kind
     except (TypeError, ValueError) as err:
         raise ValueError(f"{file}: {err}") from None
 
