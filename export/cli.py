@@ -20,8 +20,9 @@ FLAVOUR_HELP = ("portable: standard ONNX ops only (runs on onnx.reference and an
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="export a HyperMoE layer, stack or model to ONNX and check the file",
-        description="Exports a saved model directory (config.json + weights.npz, kind layer or stack), or the "
-        "built-in default layer (official sizes, ref.init seed 0), to ONNX with torch's dynamo exporter: input "
+        description="Exports a saved model directory (config.json + weights.npz or weights.safetensors, of kind "
+        "layer, stack or model), or the built-in default layer (official sizes, ref.init seed 0), to ONNX, in "
+        "the portable flavour unless --flavour says otherwise, with torch's dynamo exporter: input "
         "hidden_states (batch, seq, d) → output (+ selected_experts, gates with --routing-outputs); a model: "
         "input_ids (batch, seq) → logits. Dynamic batch and seq. The config and spec version go into the model metadata; onnx.checker (full check) and strict "
         "shape inference run on the written file. A model with --with-past: a directory with model.onnx (one graph "
@@ -37,8 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--with-past", action="store_true",
                    help="a model (kind model) with past key/values (KV cache) as inputs and present ones as outputs, "
                    "for generation; no capacity (it counts the tokens of a whole sequence)")
-    p.add_argument("--eos-token-id", type=int, default=None, help="--with-past: end-of-sequence id for genai_config.json")
-    p.add_argument("--pad-token-id", type=int, default=0, help="--with-past: padding id for genai_config.json (default 0)")
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
+    p.add_argument("--pad-token-id", type=int, default=None,
+                   help="with --with-past only: padding id for genai_config.json (default 0)")
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
 
@@ -52,9 +55,10 @@ def register(subparsers) -> None:
         "top-2 logit gap decides them.")
     p.add_argument("model", help="an .onnx file written by hypermoe export, or a --with-past export's directory")
     p.add_argument("--source", default=None, help="the model directory it was exported from (default: as recorded)")
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--shapes", default="2x16,1x1,3x7", help="(batch)x(seq) list (default 2x16,1x1,3x7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the margin-controlled inputs (default 0)")
     p.set_defaults(func=verify_command)
 
     p = subparsers.add_parser(
@@ -64,15 +68,16 @@ def register(subparsers) -> None:
         "one-line notice. Prints median latency and tokens/s.")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--input", default=None, help=".npy file of shape (batch, seq, d) (default: random N(0, 1))")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--batch", type=int, default=1, help="sequences of the random input (default 1; not with --input)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence of the random input (default 128)")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (fixed shape, CUDA only)")
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20, help="timed runs (median reported; default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--save", default=None, help="write the output tensor to this .npy file")
     p.add_argument("--force", action="store_true", help="replace an existing --save file (default: refuse it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
     p.set_defaults(func=run_command)
 
     p = subparsers.add_parser(
@@ -88,22 +93,29 @@ def register(subparsers) -> None:
     p.add_argument("--flavour", choices=("auto", "portable", "fused", "sparse"), default="auto",
                    help=FLAVOUR_HELP + "; auto (default): sparse on the CPU provider (fastest there, BENCHMARKS.md), "
                    "portable on CUDA (static shapes: CUDA-graph capturable)")
-    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="onnxruntime provider: auto (CUDA when usable, else the CPU with a one-line notice; default), cuda, cpu")
     p.add_argument("--seq", type=int, default=128, help="tokens for the timed run (default 128)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs (median reported; default 10)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs of each runtime (median reported; default 10)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="CPU threads of onnxruntime (intra-op) and of PyTorch, the same for both so that the two "
+                   "timings compare (default: PyTorch's default, the physical cores); the report states it")
     p.set_defaults(func=main_command)
     register_generate(subparsers)
 
 
 def _export_options(p) -> None:
-    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable", help=FLAVOUR_HELP)
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--flavour", choices=("portable", "fused", "sparse"), default="portable",
+                   help=FLAVOUR_HELP + " (default portable)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the graph's weights and activations (default float32)")
     p.add_argument("--hyper-form", choices=("auto", "sets", "grouped", "factored"), default="auto",
                    help="HyperExpert as per-set constants (sets: dense one-hot, grouped: per-set dispatch) or "
                    "factored hypernetwork (default: by size and flavour)")
     p.add_argument("--layer-index", type=int, default=0, help="layer embedding ℓ of a standalone layer (default 0)")
     p.add_argument("--routing-outputs", action="store_true", help="also output selected_experts and gates")
-    p.add_argument("--opset", type=int, default=20)
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset of the exported graph (default 20; at least 18, "
+                   "at most what the installed torch exporter supports)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in default's parameters")
 
 
@@ -130,6 +142,9 @@ def export_command(args: argparse.Namespace) -> int:
     from ref.files import check_output
 
     exporter.check_opset(args.opset)  # both before loading a model that may take a while
+    if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
+        raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
+                         "without --with-past there is none (add --with-past, or drop them)")
     output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
@@ -138,7 +153,7 @@ def export_command(args: argparse.Namespace) -> int:
     result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index, dtype=args.dtype,
                                    flavour=args.flavour, hyper_form=args.hyper_form, routing_outputs=args.routing_outputs,
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
-                                   eos_token_id=eos, pad_token_id=args.pad_token_id, tokenizer=tokenizer)
+                                   eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)
@@ -241,6 +256,8 @@ def main_command(args: argparse.Namespace) -> int:
 
     if args.seq < 1 or args.runs < 1:
         raise ValueError(f"--seq and --runs must be ≥ 1, got {args.seq} and {args.runs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     if args.keep and args.workdir:
         raise ValueError("--keep goes without --workdir (a --workdir is always kept)")
     provider, _ = choose_provider(args.provider)  # fail fast (before the export) when --provider cuda cannot work
@@ -260,10 +277,14 @@ def main_command(args: argparse.Namespace) -> int:
 
 
 def _main_steps(args: argparse.Namespace, out: Path, flavour: str) -> int:
+    import torch
+
     from export import exporter
+    from export.latency import WARMUP, latencies
     from export.runtime import OnnxRunner
     from export.verify import verify
 
+    threads = args.threads or torch.get_num_threads()  # one count for both runtimes (torch's default: physical cores)
     t0 = time.perf_counter()
     cfg, params, kind, source = exporter.load_source(None)
     print(f"1. build: default layer (d={cfg.d_model}, f={cfg.d_ff}, N={cfg.n_experts}, k={cfg.top_k}, "
@@ -272,53 +293,26 @@ def _main_steps(args: argparse.Namespace, out: Path, flavour: str) -> int:
                                    force=args.force)
     print("2. ", end="")
     _print_export(result)
-    runner = OnnxRunner(result.path, args.provider)
+    runner = OnnxRunner(result.path, args.provider, threads=threads)
     report = verify(result.path, runner=runner, shapes=((2, 16), (1, 1), (3, 7)))
     print("3. " + "\n".join(report.lines()))
     if runner.notice:
         print("4. " + runner.notice)
     x = np.random.default_rng(1).standard_normal((1, args.seq, cfg.d_model)).astype(np.float32)
     device = "cuda" if runner.provider == "cuda" else "cpu"
-    ort_ms, torch_ms = _latencies(runner, cfg, params, x, device, args.runs)
-    print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()}: (1, {args.seq}, "
-          f"{cfg.d_model}), median {ort_ms:.2f} ms, {args.seq / ort_ms * 1e3:,.0f} tokens/s")
+    ort_ms, torch_ms = latencies(runner, cfg, params, x, device, args.runs, threads)
+    cpu = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    print(f"{'   ' if runner.notice else '4. '}run on onnxruntime {runner.provider.upper()} ({cpu}): (1, {args.seq}, "
+          f"{cfg.d_model}), {WARMUP} warm-up runs, median of {args.runs}: {ort_ms:.2f} ms, "
+          f"{args.seq / ort_ms * 1e3:,.0f} tokens/s")
     if torch_ms is not None:
-        print(f"   same input on PyTorch eager ({device.upper()}, hypermoe.layer, float32, timed after "
-              f"onnxruntime): median {torch_ms:.2f} ms, {args.seq / torch_ms * 1e3:,.0f} tokens/s")
+        print(f"   same input on PyTorch eager ({device.upper()}, {cpu}, hypermoe.layer, float32, timed after "
+              f"onnxruntime, {WARMUP} warm-up runs, median of {args.runs}): {torch_ms:.2f} ms, "
+              f"{args.seq / torch_ms * 1e3:,.0f} tokens/s")
     kept = args.workdir or args.keep
     print(f"{'PASS' if report.ok else 'FAIL'}: total {time.perf_counter() - t0:.0f} s; file {result.path}"
           + ("" if kept else " (removed at exit; --keep or --workdir keeps it)"))
     return 0 if report.ok else 1
-
-
-def _latencies(runner, cfg, params, x: np.ndarray, device: str, runs: int) -> tuple[float, float | None]:
-    """Median ms of onnxruntime (runner.run_bound, device-resident I/O), then of hypermoe.layer.HyperMoELayer
-    (eager, no grad; None where torch has no such device), one block after the other: interleaving them
-    measures each one's interference (onnxruntime's idle threads spin, which slows torch; without spinning
-    onnxruntime loses ~40% on 2 cores). Four warm-up calls each (the layer's first call builds its per-set
-    adapter cache, and torch's CPU kernels settle over the next few)."""
-    import statistics
-
-    import torch
-
-    from hypermoe.layer import HyperMoELayer
-
-    ort_ms = runner.benchmark(x, warmup=4, runs=runs).median_ms
-    if device == "cuda" and not torch.cuda.is_available():
-        return ort_ms, None
-    layer = HyperMoELayer.from_ref(cfg, params, dtype=torch.float32, device=device).eval()
-    xt = torch.from_numpy(x).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    with torch.no_grad():
-        for i in range(runs + 4):
-            sync()
-            start = time.perf_counter()
-            layer(xt)
-            sync()
-            if i >= 4:
-                times.append(time.perf_counter() - start)
-    return ort_ms, statistics.median(times) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +331,9 @@ def register_generate(subparsers) -> None:
         "(`hypermoe export MODEL_DIR --with-past -o DIR`: model.onnx + genai_config.json) or its .onnx file, run "
         "on onnxruntime with IOBinding (the KV cache stays on the device); or a model directory (config.json kind "
         "'model'), run on torch with its KV cache — the reference backend the export is compared with. Greedy by "
-        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed.")
+        "default; --temperature > 0 samples (then --top-k, --top-p), reproducibly for a --seed. Tokenizer: "
+        "--tokenizer, else the tokenizer.json in MODEL's folder (used automatically when present), else UTF-8 "
+        "bytes for a model of vocabulary 256; another model without one takes --prompt-ids and prints ids.")
     p.add_argument("model", metavar="MODEL", help="with-past export directory or .onnx, or a model directory")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded by the tokenizer")
@@ -357,8 +353,10 @@ def register_generate(subparsers) -> None:
                    help="stop a sequence after this token (repeatable; default: the export's genai_config.json "
                    "eos_token_id, else none)")
     p.add_argument("--tokenizer", metavar="tokenizer.json", default=None,
-                   help="a Hugging Face tokenizer.json (needs the tokenizers package, extra 'serve'); default: UTF-8 "
-                   "bytes as ids 0..255 (needs vocab_size ≥ 256, else give --prompt-ids)")
+                   help="a Hugging Face tokenizer.json, or a directory holding one (needs the tokenizers package, "
+                   "extra 'serve'); default: the tokenizer.json in MODEL's folder when there is one, else UTF-8 "
+                   "bytes as ids 0..255 for a model whose vocabulary is the 256 bytes; any other model needs "
+                   "--tokenizer or --prompt-ids (then the output is printed as ids)")
     p.add_argument("--batch", type=int, default=1, metavar="B",
                    help="run the prompt as B identical sequences at once (throughput; prints the first)")
     p.add_argument("--print-ids", action="store_true", help="also print the generated token ids")
@@ -366,7 +364,8 @@ def register_generate(subparsers) -> None:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    from export.generate import ByteTokenizer, FileTokenizer, export_token_ids, load_decoder, parse_ids
+    from export.generate import ByteTokenizer, FileTokenizer, encode_prompt, export_token_ids, load_decoder
+    from export.generate import model_tokenizer, parse_ids
     from hypermoe.generation import Sampling, generate
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -376,19 +375,16 @@ def generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be ≥ 1, got {args.batch}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
-    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
+    tokenizer = FileTokenizer(args.tokenizer) if args.tokenizer else None  # a bad one fails before the model loads
     decoder, cfg, backend, notice = load_decoder(args.model, args.provider, threads=args.threads)
     if notice:
         print(notice, file=sys.stderr)
+    if tokenizer is None:
+        tokenizer = model_tokenizer(args.model, cfg.vocab_size)
     if args.prompt_ids is not None:
         prompt = parse_ids(args.prompt_ids, "--prompt-ids")
     else:
-        if not args.tokenizer and cfg.vocab_size < 256:
-            raise ValueError(f"the byte tokenizer needs vocab_size ≥ 256 (this model has {cfg.vocab_size}): "
-                             "give --prompt-ids or --tokenizer")
-        prompt = tokenizer.encode(args.prompt)
-        if not prompt:
-            raise ValueError("the prompt encodes to no tokens: give a non-empty --prompt")
+        prompt = encode_prompt(tokenizer, args.prompt, cfg.vocab_size)  # ValueError when no tokenizer fits the model
     if max(prompt) >= cfg.vocab_size:
         raise ValueError(f"prompt token id {max(prompt)} ≥ the model's vocab_size {cfg.vocab_size}")
     if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
@@ -403,13 +399,16 @@ def generate_command(args: argparse.Namespace) -> int:
     result = generate(decoder, [prompt] * args.batch, max_new_tokens=args.max_new_tokens, sampling=sampling,
                       eos_token_ids=eos, pad_token_id=pad, max_length=cfg.max_seq_len)
     tokens = result.tokens[0]
-    print(tokenizer.decode(prompt + tokens))
-    if args.print_ids:
+    if tokenizer is not None:
+        print(tokenizer.decode(prompt + tokens))
+    if args.print_ids or tokenizer is None:  # no tokenizer for this vocabulary: the ids are the output
         print("ids: " + " ".join(map(str, tokens)))
+    described = ("none (ids only)" if tokenizer is None else "UTF-8 bytes" if isinstance(tokenizer, ByteTokenizer)
+                 else str(tokenizer.path))
     steps_ms = np.asarray(result.step_seconds) * 1e3
     latency = (f"median {np.median(steps_ms):.2f} ms, p90 {np.percentile(steps_ms, 90):.2f} ms" if steps_ms.size
                else "n/a (no decode step)")
-    print(f"backend: {backend}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
+    print(f"backend: {backend}; tokenizer {described}; batch {args.batch} × prompt {len(prompt)} tokens, {len(tokens)} new tokens"
           + (" (stopped at EOS)" if tokens and tokens[-1] in eos else ""))
     print(f"prefill {result.prefill_tokens_per_s:,.1f} tokens/s, decode {result.decode_tokens_per_s:,.1f} tokens/s, "
           f"per-token latency {latency}")

@@ -247,6 +247,15 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
                 optimize=True, verbose=False, report=False,
             )
         except Exception as err:  # torch.onnx wraps the module's own errors in TorchExportError
+            # Ctrl-C or SIGTERM (hypermoe.cli raises a KeyboardInterrupt from the handler) during the exporter's
+            # own lazy imports of torch._dynamo can leave a module half initialised and surface as torch's
+            # AttributeError: an interrupt anywhere in the chain is an interrupt, not a failed export
+            link, seen = err, set()
+            while link is not None and id(link) not in seen:
+                seen.add(id(link))
+                if isinstance(link, KeyboardInterrupt):
+                    raise link from None
+                link = link.__cause__ or link.__context__
             cause = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__

@@ -6,8 +6,9 @@ onnxruntime-genai's names). The generation loop, sampling, padding and timings a
 this module only runs the graph. `hypermoe generate` (export/cli.py) drives either backend: an export directory (or its .onnx)
 runs on onnxruntime, a model directory (config.json kind "model") on torch with its KV cache (TorchDecoder).
 
-Tokenizers: byte-level by default (UTF-8 bytes as ids 0..255, what `hypermoe train` models on), or a
-Hugging Face tokenizer.json read by the `tokenizers` package (optional extra `serve`).
+Tokenizers: a Hugging Face tokenizer.json read by the `tokenizers` package (optional extra `serve`): --tokenizer,
+else the one in MODEL's folder; without one, UTF-8 bytes as ids 0..255 (what `hypermoe train` models on), only for
+a model whose vocabulary is the 256 bytes.
 
 Axis legend: B sequences, S new positions of a step, P cached positions, H heads, c head width, V vocabulary.
 """
@@ -31,6 +32,8 @@ from ref import model as ref_model
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
 MAX_CONFIG_BYTES = 1 << 20  # a genai_config.json is a few kB; a bigger one is not ours
 MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json files run to tens of MB (large vocabularies); refuse more
+TOKENIZER_FILE = "tokenizer.json"  # Hugging Face's name, in a model or export folder
+BYTE_VOCAB = 256  # a vocabulary of UTF-8 bytes: the only one the byte tokenizer fits
 _ITEMSIZE = {ONNX_FLOAT: 4, ONNX_FLOAT16: 2, ONNX_BFLOAT16: 2}
 _HOST_DTYPE = {ONNX_FLOAT: np.float32, ONNX_FLOAT16: np.float16, ONNX_BFLOAT16: np.uint16}  # bfloat16 as its bits
 
@@ -264,7 +267,7 @@ def _last_position(value, onnx_type: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers: UTF-8 bytes by default, or a Hugging Face tokenizer.json
+# Tokenizers: a Hugging Face tokenizer.json, or UTF-8 bytes for a byte-vocabulary model
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,6 +287,11 @@ class FileTokenizer:
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
+        if path.is_dir():  # a model's folder: its tokenizer.json
+            if not (path / TOKENIZER_FILE).is_file():
+                raise ValueError(f"{path} is a directory without a {TOKENIZER_FILE} (--tokenizer takes a "
+                                 f"{TOKENIZER_FILE}, or a directory holding one)")
+            path = path / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file (--tokenizer takes a tokenizer.json)")
         if path.stat().st_size > MAX_TOKENIZER_BYTES:
@@ -299,6 +307,7 @@ class FileTokenizer:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path}: not a tokenizer.json the tokenizers package can read ({message})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.path = path
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -339,6 +348,30 @@ def load_decoder(model: str | os.PathLike, provider: str = "auto", *, threads: i
     import onnxruntime as ort
 
     return decoder, decoder.config, f"onnxruntime {ort.__version__} {decoder.provider.upper()}, IOBinding", decoder.notice
+
+
+def model_tokenizer(model: str | os.PathLike, vocab_size: int):
+    """The tokenizer of MODEL when none is given: the tokenizer.json in its folder (a model or export directory,
+    or the folder of an .onnx), else the byte tokenizer where the model's vocabulary is the 256 bytes; None
+    otherwise (token ids only: byte ids fed to another vocabulary would give plausible garbage)."""
+    path = Path(model)
+    found = (path if path.is_dir() else path.parent) / TOKENIZER_FILE
+    if found.is_file():
+        return FileTokenizer(found)
+    return ByteTokenizer() if vocab_size == BYTE_VOCAB else None
+
+
+def encode_prompt(tokenizer, text: str, vocab_size: int) -> list[int]:
+    """The ids of a prompt text; a one-line ValueError when there is no tokenizer (model_tokenizer's None) or the
+    text encodes to no tokens."""
+    if tokenizer is None:
+        raise ValueError(f"this model's vocabulary has {vocab_size} ids, not the {BYTE_VOCAB} bytes of the "
+                         f"byte tokenizer, and its folder holds no {TOKENIZER_FILE}: give --tokenizer "
+                         f"{TOKENIZER_FILE} (the model's own), or --prompt-ids")
+    prompt = tokenizer.encode(text)
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens: give a non-empty --prompt")
+    return prompt
 
 
 def parse_ids(text: str, what: str) -> list[int]:

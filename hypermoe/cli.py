@@ -53,8 +53,18 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # the signals _terminate raised during the running command
+
+
 def _terminate(signum: int, frame) -> None:
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def _interrupted(command: str, signum: int, notes) -> int:
+    print(f"hypermoe {command}: interrupted ({signal.Signals(signum).name})" + "".join(f"; {note}" for note in notes),
+          file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     previous = {}
+    _received.clear()
     if threading.current_thread() is threading.main_thread():  # signal.signal works only there
         previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s}
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"hypermoe {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as err:  # ref.files.atomic_output notes the destinations it left untouched
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"hypermoe {args.command}: interrupted ({signal.Signals(signum).name})"
-              + "".join(f"; {note}" for note in getattr(err, "__notes__", ())), file=sys.stderr)
-        return 128 + signum
+        return _interrupted(args.command, getattr(err, "signum", signal.SIGINT), getattr(err, "__notes__", ()))
     except BrokenPipeError:  # `hypermoe ... | head`: the reader left; say nothing more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # as if killed by SIGPIPE, as other command-line tools are
+    except Exception as err:
+        if _received:  # a signal's exception that the interrupted work caught and turned into another error
+            return _interrupted(args.command, _received[0], getattr(err, "__notes__", ()))
+        if not isinstance(err, (ValueError, FileNotFoundError, PermissionError)):
+            raise
+        print(f"hypermoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -205,7 +205,7 @@ class HyperMoETransformer(nn.Module):
 
     def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
         super().__init__()
-        model_param_shapes(config)  # ValueError for a config without a HyperMoE block
+        model_param_shapes(config)  # ValueError for a config no model can have (ref.model.check_model)
         check_memory(config, "model", device=device, dtype=dtype, what="HyperMoETransformer")
         self.config = config
         d, V, P = config.d_model, config.vocab_size, config.max_seq_len

@@ -420,19 +420,34 @@ def to_model_dir(path: str | os.PathLike, out: str | os.PathLike, *, force: bool
     path = Path(path)
     config, kind = ref.io.read_config(path / CONFIG_FILE)
     reader = SafeFileSystemReader(path)
-    metadata = reader.read_metadata()
-    state = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-             for key, md in metadata.state_dict_metadata.items() if key.startswith("model.")}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=True)
+    try:
+        reader.read_metadata()  # its checks (DCP's classes only, tensors only) before anything is allocated
+        state = {f"model.{name}": torch.full(shape, float("nan"))  # the config's shapes (DCP refuses others), and
+                 for name, shape in ref.io.expected_shapes(config, kind).items()}  # NaN where no stored chunk lands
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except ValueError:
+        raise
+    except (Exception, dcp.CheckpointException) as err:  # a damaged .metadata or shard: pickle's, torch.load's errors,
+        cause = next(iter(getattr(err, "failures", {}).values()), (err,))[0]  # or DCP's (a BaseException): per rank
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise ValueError(f"{path}: not a readable sharded checkpoint ({type(cause).__name__}"
+                         + (f": {message}" if message else "") + ")") from None
     params = {key[len("model."):]: t.float().numpy() for key, t in state.items()}
+    bad = sorted(name for name, a in params.items() if not np.isfinite(a).all())  # a damaged .metadata's chunk
+    if bad:  # offsets can leave elements unread: dcp.load fills only what the stored chunks cover
+        raise ValueError(f"{path}: not a readable sharded checkpoint ({bad[0]!r} is not fully stored, or not finite)")
     return ref.io.save_dir(out, config, params, kind, force=force)
 
 
 def from_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """An ordinary model directory → a sharded checkpoint directory (DCP, model.* only, + config.json) that
     load_sharded reads at any world size; written atomically, replaced only with `force`."""
+    config, kind = ref.io.load_config(model_dir)
+    if kind != "model":  # a training checkpoint holds a whole model (HyperMoETransformer)
+        raise ValueError(f"{model_dir}: a saved {kind}, not a model (kind 'model'); from-model converts the model "
+                         "directory of a language model")
     config, params, kind = ref.io.load_dir(model_dir)
     state = {f"model.{name}": torch.from_numpy(np.ascontiguousarray(a)) for name, a in params.items()}
     with atomic_output(out, directory=True, force=force) as tmp:
@@ -446,22 +461,6 @@ def from_model_dir(model_dir: str | os.PathLike, out: str | os.PathLike, *, forc
 def _config_json(config: HyperMoEConfig, kind: str = "model") -> str:
     return json.dumps({"spec_version": ref.io.SPEC_VERSION, "kind": kind, **config.to_dict()},
                       indent=2, sort_keys=True) + "\n"
-
-
-def broadcast_str(text: str | None, src: int = 0, limit: int = 4096, device: str = "cpu") -> str:
-    """`text` of rank `src` on every rank (UTF-8 in a uint8 tensor on `device`: "cuda" for NCCL; no pickle)."""
-    buf = torch.zeros(limit + 8, dtype=torch.uint8)
-    if dist.get_rank() == src:
-        data = text.encode()
-        if len(data) > limit:
-            raise ValueError(f"broadcast_str: {len(data)} bytes exceed {limit}")
-        buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-        buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    buf = buf.to(device)
-    dist.broadcast(buf, src)
-    buf = buf.cpu()
-    size = int.from_bytes(bytes(buf[:8].tolist()), "little")
-    return bytes(buf[8:8 + size].tolist()).decode()
 
 
 __all__ = ["ExpertParallelHyperMoE", "init_distributed", "expert_mesh", "expert_parallel_", "sync_gradients",

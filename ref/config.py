@@ -44,7 +44,7 @@ class HyperMoEConfig:
     n_layers: int = 1  # L: layers sharing one hypernetwork = rows of the layer-embedding table
     # --- the small transformer model (hypermoe.model); ignored by a lone layer ---
     vocab_size: int = 256  # byte-level vocabulary by default
-    n_heads: int = 12  # attention heads; must divide d_model
+    n_heads: int = 12  # attention heads; must divide d_model (checked where a model is built: ref.model.check_model)
     max_seq_len: int = 1024  # learned positions
     moe_every: int = 1  # block ℓ is HyperMoE when ℓ % moe_every == moe_every - 1 (2: odd blocks, Switch)
     tie_embeddings: bool = True  # output projection = token embedding (GPT-2)
@@ -88,8 +88,6 @@ class HyperMoEConfig:
             raise ValueError(f"config field 'dropout' must be in [0, 1), got {self.dropout}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"config field 'layer_norm_eps' must be > 0, got {self.layer_norm_eps}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"config field 'n_heads' ({self.n_heads}) must divide d_model ({self.d_model})")
 
     # --- derived quantities ---
     def is_moe_block(self, block: int) -> bool:

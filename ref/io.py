@@ -155,7 +155,12 @@ def config_from_fields(data: Mapping) -> tuple[HyperMoEConfig, str, dict]:
     if str(version).split(".")[0] != SPEC_VERSION.split(".")[0]:
         raise ValueError(f"spec version {version} is incompatible with this hypermoe (spec {SPEC_VERSION})")
     fields = check_transformers_fields({k: data.pop(k) for k in TRANSFORMERS_FIELDS if k in data}, kind)
-    return HyperMoEConfig.from_dict(data), kind, fields
+    cfg = HyperMoEConfig.from_dict(data)
+    if kind == "model":
+        from ref.model import check_model
+
+        check_model(cfg)  # the model-only rules (n_heads | d_model), which a layer's config need not obey
+    return cfg, kind, fields
 
 
 def read_npy(fh, size: int) -> np.ndarray:

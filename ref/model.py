@@ -39,12 +39,21 @@ def moe_blocks(cfg: HyperMoEConfig) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.is_moe_block(i)]
 
 
-def model_param_shapes(cfg: HyperMoEConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the model, x @ W layout (W: (in, out)). A model needs at least one HyperMoE
-    block: with moe_every > n_layers it would be a plain transformer with an unused hypernetwork."""
+def check_model(cfg: HyperMoEConfig) -> None:
+    """The rules only a model's fields obey (SPEC.md §1): n_heads divides d_model, and at least one HyperMoE
+    block (with moe_every > n_layers it would be a plain transformer with an unused hypernetwork). A lone
+    layer or stack ignores these fields, so HyperMoEConfig itself does not check them."""
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"config field 'n_heads' ({cfg.n_heads}) must divide d_model ({cfg.d_model})")
     if not moe_blocks(cfg):
         raise ValueError(f"config field 'moe_every' ({cfg.moe_every}) exceeds n_layers ({cfg.n_layers}): "
                          "the model would have no HyperMoE block")
+
+
+def model_param_shapes(cfg: HyperMoEConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the model, x @ W layout (W: (in, out)), after check_model (every model built, loaded,
+    saved or exported passes here)."""
+    check_model(cfg)
     d, f, V, P = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_seq_len
     shapes: dict[str, tuple[int, ...]] = {"token_embed": (V, d), "pos_embed": (P, d)}
     for i in range(cfg.n_layers):
@@ -275,7 +284,7 @@ def forward(
 
 
 __all__ = [
-    "attention", "attention_bias", "block_moe_params", "check_attention_mask", "check_positions", "check_tokens",
+    "attention", "attention_bias", "block_moe_params", "check_attention_mask", "check_model", "check_positions", "check_tokens",
     "default_positions", "dense_mlp", "forward", "init_model", "layer_norm", "model_init_std", "model_param_shapes",
     "moe_blocks",
 ]

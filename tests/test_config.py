@@ -119,9 +119,29 @@ def test_number_fields_reject_non_numbers(field, value):
         tiny_config(**{field: value})
 
 
-def test_n_heads_must_divide_d_model():
-    with pytest.raises(ValueError, match=r"config field 'n_heads' \(3\) must divide d_model \(16\)"):
-        tiny_config(n_heads=3)
+def test_n_heads_must_divide_d_model_of_a_model_only(tmp_path):
+    """n_heads is a model-only field: a layer config (d = 32, the default 12 heads) is valid, and a layer of it
+    saves and loads; every model path (ref, torch, a model directory's config.json) refuses it."""
+    from ref import io as ref_io
+    from ref.model import check_model, init_model, model_param_shapes
+
+    cfg = HyperMoEConfig(d_model=32, d_ff=64, d_expert_embed=8, d_process=8, d_hyper=8, d_generator=8, d_adapter=4)
+    assert cfg.n_heads == 12
+    ref_io.save_dir(tmp_path / "layer", cfg, ref.init(cfg, seed=0), "layer")
+    assert ref_io.load_dir(tmp_path / "layer")[0] == cfg
+    message = r"config field 'n_heads' \(3\) must divide d_model \(16\)"
+    bad = tiny_config(n_heads=3)  # a valid config, not a valid model
+    for build in (check_model, model_param_shapes, init_model):
+        with pytest.raises(ValueError, match=message):
+            build(bad)
+    from hypermoe.model import HyperMoETransformer
+
+    with pytest.raises(ValueError, match=message):
+        HyperMoETransformer(bad)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"kind": "model", **bad.to_dict()}))
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        ref_io.load_config(tmp_path / "m")
 
 
 def test_replace_validates():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 
 import numpy as np
@@ -580,6 +581,38 @@ def small_gpt2():
     return official_gpt2_state(np.random.default_rng(8), d=4, f=3, N=3, e=2, p=2, h=2, l=2, g=2, a=2, L=3)
 
 
+def test_one_misshapen_tensor_is_the_one_blamed():
+    """Block 0's c_fc (d, f - 1): the sizes come from the shape the blocks agree on, so only that tensor is named
+    (it used to set f, and every correct tensor of the other blocks was reported misshapen instead)."""
+    sd = dense_gpt2_state(np.random.default_rng(0), d=4, f=6, L=3)
+    sd["h.0.mlp.c_fc.weight"] = sd["h.0.mlp.c_fc.weight"][:, :5]
+    with pytest.raises(ValueError, match=r"^misshapen official tensor\(s\): h\.0\.mlp\.c_fc\.weight has shape "
+                                         r"\(4, 5\), expected \(4, 6\)$"):
+        convert.upcycle_gpt2_mlp(sd, n_experts=2, top_k=1, kind="stack")
+    sd = small_gpt2()
+    sd["h.2.mlp.experts.expert_0.c_fc.weight"] = np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"^misshapen official tensor\(s\): h\.2\.mlp\.experts\.expert_0\.c_fc"
+                                         r"\.weight has shape \(4, 2\), expected \(4, 3\)$"):
+        convert.from_official_gpt2(sd)
+    sd = small_gpt2()
+    sd["h.0.mlp.experts.expert_0.c_fc.weight"] = np.zeros((4, 2))  # block 0, the anchor: the same
+    with pytest.raises(ValueError, match=r"^misshapen official tensor\(s\): h\.0\.mlp\.experts\.expert_0\.c_fc"
+                                         r"\.weight has shape \(4, 2\), expected \(4, 3\)$"):
+        convert.from_official_gpt2(sd)
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ValueError, match=r"hf is a directory: convert reads one checkpoint file \(\.safetensors"):
+        convert.load_state_dict(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    assert main(["convert", "--from", "gpt2-mlp", str(tmp_path / "hf"), "--experts", "2", "--top-k", "1",
+                 "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"hf is a directory: convert reads one checkpoint file such as {tmp_path / 'hf' / 'model.safetensors'}" \
+        in err and "no such file" not in err
+
+
 def test_missing_tensors_are_named():
     sd = small_gpt2()
     del sd["h.1.mlp.experts.expert_2.c_proj.bias"], sd["param_gen.decoder.bias_up.weight"]
@@ -604,7 +637,7 @@ def test_missing_tensors_are_named():
     ("h.0.mlp.embedding_process.2.weight", (2, 3), r"embedding_process\.2\.weight has shape \(2, 3\), expected \(2, 2\)"),
     ("param_gen.decoder.weight_up.weight", (6, 2), r"weight_up\.weight has shape \(6, 2\), expected \(8, 2\)"),
     ("param_gen.decoder.weight_down.weight", (6, 2), r"weight_down\.weight' has 6 rows, not a multiple of d = 4"),
-    ("h.0.mlp.w_gate", (4, 3, 1), r"w_gate' has shape \(4, 3, 1\), expected 2 dims"),
+    ("h.0.mlp.w_gate", (4, 3, 1), r"w_gate has shape \(4, 3, 1\), expected \(4, 3\)"),  # the other blocks set d, N
 ])
 def test_misshapen_tensors_are_named(key, shape, message):
     sd = small_gpt2()
@@ -692,6 +725,32 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, capsys):
         assert "refused" in capsys.readouterr().err
     assert not NotATensor.constructed
     assert not (tmp_path / "o").exists()
+
+
+class CallsAFunction:  # pickled as a call of os.makedirs: a loader that ran it would create the folder
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.makedirs, (self.folder,)
+
+
+def test_a_pickled_function_call_in_a_zip_checkpoint_is_refused(tmp_path, capsys):
+    """torch 2.13 refuses a function of a blocked module (os, posix) with a message of its own ("Trying to load
+    unsupported GLOBAL posix.system whose module posix is blocked"), not "WeightsUnpickler error: …": the refusal is
+    read from the file's data.pkl, not from torch's wording."""
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(2), "x": CallsAFunction(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil\.pt: refused: .*would execute pickled code .*references "
+                                         r"(os|posix)\.makedirs"):
+        convert.load_state_dict(tmp_path / "evil.pt")
+    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "not a torch checkpoint" not in err and len(err.splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    assert convert.pickle_global(tmp_path / "evil.pt") in ("os.makedirs", "posix.makedirs")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert convert.pickle_global(tmp_path / "plain.pt") == ""  # torch's own globals (tensor rebuilds) are no finding
 
 
 def test_config_json_written_by_the_cli_is_a_stack(tmp_path):

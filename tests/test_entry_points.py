@@ -645,3 +645,88 @@ def test_checkpoint_with_an_unsupported_zip_version(tmp_path):
     path.write_bytes(bytes(blob))
     loaded = convert.load_state_dict(path)  # torch's reader ignores the field: the checkpoint is still readable
     assert sorted(loaded) == sorted(dense_gpt2())
+
+
+# ---------------------------------------------------------------------------------------------
+# generate and checkpoint: corrupted model directories, export folders and sharded checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_past(tmp_path_factory, model_dirs) -> Path:
+    """The tiny model (vocabulary 32: not bytes) exported with past key/values: model.onnx + genai_config.json."""
+    path = tmp_path_factory.mktemp("past") / "export"
+    cfg, params, kind = ref.io.load_dir(model_dirs["model"])
+    exporter.export_model(path, cfg, params, kind=kind, with_past=True, eos_token_id=3)
+    return path
+
+
+GENERATE = ["--max-new-tokens", "2", "--provider", "cpu"]
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(data=st.data())
+def test_generate_command(model_dirs, tiny_past, data):
+    """A corrupted model directory (torch), or export folder (model.onnx, genai_config.json, a tokenizer.json
+    beside them), with a text prompt or ids: exit 0 or one line."""
+    prompt = data.draw(st.sampled_from((["--prompt-ids", "1,2"], ["--prompt", "hi"])), label="prompt")
+    with tempfile.TemporaryDirectory() as tmp:
+        if data.draw(st.booleans(), label="model directory"):
+            path = corrupted_dir(data, model_dirs["model"], Path(tmp))
+        else:
+            path = Path(tmp) / "export"
+            shutil.copytree(tiny_past, path)
+            target = data.draw(st.sampled_from(("model.onnx", "genai_config.json", "tokenizer.json")), label="file")
+            file = path / target
+            if target == "tokenizer.json":
+                file.write_bytes(mutate_bytes(data, b'{"version": "1.0", "model": {"type": "WordLevel", '
+                                                    b'"vocab": {"a": 0, "b": 1}, "unk_token": "a"}}'))
+            elif target == "genai_config.json" and data.draw(st.booleans(), label="json"):
+                file.write_bytes(mutate_json(data, json.loads(file.read_text())))
+            else:
+                file.write_bytes(mutate_bytes(data, file.read_bytes()))
+        cli(["generate", str(path), *prompt, *GENERATE])
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(data=st.data())
+def test_checkpoint_command(model_dirs, data):
+    """from-model of a corrupted model directory, and to-model of a sharded checkpoint with a corrupted file:
+    exit 0 or one line, and the output either absent or complete (it converts back)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if data.draw(st.booleans(), label="from-model"):
+            path = corrupted_dir(data, model_dirs[data.draw(st.sampled_from(sorted(model_dirs)), label="kind")], tmp)
+            if cli(["checkpoint", "from-model", str(path), str(tmp / "sharded")]) == 0:
+                assert cli(["checkpoint", "to-model", str(tmp / "sharded"), str(tmp / "back")]) == 0
+            else:
+                assert not (tmp / "sharded").exists()
+            return
+        assert cli(["checkpoint", "from-model", str(model_dirs["model"]), str(tmp / "sharded")]) == 0
+        files = sorted(p.name for p in (tmp / "sharded").iterdir())
+        file = tmp / "sharded" / data.draw(st.sampled_from(files), label="file")
+        if file.name == ref.io.CONFIG_FILE and data.draw(st.booleans(), label="json"):
+            file.write_bytes(mutate_json(data, json.loads(file.read_text())))
+        else:
+            file.write_bytes(mutate_bytes(data, file.read_bytes()))
+        if cli(["checkpoint", "to-model", str(tmp / "sharded"), str(tmp / "model")]) == 0:
+            ref.io.load_dir(tmp / "model")
+        else:
+            assert not (tmp / "model").exists()
+
+
+def test_every_option_has_a_help_line():
+    """`hypermoe CMD --help` explains every option and argument (issue 20)."""
+    import argparse
+
+    from hypermoe.cli import build_parser
+
+    missing = []
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += [(name, a.option_strings[0] if a.option_strings else a.dest) for a in sub._actions
+                            if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not missing, sorted(set(missing))
+    export_help = " ".join(build_parser()._subparsers._group_actions[0].choices["export"].format_help().split())
+    assert all(kind in export_help for kind in ("layer", "stack", "model")) and "default portable" in export_help

@@ -206,7 +206,9 @@ def test_export_refuses_an_existing_file_before_work_and_replaces_it_with_force(
         assert one_error_line(capsys, "export").endswith(f"{dest} {FORCE}\n")
         for bad, message in ((["-o", "/proc/x.onnx"], "cannot create files in /proc"),
                              (["-o", str(tmp_path / "no" / "m.onnx")], "does not exist"),
-                             (["-o", str(tmp_path / "x.onnx"), "--opset", "99"], "opset must be an int in [18, ")):
+                             (["-o", str(tmp_path / "x.onnx"), "--opset", "99"], "opset must be an int in [18, "),
+                             (["-o", str(tmp_path / "x.onnx"), "--eos-token-id", "2"], "without --with-past there is"),
+                             (["-o", str(tmp_path / "x.onnx"), "--pad-token-id", "0"], "add --with-past, or drop")):
             assert main(["export", str(source), *bad]) == 2
             assert message in one_error_line(capsys, "export")
     assert dest.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.onnx"]
@@ -319,6 +321,37 @@ def test_main_removes_its_temporary_directory_when_interrupted(tmp_path, tiny_ma
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_main_times_both_runtimes_with_the_same_threads_and_says_how_many(tiny_main, capsys, monkeypatch):
+    """onnxruntime's session and torch's timed calls run with --threads (torch's count restored after), and the
+    report states the count, the warm-up and the runs for each."""
+    import torch
+
+    from export import runtime
+    from hypermoe.layer import HyperMoELayer
+
+    sessions, calls = [], []
+    original_init, original_forward = runtime.OnnxRunner.__init__, HyperMoELayer.forward
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        sessions.append(self.session.get_session_options().intra_op_num_threads)
+
+    def forward(self, *args, **kwargs):
+        calls.append(torch.get_num_threads())
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.OnnxRunner, "__init__", init)
+    monkeypatch.setattr(HyperMoELayer, "forward", forward)
+    before = torch.get_num_threads()
+    assert main([*tiny_main, "--runs", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert sessions == [1] and calls == [1] * (3 + 4) and torch.get_num_threads() == before
+    assert "onnxruntime CPU (1 CPU thread): (1, 4, 16), 4 warm-up runs, median of 3:" in out
+    assert "PyTorch eager (CPU, 1 CPU thread, hypermoe.layer, float32, timed after onnxruntime, 4 warm-up runs, " \
+           "median of 3)" in out
+    assert main([*tiny_main, "--threads", "0"]) == 2 and "--threads must be ≥ 1" in capsys.readouterr().err
+
+
 def test_main_workdir_refuses_an_existing_export_unless_force(tmp_path, tiny_main, capsys, monkeypatch):
     (tmp_path / "hypermoe.onnx").write_bytes(b"old")
     with monkeypatch.context() as m:
@@ -327,6 +360,38 @@ def test_main_workdir_refuses_an_existing_export_unless_force(tmp_path, tiny_mai
         assert one_error_line(capsys, "main").endswith(f"{tmp_path / 'hypermoe.onnx'} {FORCE}\n")
     assert main([*tiny_main, "--workdir", str(tmp_path), "--force"]) == 0
     assert (tmp_path / "hypermoe.onnx").read_bytes() != b"old" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("torch_kept_it", [True, False], ids=["in-the-chain", "swallowed"])
+def test_an_interrupt_turned_into_another_error_is_reported_as_interrupted(tmp_path, monkeypatch, capsys,
+                                                                           torch_kept_it):
+    """SIGTERM while torch.onnx.export imports torch._dynamo: the handler's Terminated raised inside that import left
+    a module half initialised and torch raised an AttributeError instead, which the exporter wrapped ("torch.onnx
+    export failed", exit 2). Here torch.onnx.export is replaced by that sequence, deterministically: the real
+    handler raising, then torch's error, with the interrupt in its context or gone. Exit 143, one line."""
+    import torch
+
+    from hypermoe import cli
+
+    def export_interrupted_in_an_import(*args, **kwargs):
+        try:
+            cli._terminate(signal.SIGTERM, None)  # what the installed SIGTERM handler does
+        except KeyboardInterrupt:
+            if torch_kept_it:
+                raise AttributeError("partially initialized module 'torch._dynamo' has no attribute 'config' "
+                                     "(most likely due to a circular import)")
+        raise AttributeError("partially initialized module 'torch._dynamo' has no attribute 'config'")
+
+    ref.io.save_dir(tmp_path / "layer", CFG, ref.init(CFG, seed=0), "layer")
+    dest = tmp_path / "m.onnx"
+    dest.write_bytes(b"previous export")
+    monkeypatch.setattr(torch.onnx, "export", export_interrupted_in_an_import)
+    assert main(["export", str(tmp_path / "layer"), "-o", str(dest), "--force"]) == 143
+    note = f"; nothing written to {dest}" if torch_kept_it else ""  # the note travels with the KeyboardInterrupt
+    assert capsys.readouterr().err == f"hypermoe export: interrupted (SIGTERM){note}\n"
+    assert dest.read_bytes() == b"previous export" and leftovers(tmp_path) == []
+    monkeypatch.setattr(torch.onnx, "export", never)  # the next command starts with no signal received
+    assert main(["export", str(tmp_path / "layer"), "-o", str(dest), "--force"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------

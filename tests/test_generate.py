@@ -32,10 +32,11 @@ WEIGHT_SCALE = 3.0  # matrices × 3: the default init's tiny model repeats one t
 EOS_ID = 299  # declared in the export's genai_config.json; never produced by this model's greedy runs below
 
 
-def tiny_lm(root: Path, *, eos_token_id: int | None = None) -> tuple:
-    """(cfg, params, model_dir, export_dir): a 2-block byte-vocabulary model (V = 300 ≥ 256, context 48), saved
-    as a model directory and exported with past key/values."""
-    cfg = tiny_config(vocab_size=300, max_seq_len=48)
+def tiny_lm(root: Path, *, eos_token_id: int | None = None, vocab_size: int = 300) -> tuple:
+    """(cfg, params, model_dir, export_dir): a 2-block model (V = 300 by default: not bytes, so `generate` needs
+    --prompt-ids or a tokenizer; 256: the byte vocabulary; context 48), saved as a model directory and exported
+    with past key/values."""
+    cfg = tiny_config(vocab_size=vocab_size, max_seq_len=48)
     params = {k: v * WEIGHT_SCALE if v.ndim >= 2 else v for k, v in init_model(cfg, seed=0).items()}
     model_dir, export_dir = root / "model", root / "export"
     ref_io.save_dir(model_dir, cfg, params, "model")
@@ -46,6 +47,11 @@ def tiny_lm(root: Path, *, eos_token_id: int | None = None) -> tuple:
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     return tiny_lm(tmp_path_factory.mktemp("lm"), eos_token_id=EOS_ID)
+
+
+@pytest.fixture(scope="module")
+def byte_lm(tmp_path_factory):
+    return tiny_lm(tmp_path_factory.mktemp("byte_lm"), vocab_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -285,10 +291,10 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_cli_text_prompt_on_both_backends(lm, ort_decoder, capsys):
-    cfg, params, model_dir, export_dir = lm
+def test_cli_text_prompt_on_both_backends(byte_lm, capsys):
+    cfg, params, model_dir, export_dir = byte_lm
     prompt = list("hello".encode())
-    direct = generate(ort_decoder, [prompt], max_new_tokens=12, eos_token_ids=[EOS_ID]).tokens[0]
+    direct = generate(OrtDecoder(export_dir, "cpu"), [prompt], max_new_tokens=12).tokens[0]
     code, out, _ = run_cli(capsys, export_dir, "--prompt", "hello", "--max-new-tokens", 12, "--print-ids",
                            "--provider", "cpu")
     assert code == 0
@@ -296,6 +302,7 @@ def test_cli_text_prompt_on_both_backends(lm, ort_decoder, capsys):
     assert lines[0] == ByteTokenizer().decode(prompt + direct)
     assert lines[1] == "ids: " + " ".join(map(str, direct))  # same backend, inputs and threads: same tokens
     assert "onnxruntime" in out and "CPU" in out and "prefill" in out and "decode" in out and "p90" in out
+    assert "tokenizer UTF-8 bytes" in out
     code, out, _ = run_cli(capsys, model_dir, "--prompt", "hello", "--max-new-tokens", 12, "--print-ids")
     assert code == 0 and "torch" in out
     torch_ids = [int(i) for i in out.splitlines()[1].split()[1:]]
@@ -307,7 +314,8 @@ def test_cli_prompt_ids_batch_and_onnx_file(lm, capsys):
     code, out, _ = run_cli(capsys, export_dir / "model.onnx", "--prompt-ids", "1,2,3", "--max-new-tokens", 5,
                            "--batch", 3, "--print-ids", "--provider", "cpu")
     assert code == 0
-    assert "batch 3 × prompt 3 tokens" in out and len(out.splitlines()[1].split()) == 6
+    ids = next(line for line in out.splitlines() if line.startswith("ids:"))
+    assert "batch 3 × prompt 3 tokens" in out and len(ids.split()) == 6
 
 
 def test_cli_tokenizer_json(lm, tmp_path, capsys):
@@ -326,8 +334,9 @@ def test_cli_tokenizer_json(lm, tmp_path, capsys):
     assert "prompt 3 tokens" in out
 
 
-def test_cli_errors(lm, tmp_path, capsys, monkeypatch):
+def test_cli_errors(lm, byte_lm, tmp_path, capsys, monkeypatch):
     cfg, _, model_dir, export_dir = lm
+    bytes_dir = byte_lm[3]  # text prompts: a byte-vocabulary model
     plain = onnx.load(str(export_dir / "model.onnx"))
     keep = [p for p in plain.metadata_props if p.key != "hypermoe.with_past"]
     del plain.metadata_props[:]
@@ -337,7 +346,7 @@ def test_cli_errors(lm, tmp_path, capsys, monkeypatch):
     cases = [
         ((tmp_path / "missing", "--prompt", "x"), "no such file or directory"),
         ((tmp_path / "plain.onnx", "--prompt", "x"), "not a with-past export"),
-        ((export_dir, "--prompt", "x" * cfg.max_seq_len), "exceeds the model's context"),
+        ((bytes_dir, "--prompt", "x" * cfg.max_seq_len), "exceeds the model's context"),
         ((export_dir, "--prompt-ids", "1,2", "--max-new-tokens", cfg.max_seq_len), "exceeds the model's context"),
         ((export_dir, "--prompt-ids", f"1,{cfg.vocab_size}"), "vocab_size"),
         ((export_dir, "--prompt-ids", "1,-2"), "comma-separated integers|token ids ≥ 0"),
@@ -345,8 +354,12 @@ def test_cli_errors(lm, tmp_path, capsys, monkeypatch):
         ((export_dir, "--prompt", "x", "--temperature", "1", "--top-p", "0"), "top_p"),
         ((export_dir, "--prompt", "x", "--top-k", "-1"), "top_k"),
         ((export_dir, "--prompt", "x", "--max-new-tokens", "0"), "max-new-tokens"),
-        ((export_dir, "--prompt", "x", "--eos-id", cfg.vocab_size), "eos-id"),
-        ((export_dir, "--prompt", ""), "no tokens"),
+        ((bytes_dir, "--prompt", "x", "--eos-id", 256), "eos-id"),
+        ((bytes_dir, "--prompt", ""), "no tokens"),
+        ((export_dir, "--prompt", "x"), r"vocabulary has 300 ids, not the 256 bytes .*: give --tokenizer "
+                                        r"tokenizer\.json \(the model's own\), or --prompt-ids"),
+        ((model_dir, "--prompt", "x"), "vocabulary has 300 ids"),
+        ((export_dir, "--prompt", "x", "--tokenizer", tmp_path), "is a directory without a tokenizer.json"),
         ((export_dir, "--prompt", "x", "--tokenizer", tmp_path / "none.json"), "no such file"),
         ((export_dir, "--prompt", "x", "--tokenizer", tmp_path / "garbage.json"), "tokenizers package can read"),
         ((model_dir, "--prompt", "x", "--provider", "cuda"), "torch"),
@@ -359,3 +372,31 @@ def test_cli_errors(lm, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # as if not installed
     code, _, err = run_cli(capsys, export_dir, "--prompt", "x", "--tokenizer", tmp_path / "garbage.json")
     assert code == 2 and "pip install 'hypermoe[serve]'" in err
+
+
+def test_cli_no_tokenizer_prints_ids(lm, capsys):
+    """A model whose vocabulary is not bytes, given --prompt-ids and no tokenizer: the output is the ids, never
+    their bytes decoded as text."""
+    code, out, _ = run_cli(capsys, lm[3], "--prompt-ids", "1,2,3", "--max-new-tokens", 4, "--provider", "cpu")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("ids: ") and len(lines[0].split()) == 5 and "tokenizer none (ids only)" in out
+
+
+def test_cli_tokenizer_of_the_model_folder(lm, tmp_path, capsys):
+    """tokenizer.json beside the model (its export or model directory) is used without --tokenizer; --tokenizer
+    also takes that directory."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import shutil
+
+    words = "the cat sat on a mat and dog ran far".split()
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                                           unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    export_dir = tmp_path / "export"
+    shutil.copytree(lm[3], export_dir)
+    tok.save(str(export_dir / "tokenizer.json"))
+    for argv in ((export_dir,), (export_dir / "model.onnx",), (lm[3], "--tokenizer", export_dir)):
+        code, out, err = run_cli(capsys, *argv, "--prompt", "the cat sat", "--max-new-tokens", 3, "--provider", "cpu")
+        assert code == 0, (argv, err)
+        assert out.startswith("the cat sat") and f"tokenizer {export_dir / 'tokenizer.json'}" in out, (argv, out)

@@ -353,3 +353,25 @@ def test_checkpoint_metadata_is_never_unpickled_beyond_dcp_classes(tmp_path):
     tmp_path.joinpath(".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ValueError, match="names posix.system"):
         SafeFileSystemReader(tmp_path).read_metadata()
+
+
+def test_checkpoint_command_refuses_what_is_no_sharded_checkpoint_or_no_model(tmp_path, capsys):
+    """to-model on a single-process run (RUN/checkpoint/model, no DCP files) says it is not a sharded checkpoint and
+    where its model directory is; from-model refuses a layer directory (a training checkpoint holds a model)."""
+    import ref.io
+    import ref.model
+    from hypermoe.cli import main
+
+    cfg = ref.tiny_config(n_experts=4)
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    ref.io.save_dir(run / "checkpoint" / "model", cfg, ref.model.init_model(cfg, seed=0), "model")
+    for source in (run, run / "checkpoint"):
+        assert main(["checkpoint", "to-model", str(source), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "no such file" not in err, err
+        assert f"{source} is not a sharded checkpoint" in err and f"{run / 'checkpoint' / 'model'} already" in err
+    ref.io.save_dir(tmp_path / "layer", cfg, ref.init(cfg, seed=0), "layer")
+    assert main(["checkpoint", "from-model", str(tmp_path / "layer"), str(tmp_path / "sharded")]) == 2
+    assert "a saved layer, not a model (kind 'model')" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "sharded").exists()

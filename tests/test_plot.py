@@ -75,6 +75,16 @@ def test_plot_is_deterministic_and_refuses_existing_output(tmp_path, capsys):
     assert {p: p.read_bytes() for p in first} == data  # same bytes: no timestamp or version stamp
 
 
+def test_an_output_that_is_a_file_is_refused_even_with_force(tmp_path, capsys):
+    run = write_run(tmp_path / "run")
+    (tmp_path / "plots").write_text("a file")
+    for force in ((), ("--force",)):
+        assert main(["plot", str(run), "-o", str(tmp_path / "plots"), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file: -o takes the directory" in err and "pass --force" not in err
+    assert (tmp_path / "plots").read_text() == "a file"
+
+
 def test_missing_keys_skip_plots_with_a_note(tmp_path, caplog):
     train_only = tmp_path / "dense"
     train_only.mkdir()

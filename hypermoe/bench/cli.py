@@ -26,7 +26,7 @@ def register(subparsers) -> None:
         "model instead (hypermoe/bench/generation.py). Progress goes to stderr, the tables to stdout.",
     )
     p.add_argument("--quick", action="store_true", help="a subset that takes 2½–3 minutes on 2 cores (k=1, T=64 and 1024)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: torch's, = cores)")
     p.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--modes", nargs="+", choices=bench.MODES, help="fwd and/or fwd+bwd (default both)")
     p.add_argument("--config", metavar="FILE", help="a config.json to benchmark instead of the official sizes "
                    "(its top_k is replaced by --top-k's values)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the parameters and inputs (default 0)")
     p.add_argument("--render", metavar="JSON", help="print the tables of an earlier run's --json file and exit (runs nothing)")
     p.add_argument("--generation", action="store_true",
                    help="instead: text generation with a GPT-2-small-sized HyperMoE LM (d=768, 12 blocks, V=50257, "

@@ -8,7 +8,7 @@ a adapter width, L layers sharing the hypernetwork (rows of the layer-embedding 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -73,11 +73,14 @@ def find_blocks(state: Mapping[str, np.ndarray], pattern: str, what: str) -> tup
     return prefix, sorted(blocks)
 
 
-def anchor(state: Mapping[str, np.ndarray], key: str, ndim: int) -> tuple[int, ...]:
-    """The shape of a tensor the sizes are inferred from."""
+def anchor(state: Mapping[str, np.ndarray], key: str, ndim: int, same: Sequence[str] = ()) -> tuple[int, ...]:
+    """The shape of a tensor the sizes are inferred from: `key`'s, or the shape most of `same` (the same tensor
+    in the other blocks) agree on where that is more common than `key`'s, so that one misshapen tensor is the
+    one check_official blames rather than every correct one."""
     if key not in state:
         raise ValueError(f"missing official tensor {key!r} (needed to infer the sizes)")
-    shape = tuple(np.shape(state[key]))
+    shapes = [tuple(np.shape(state[k])) for k in (key, *same) if k in state]
+    shape = max(shapes, key=shapes.count)  # the first of the most common: key's own on a tie
     if len(shape) != ndim:
         raise ValueError(f"official tensor {key!r} has shape {shape}, expected {ndim} dims")
     return shape

@@ -32,8 +32,9 @@ def from_official_gpt2(
     if model:
         check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
-    d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2)  # used as x @ w_gate: (d, N)
-    _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2)  # Conv1D: (d, f)
+    d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2, [mlp(i) + "w_gate" for i in blocks[1:]])  # x @ w_gate: (d, N)
+    _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2,
+                  [mlp(i) + "experts.expert_0.c_fc.weight" for i in blocks[1:]])  # Conv1D: (d, f)
     hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
     for i in blocks:
         if (mlp(i) + "n_experts_embedding.weight" in state) != hyper:

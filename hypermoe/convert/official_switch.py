@@ -30,8 +30,10 @@ def from_official_switch(
     prefix, blocks = find_blocks(state, rf"{stack}\.block\.(\d+)\.layer\.{ff}\.mlp\.router\.classifier\.weight",
                                  f"official Switch HyperMoE blocks in the {stack} stack")
     mlp = lambda i: f"{prefix}{stack}.block.{i}.layer.{ff}.mlp."  # noqa: E731
-    N, d = anchor(state, mlp(blocks[0]) + "router.classifier.weight", 2)  # nn.Linear: (N, d)
-    f, _ = anchor(state, mlp(blocks[0]) + "experts.expert_0.wi.weight", 2)  # nn.Linear: (f, d)
+    N, d = anchor(state, mlp(blocks[0]) + "router.classifier.weight", 2,
+                  [mlp(i) + "router.classifier.weight" for i in blocks[1:]])  # nn.Linear: (N, d)
+    f, _ = anchor(state, mlp(blocks[0]) + "experts.expert_0.wi.weight", 2,
+                  [mlp(i) + "experts.expert_0.wi.weight" for i in blocks[1:]])  # nn.Linear: (f, d)
     router_bias = mlp(blocks[0]) + "router.classifier.bias" in state  # HF router_bias, default False
     hyper = mlp(blocks[0]) + "n_experts_embedding.weight" in state
     for i in blocks:

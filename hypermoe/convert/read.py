@@ -24,6 +24,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     float16 / bfloat16 tensors become float32 (numpy has no bfloat16); the rest keep their dtype.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face model folder, say: name the file in it
+        inside = [name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        raise ValueError(f"{path} is a directory: convert reads one checkpoint file"
+                         + (f" such as {path / inside[0]}" if inside else " (.safetensors, .bin, .pt or .npz)"))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     kind = file_kind(path)
@@ -43,11 +47,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Detected pickle protocol 4 ...": the error below says it better
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is long advice; keep its one line that names the offending object
-        detail = str(err).partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
-        detail = " ".join(detail.split()).split(". ")[0] or "unpickling refused"
-        found = "global" in detail.lower() or pickle_global(path)
+    except pickle.UnpicklingError as err:  # torch's safe unpickler refused the pickle (the type is stable, the text not)
+        # torch's message is long advice around one line that names the offending object: "WeightsUnpickler error:
+        # Unsupported global: …" (≤ 2.12, and 2.13 for a class) or its own paragraph ("Trying to load unsupported
+        # GLOBAL posix.system whose module posix is blocked.", 2.13)
+        text = str(err).partition("WeightsUnpickler error:")[2] or str(err)
+        paragraphs = [" ".join(part.split()) for part in text.partition("Check the documentation")[0].split("\n\n")]
+        paragraphs = [part for part in paragraphs if part and not part.startswith("Weights only load failed")]
+        detail = paragraphs[0].split(". ")[0].rstrip(".") if paragraphs else "unpickling refused"
+        # refused because the pickle names a class or function: decided from the file, torch's text as a fallback
+        found = pickle_global(path) or "global" in detail.lower()
         if not found:  # an opcode torch's safe unpickler lacks, in a pickle that names no class or function
             raise ValueError(f"{path}: a pickle that is not a torch checkpoint (torch.load weights_only=True: "
                              f"{detail})") from None
@@ -123,23 +132,38 @@ def file_kind(path: Path) -> str:
 
 
 def pickle_global(path: Path) -> str:
-    """The first class or function a pickle file names ("" if none), read with pickletools, which only
-    decodes opcodes and never imports or calls anything."""
+    """The first class or function a pickle file names ("" if none) besides those of torch's own checkpoint format
+    (torch.*, collections.OrderedDict), read with pickletools, which only decodes opcodes and never imports or
+    calls anything. A zip checkpoint (torch.save's format): its data.pkl."""
     import pickletools
 
-    strings: list[str] = []
+    def first_global(fh) -> str:
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(fh):
+            name = ""
+            if op.name in ("GLOBAL", "INST"):
+                name = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL":
+                name = ".".join(strings[-2:])
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if name and not name.startswith(("torch.", "collections.OrderedDict")):
+                return name
+        return ""
+
     try:
         with open(path, "rb") as fh:
-            for op, arg, _ in pickletools.genops(fh):
-                if op.name in ("GLOBAL", "INST"):
-                    return str(arg).replace(" ", ".")
-                if op.name == "STACK_GLOBAL":
-                    return ".".join(strings[-2:])
-                if isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # a corrupt pickle (any decoding error, a huge declared length): no name to report
-        pass
-    return ""
+            if not zipfile.is_zipfile(fh):
+                fh.seek(0)
+                return first_global(fh)
+            with zipfile.ZipFile(fh) as archive:
+                pkl = [name for name in archive.namelist() if name == "data.pkl" or name.endswith("/data.pkl")]
+                if not pkl:
+                    return ""
+                with archive.open(pkl[0]) as member:
+                    return first_global(member)
+    except Exception:  # a corrupt pickle or zip (any decoding error, a huge declared length): no name to report
+        return ""
 
 
 def _npy_members_only(path: Path) -> bool:

@@ -42,7 +42,7 @@ def upcycle_gpt2_mlp(
     if model:
         check_heads(n_heads)  # before the work
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
-    d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2)  # Conv1D: (d, f)
+    d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2, [mlp(i) + "c_fc.weight" for i in blocks[1:]])  # (d, f)
     n_layers = block_count(state, prefix, "h")
     cfg = HyperMoEConfig(
         d_model=d, d_ff=f, n_experts=n_experts, top_k=top_k, gate="topk", expert_bias=True, activation=activation,

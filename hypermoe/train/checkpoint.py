@@ -126,7 +126,7 @@ def save_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, step: int, model, o
         if job.rank == 0:
             staged = str(stack.enter_context(atomic_output(run_dir / "checkpoint", directory=True, force=True)))
             (Path(staged) / "sharded").mkdir()
-        tmp = Path(parallel.broadcast_str(staged, device=job.device))
+        tmp = Path(broadcast_str(staged, device=job.device))
         parallel.save_sharded(tmp / "sharded", cfg.model, model, job.mesh, optimizer)
         rngs = {"torch": torch.get_rng_state()}  # (n,) uint8, the same n on every rank
         if job.device == "cuda":
@@ -145,6 +145,25 @@ def save_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, step: int, model, o
                                 for r, t in enumerate(ts)})
         dist.barrier()  # every rank's shard is written before rank 0 renames the directory in
     dist.barrier()
+
+
+def broadcast_str(text: str | None, src: int = 0, limit: int = 4096, device: str = "cpu") -> str:
+    """`text` of rank `src` on every rank (UTF-8 in a uint8 tensor on `device`: "cuda" for NCCL; no pickle)."""
+    import torch
+    import torch.distributed as dist
+
+    buf = torch.zeros(limit + 8, dtype=torch.uint8)
+    if dist.get_rank() == src:
+        data = text.encode()
+        if len(data) > limit:
+            raise ValueError(f"broadcast_str: {len(data)} bytes exceed {limit}")
+        buf[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        buf[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    dist.broadcast(buf, src)
+    buf = buf.cpu()
+    size = int.from_bytes(bytes(buf[:8].tolist()), "little")
+    return bytes(buf[8:8 + size].tolist()).decode()
 
 
 def load_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, model, optimizer, job) -> int:

@@ -82,7 +82,8 @@ def register(subparsers) -> None:
         description="to-model: a torch.distributed.checkpoint directory (a run directory, its checkpoint/ or "
         "checkpoint/sharded/) → one ordinary model directory (config.json + weights.npz). from-model: a model "
         "directory → a sharded checkpoint directory that a run of any world size loads (docs/parallel.md).")
-    c.add_argument("direction", choices=("to-model", "from-model"))
+    c.add_argument("direction", choices=("to-model", "from-model"), help="to-model: sharded checkpoint → model "
+                   "directory; from-model: model directory → sharded checkpoint")
     c.add_argument("source", help="to-model: RUN_DIR or its checkpoint; from-model: a model directory")
     c.add_argument("out", help="directory to write (refused if it exists, unless --force)")
     c.add_argument("--force", action="store_true", help="replace OUT")
@@ -142,6 +143,14 @@ def checkpoint_command(args: argparse.Namespace) -> int:
         source = source / "checkpoint" / "sharded"  # a run directory of a distributed run
     elif args.direction == "to-model" and (source / "sharded").is_dir():
         source = source / "sharded"  # its checkpoint directory
+    needed = (".metadata", parallel.CONFIG_FILE)  # DCP's index, and the config
+    if args.direction == "to-model" and not all((source / name).is_file() for name in needed):
+        single = next((p for p in (source / "checkpoint" / "model", source / "model")
+                       if (p / parallel.CONFIG_FILE).is_file()), None)
+        raise ValueError(f"{source} is not a sharded checkpoint (no .metadata and {parallel.CONFIG_FILE} of "
+                         "torch.distributed.checkpoint); to-model takes the run directory of a distributed run "
+                         "(--expert-parallel), its checkpoint/ or checkpoint/sharded/"
+                         + (f"; this single-process checkpoint's model directory is {single} already" if single else ""))
     print(convert(source, args.out, force=args.force))
     return 0
 

@@ -129,6 +129,9 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
         raise ValueError("nothing to plot: the logs hold no training or evaluation records")
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # --force replaces PNGs inside the directory, never a file by a directory
+        raise ValueError(f"{out} is a file: -o takes the directory the PNGs are written into (a file is not "
+                         "replaced by one, even with --force)")
     if not out.is_dir():
         check_output(out, directory=True)  # a one-line error when its parent is missing or it is a file
         out.mkdir()
