@@ -250,7 +250,7 @@ def test_summary_tokens_per_s_excludes_evaluation(corpus, tmp_path, monkeypatch)
 # --- the experiment's statistics ---
 
 def test_t_quantile_matches_closed_forms():
-    from experiment import paired, t_quantile
+    from experiment_report import paired, t_quantile
 
     for p in (0.9, 0.975, 0.995):
         assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-6)  # Cauchy
