@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ref.config import HyperMoEConfig
-from ref.semantics import init_std
+from ref.params import init_std
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def param(shape, device, dtype) -> nn.Parameter:
 
 
 def init_(module: nn.Module, cfg: HyperMoEConfig, prefix: str = "") -> None:
-    """Every parameter ~ N(0, σ²) with the reference's σ for its name (ref.semantics.init_std: fan-in scaling,
+    """Every parameter ~ N(0, σ²) with the reference's σ for its name (ref.params.init_std: fan-in scaling,
     He where a ReLU follows, hypernetwork heads scaled so the HyperExpert is about as large as the routed
     output). The same distribution as ref.init, drawn from torch's RNG."""
     with torch.no_grad():

@@ -52,7 +52,7 @@ from torch import nn
 
 import ref.io
 from ref.config import HyperMoEConfig
-from ref.semantics import check_params, init_std, param_shapes
+from ref.params import check_params, init_std, param_shapes
 from hypermoe.experts import Experts, routed_gathered, routed_sorted
 from hypermoe.hypernetwork import (
     Adapters, HyperNetwork, Process, factored_adapter, gathered_adapter, grouped_adapter, param, set_tables,
@@ -182,7 +182,7 @@ class HyperMoELayer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Training init: every per-layer parameter ~ N(0, σ²) with the reference's per-name σ
-        (ref.semantics.init_std: router/expert weights 1/sqrt(fan_in), He (sqrt(2/fan_in)) before a ReLU or
+        (ref.params.init_std: router/expert weights 1/sqrt(fan_in), He (sqrt(2/fan_in)) before a ReLU or
         the first expert matrix, biases 0.1, expert embeddings 1). An own hypernetwork is re-initialised too;
         a shared one is left to its owner."""
         own = [(n, p) for n, p in self.named_parameters() if not n.startswith("hyper.")]
