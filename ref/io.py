@@ -58,12 +58,12 @@ def check_transformers_fields(fields: Mapping, kind: str) -> dict:
 
 
 def expected_shapes(cfg: HyperMoEConfig, kind: str) -> dict[str, tuple[int, ...]]:
-    from ref import semantics as layer
+    from ref.params import param_shapes, stack_param_shapes
 
     if kind == "layer":
-        return layer.param_shapes(cfg)
+        return param_shapes(cfg)
     if kind == "stack":
-        return layer.stack_param_shapes(cfg)
+        return stack_param_shapes(cfg)
     if kind == "model":
         from ref import model
 
@@ -90,7 +90,7 @@ def save_dir(path: str | os.PathLike, cfg: HyperMoEConfig, params: Mapping[str, 
     dtypes = {np.asarray(v).dtype for v in params.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float64):
         raise ValueError(f"weights must all be float32 or all float64, got {sorted(map(str, dtypes))}")
-    from ref.semantics import check_params
+    from ref.params import check_params
 
     check_params({k: np.asarray(v) for k, v in params.items()}, shapes, next(iter(dtypes)))
     from ref.files import atomic_output
@@ -323,7 +323,7 @@ def load_dir(path: str | os.PathLike) -> tuple[HyperMoEConfig, dict[str, np.ndar
         raise ValueError(f"{file}: weights mix dtypes {sorted(map(str, dtypes))}")
     if next(iter(dtypes)) not in (np.float32, np.float64):
         raise ValueError(f"{file}: weights must be float32 or float64, got {next(iter(dtypes))}")
-    from ref.semantics import check_finite_params, check_params
+    from ref.params import check_finite_params, check_params
 
     try:
         check_params(params, expected_shapes(cfg, kind), next(iter(dtypes)))

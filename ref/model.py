@@ -24,9 +24,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ref.config import HyperMoEConfig
-from ref.semantics import (
-    LayerResult, activation, check_params, hyper_param_shapes, init_std, layer, layer_param_shapes, softmax,
-)
+from ref.params import check_params, hyper_param_shapes, init_std, layer_param_shapes
+from ref.semantics import LayerResult, activation, layer, softmax
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +80,7 @@ def model_param_shapes(cfg: HyperMoEConfig) -> dict[str, tuple[int, ...]]:
 
 
 def block_moe_params(params: Mapping[str, np.ndarray], block: int) -> dict[str, np.ndarray]:
-    """The standalone-layer view (ref.semantics.param_shapes names) of block `block`'s HyperMoE FFN."""
+    """The standalone-layer view (ref.params.param_shapes names) of block `block`'s HyperMoE FFN."""
     prefix = f"blocks.{block}.moe."
     view = {name[len(prefix):]: v for name, v in params.items() if name.startswith(prefix)}
     view.update({name: v for name, v in params.items() if name.startswith("hyper.")})
@@ -91,7 +90,7 @@ def block_moe_params(params: Mapping[str, np.ndarray], block: int) -> dict[str, 
 def model_init_std(cfg: HyperMoEConfig, name: str, shape: tuple[int, ...]) -> float:
     """σ of each non-LayerNorm parameter: O(1) activations everywhere (x @ W with W ~ N(0, 1/fan_in)),
     so that attention is neither uniform nor saturated and (tied) logits start O(1). The HyperMoE and
-    hypernetwork parameters keep ref.semantics.init_std."""
+    hypernetwork parameters keep ref.params.init_std."""
     d = cfg.d_model
     if ".moe." in name:
         return init_std(cfg, "layers.0." + name.split(".moe.", 1)[1], shape)

@@ -35,7 +35,7 @@ SEQ = 128
 
 def _worker(rank: int, world: int, store: str, cfg_dict: dict, tokens: int, iters: int, out: str) -> None:
     from ref.config import HyperMoEConfig
-    from hypermoe import parallel
+    from hypermoe import expert_parallel, parallel
     from hypermoe.layer import HyperMoELayer
 
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, store: str, cfg_dict: dict, tokens: int, iter
     mine = x_all.chunk(world)[rank].clone().requires_grad_(True)  # (B/P, S, d)
 
     sent = {"all": 0, "off_rank": 0}  # elements of the forward's all_to_all_single rows
-    real = parallel.funcol
+    real = expert_parallel.funcol
 
     def counting(t, output_split_sizes, input_split_sizes, group):
         row = t[0].numel() if t.shape[0] else cfg.d_model
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, store: str, cfg_dict: dict, tokens: int, iter
         sent["off_rank"] += sum(n for r, n in enumerate(input_split_sizes) if r != rank) * row
         return real.all_to_all_single(t, output_split_sizes, input_split_sizes, group)
 
-    parallel.funcol = types.SimpleNamespace(all_to_all_single=counting, wait_tensor=real.wait_tensor)
+    expert_parallel.funcol = types.SimpleNamespace(all_to_all_single=counting, wait_tensor=real.wait_tensor)
     times = []
     for i in range(iters + 2):  # 2 warm-up steps
         sent.update(all=0, off_rank=0)

@@ -56,7 +56,7 @@ U32 = 2.0**-24  # unit roundoff of float32
 # stages after it). A HyperMoE layer has ≤ 12 dependent stages (router, softmax and gates, expert W1, its
 # activation, W2, the unselected-embedding sum, process ×2, trunk, the generator heads, the adapter ×2), each a
 # sum of n ≤ 33 terms (widths ≤ 32 plus a bias); with the reference init every stage is O(1)–O(10)
-# (ref.semantics.init_std), and M ≤ 4 S allows for sums of |terms| above the result and gains above 1. So one
+# (ref.params.init_std), and M ≤ 4 S allows for sums of |terms| above the result and gains above 1. So one
 # evaluation errs by ≤ 12 · 33 · 4 u S ≈ 1600 u S, two differ by ≤ 3200 u S ≤ 4096 u S: in float64
 # 4.5e-13 · S, in float32 2.4e-4 · S, still ≥ 20× below what a wrong formula, a stale cache or a flipped
 # selection moves an output by (≥ 1e-2 S at these sizes). Measured with 100 examples per hypothesis test
