@@ -502,7 +502,7 @@ def test_cli_official_gpt2_round_trip(tmp_path, capsys):
     sd = official_gpt2_state(np.random.default_rng(4), d=4, f=6, N=3, e=2, p=3, h=2, l=2, g=3, a=2, L=2)
     path = save_torch(sd, tmp_path / "pytorch_model.bin", dtype=torch.float64)
     assert main(["convert", "--from", "official-gpt2", path, "-o", str(tmp_path / "out"), "--top-k", "2",
-                 "--dtype", "float64"]) == 0
+                 "--activation", "gelu_tanh", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
     assert "h.0.mlp.w_noise" in out and "adapter_layer" in out and "--verbose" in out
     cfg, params, kind = ref.io.load_dir(tmp_path / "out")
@@ -516,14 +516,14 @@ def test_cli_official_switch_npz_and_bf16_torch(tmp_path, capsys):
     sd = official_switch_state(np.random.default_rng(5), d=4, f=6, N=3, e=2, p=3, h=2, l=2, g=3, a=2, L=4)
     np.savez(tmp_path / "sd.npz", **sd)
     assert main(["convert", "--from", "official-switch", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "a"),
-                 "--stack", "encoder", "--capacity", "64", "--verbose"]) == 0
+                 "--stack", "encoder", "--capacity", "64", "--activation", "relu", "--verbose"]) == 0
     assert "decoder.param_gen.layer_embed.weight" in capsys.readouterr().out  # --verbose lists the other stack
     cfg, params, _ = ref.io.load_dir(tmp_path / "a")
     assert (cfg.capacity, cfg.moe_every, cfg.n_layers, cfg.gate) == (64, 2, 4, "switch")
     # bfloat16 checkpoints load as float32 values of the bf16 numbers
     path = save_torch(sd, tmp_path / "sd.pt", dtype=torch.bfloat16)
     assert main(["convert", "--from", "official-switch", path, "-o", str(tmp_path / "b"), "--stack", "encoder",
-                 "--capacity", "none"]) == 0
+                 "--capacity", "none", "--activation", "relu"]) == 0
     cfg_b, params_b, _ = ref.io.load_dir(tmp_path / "b")
     assert cfg_b.capacity is None
     key = "encoder.block.1.layer.1.mlp.router.classifier.weight"
@@ -535,7 +535,7 @@ def test_cli_upcycle(tmp_path, capsys):
     sd = dense_gpt2_state(np.random.default_rng(6), 4, 8, 3)
     path = save_torch(sd, tmp_path / "gpt2.pt")
     assert main(["convert", "--from", "gpt2-mlp", path, "--experts", "4", "--top-k", "2", "--seed", "3",
-                 "--d-adapter", "2", "--hyper-width", "5", "-o", str(tmp_path / "up")]) == 0
+                 "--d-adapter", "2", "--hyper-width", "5", "--activation", "gelu_tanh", "-o", str(tmp_path / "up")]) == 0
     cfg, params, _ = ref.io.load_dir(tmp_path / "up")
     assert (cfg.n_experts, cfg.top_k, cfg.d_adapter, cfg.d_generator, cfg.n_layers) == (4, 2, 2, 5, 3)
     np.testing.assert_array_equal(params["layers.2.experts.w1"][3], sd["h.2.mlp.c_fc.weight"].astype(np.float32))
@@ -557,10 +557,10 @@ def test_cli_switch_requires_stack_and_capacity(tmp_path, capsys):
     sd = official_switch_state(np.random.default_rng(0), d=2, f=2, N=2, e=2, p=2, h=2, l=2, g=2, a=2, L=2)
     np.savez(tmp_path / "sd.npz", **sd)
     assert main(["convert", "--from", "official-switch", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "o"),
-                 "--stack", "encoder"]) == 2
-    assert "--capacity" in capsys.readouterr().err
+                 "--stack", "encoder", "--activation", "relu"]) == 2
+    assert "--capacity is needed" in capsys.readouterr().err
     assert main(["convert", "--from", "official-switch", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "o"),
-                 "--stack", "encoder", "--capacity", "0"]) == 2
+                 "--stack", "encoder", "--capacity", "0", "--activation", "relu"]) == 2
     assert "--capacity must be an int ≥ 1" in capsys.readouterr().err
 
 
@@ -609,8 +609,8 @@ def test_a_directory_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["convert", "--from", "gpt2-mlp", str(tmp_path / "hf"), "--experts", "2", "--top-k", "1",
                  "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"hf is a directory: convert reads one checkpoint file such as {tmp_path / 'hf' / 'model.safetensors'}" \
-        in err and "no such file" not in err
+    assert f"{tmp_path / 'hf'}: a checkpoint folder holds config.json and its weights" in err  # folders: config.json
+    assert "this one has no config.json (pass the weights file itself, with the flags, instead)" in err
 
 
 def test_missing_tensors_are_named():
@@ -721,7 +721,8 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, capsys):
                          ("plain.pkl", "Unsupported operand")):
         with pytest.raises(ValueError, match=rf"{name}: refused: .*would execute pickled code .*{detail}"):
             convert.load_state_dict(tmp_path / name)
-        assert main(["convert", "--from", "official-gpt2", str(tmp_path / name), "-o", str(tmp_path / "o")]) == 2
+        assert main(["convert", "--from", "official-gpt2", str(tmp_path / name), "-o", str(tmp_path / "o"),
+                     "--top-k", "1", "--activation", "gelu_tanh"]) == 2
         assert "refused" in capsys.readouterr().err
     assert not NotATensor.constructed
     assert not (tmp_path / "o").exists()
@@ -744,7 +745,8 @@ def test_a_pickled_function_call_in_a_zip_checkpoint_is_refused(tmp_path, capsys
     with pytest.raises(ValueError, match=r"evil\.pt: refused: .*would execute pickled code .*references "
                                          r"(os|posix)\.makedirs"):
         convert.load_state_dict(tmp_path / "evil.pt")
-    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o")]) == 2
+    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "evil.pt"), "-o", str(tmp_path / "o"),
+                 "--top-k", "1", "--activation", "gelu_tanh"]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "not a torch checkpoint" not in err and len(err.splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "o").exists()
@@ -756,6 +758,7 @@ def test_a_pickled_function_call_in_a_zip_checkpoint_is_refused(tmp_path, capsys
 def test_config_json_written_by_the_cli_is_a_stack(tmp_path):
     sd = small_gpt2()
     np.savez(tmp_path / "sd.npz", **sd)
-    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "o")]) == 0
+    assert main(["convert", "--from", "official-gpt2", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "o"),
+                 "--top-k", "1", "--activation", "gelu_tanh"]) == 0
     data = json.loads((tmp_path / "o" / "config.json").read_text())
     assert data["kind"] == "stack" and data["n_layers"] == 3 and data["moe_every"] == 1

@@ -251,14 +251,15 @@ def test_cli_official_gpt2_model_in_the_torch_model(tmp_path, capsys):
     for fmt in ("npz", "safetensors"):
         out = tmp_path / fmt
         assert main(["convert", "--from", "official-gpt2", path, "-o", str(out), "--top-k", "2", "--heads", "2",
-                     "--dtype", "float64", "--format", fmt]) == 0
+                     "--layer-norm-eps", "1e-5", "--activation", "gelu_tanh", "--dtype", "float64", "--format", fmt]) == 0
         printed = capsys.readouterr().out
         assert "kind model" in printed and "lm_head.weight: the LM head" in printed and "causal-mask" in printed
         assert sorted(p.name for p in out.iterdir()) == ["config.json", ref.io.FORMATS[fmt]]
         with torch.no_grad():
             got = HyperMoETransformer.from_dir(out)(torch.from_numpy(tokens)).logits.numpy()
         np.testing.assert_allclose(got, want, rtol=0, atol=MODEL_ATOL * magnitude(want))
-    assert main(["convert", "--from", "official-gpt2", path, "-o", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--from", "official-gpt2", path, "-o", str(tmp_path / "x"), "--top-k", "2",
+                 "--activation", "gelu_tanh", "--layer-norm-eps", "1e-5"]) == 2
     assert "--heads H" in capsys.readouterr().err
     assert main(["convert", "--from", "official-gpt2", path, "-o", str(tmp_path / "x"), "--kind", "stack",
                  "--heads", "2"]) == 2
@@ -323,7 +324,7 @@ def test_upcycled_hf_gpt2_computes_the_dense_logits(hf_gpt2, tmp_path, capsys, f
     out = tmp_path / "up"
     assert main(["convert", "--from", "gpt2-mlp", str(path), "--experts", "4", "--top-k", str(k), "--moe-every",
                  str(moe_every), "--heads", str(H), "--d-adapter", "3", "--hyper-width", "6", "--dtype", "float64",
-                 "--seed", "5", "-o", str(out)]) == 0
+                 "--seed", "5", "--layer-norm-eps", "1e-5", "--activation", "gelu_tanh", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "kind model" in printed and ("lm_head.weight: the LM head" in printed) == (form != "save_pretrained")
     cfg, params, kind = ref.io.load_dir(out)

@@ -325,7 +325,8 @@ def dense_gpt2(d: int = 4, f: int = 8, blocks: int = 2) -> dict[str, np.ndarray]
     return sd
 
 
-UPCYCLE = ["--from", "gpt2-mlp", "--experts", "2", "--top-k", "1", "--d-adapter", "2", "--hyper-width", "4"]
+UPCYCLE = ["--from", "gpt2-mlp", "--experts", "2", "--top-k", "1", "--d-adapter", "2", "--hyper-width", "4",
+           "--activation", "gelu_tanh"]
 TENSOR_MUTATIONS = ("dtype", "nonfinite", "not a tensor", "class", "nested", "empty")
 
 

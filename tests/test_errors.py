@@ -88,7 +88,8 @@ def test_convert_refuses_a_huge_upcycle_before_allocating(tmp_path, capsys, flag
     np.savez(tmp_path / "sd.npz", **dense_gpt2())
     sizes = {"--experts": "2", "--d-adapter": "4", flag: "1000000000"}
     line = error_line(capsys, ["convert", "--from", "gpt2-mlp", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "out"),
-                               "--top-k", "1", *(x for item in sizes.items() for x in item)])
+                               "--top-k", "1", "--activation", "gelu_tanh",
+                               *(x for item in sizes.items() for x in item)])
     assert "upcycling: config needs at least ~" in line and "(float64), more than this machine's" in line
     assert not (tmp_path / "out").exists()
 
@@ -125,7 +126,7 @@ def test_bench_takes_a_model_directory_config(tmp_path, capsys, monkeypatch):
 def test_convert_names_what_a_file_of_random_bytes_is(tmp_path, capsys):
     (tmp_path / "random.bin").write_bytes(bytes([0x97, 0xE4, 0x77, 0x24]) + np.random.default_rng(0).bytes(4092))
     line = error_line(capsys, ["convert", "--from", "official-gpt2", str(tmp_path / "random.bin"), "-o",
-                               str(tmp_path / "out")])
+                               str(tmp_path / "out"), "--top-k", "1", "--activation", "gelu_tanh"])
     assert line.endswith("random.bin: unrecognised content (4096 bytes, starting 97 e4 77 24 "
                          f"{' '.join(f'{b:02x}' for b in (tmp_path / 'random.bin').read_bytes()[4:8])}); convert "
                          "reads torch checkpoints (.bin, .pt), .safetensors files and .npz archives of named arrays")
@@ -137,7 +138,7 @@ def test_convert_names_a_plain_pickle_without_classes(tmp_path, capsys):
 
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
     line = error_line(capsys, ["convert", "--from", "official-gpt2", str(tmp_path / "plain.pkl"), "-o",
-                               str(tmp_path / "out")])
+                               str(tmp_path / "out"), "--top-k", "1", "--activation", "gelu_tanh"])
     assert "plain.pkl: a pickle that is not a torch checkpoint" in line and "pickled code" not in line
 
 

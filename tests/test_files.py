@@ -163,7 +163,8 @@ def test_convert_refuses_an_existing_output_before_reading_and_replaces_it_with_
     from hypermoe import convert
 
     sd = dense_gpt2_npz(tmp_path / "gpt2.npz")
-    upcycle = ["convert", "--from", "gpt2-mlp", sd, "--experts", "2", "--top-k", "1", "--d-adapter", "2"]
+    upcycle = ["convert", "--from", "gpt2-mlp", sd, "--experts", "2", "--top-k", "1", "--d-adapter", "2",
+               "--activation", "gelu_tanh"]
     out = tmp_path / "out"
     assert main([*upcycle, "-o", str(out), "--seed", "1"]) == 0
     first = (out / "weights.npz").read_bytes()

@@ -136,7 +136,7 @@ def test_convert_refuses_nonfinite_weights(tmp_path, capsys, value, why):
     state["h.1.mlp.c_proj.bias"][2] = value
     np.savez(tmp_path / "sd.npz", **state)
     code = main(["convert", "--from", "gpt2-mlp", str(tmp_path / "sd.npz"), "-o", str(tmp_path / "out"),
-                 "--experts", "2", "--top-k", "1"])
+                 "--experts", "2", "--top-k", "1", "--activation", "gelu_tanh"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, why
     # the dense bias is copied into both experts: 2 bad values in our stacked parameter

@@ -48,6 +48,7 @@ from hypermoe.convert.gpt2 import (  # noqa: F401 (the names hypermoe.convert ha
 from hypermoe.convert.read import (  # noqa: F401 (the names hypermoe.convert has always had)
     file_kind, load_safetensors, load_state_dict, pickle_global, tensors_to_arrays,
 )
+from hypermoe.convert.hf_config import load_weights
 from hypermoe.convert.official_gpt2 import from_official_gpt2
 from hypermoe.convert.official_switch import from_official_switch
 from hypermoe.convert.dense import upcycle_dense_model
@@ -55,8 +56,10 @@ from hypermoe.convert.upcycle import UP_HEADS, upcycle_, upcycle_gpt2_mlp  # noq
 
 
 def convert(path: str | os.PathLike, source: str, **options) -> Converted:
-    """Read the state dict at `path` and convert it: source "official-gpt2" → from_official_gpt2,
-    "official-switch" → from_official_switch, "gpt2-mlp" → upcycle_gpt2_mlp; `options` go to that function."""
+    """Read the state dict at `path` (a weights file, a *.index.json of shards, or a checkpoint folder: config.json +
+    weights; hf_config.load_weights) and convert it: source "official-gpt2" → from_official_gpt2, "official-switch"
+    → from_official_switch, "gpt2-mlp" → upcycle_gpt2_mlp; `options` go to that function. (config.json is not read
+    here: the CLI reads it, hf_config.resolve, and passes its values as options.)"""
     functions = {"official-gpt2": from_official_gpt2, "official-switch": from_official_switch,
                  "gpt2-mlp": upcycle_gpt2_mlp}
     if source == "hypermoe-dense":  # a model directory, not a state dict
@@ -68,5 +71,5 @@ def convert(path: str | os.PathLike, source: str, **options) -> Converted:
         return upcycle_dense_model(cfg, params, **options)
     if source not in functions:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
-    return functions[source](load_state_dict(path), **options)
+    return functions[source](load_weights(path), **options)
 

@@ -10,7 +10,7 @@ import ref
 import ref.io
 from ref.config import ACTIVATIONS
 from ref.files import check_output
-from hypermoe.convert import convert
+from hypermoe.convert import convert, hf_config
 from hypermoe.convert.common import KINDS, SOURCES, SWITCH_FF_LAYER
 
 
@@ -26,17 +26,20 @@ def register(subparsers) -> None:
         "a directory of kind 'model' and needs --heads; HyperMoE layers alone become kind 'stack' (--kind).",
     )
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of STATE_DICT")
-    p.add_argument("state_dict", metavar="STATE_DICT", help="a torch state dict (.bin, .pt, ...), a .safetensors "
-                   "file or a .npz; for hypermoe-dense a model directory (hypermoe train's checkpoint/model of a "
+    p.add_argument("state_dict", metavar="STATE_DICT", help="a checkpoint folder (config.json + model.safetensors, "
+                   "pytorch_model.bin or a sharded *.index.json: every hyperparameter config.json stores is read from "
+                   "it), or a torch state dict (.bin, .pt, ...), a .safetensors file, a .npz or a *.index.json (with "
+                   "the config.json beside it, if there is one; else the flags give the values); for hypermoe-dense "
+                   "a model directory (hypermoe train's checkpoint/model of a "
                    "dense run)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="model directory to write (staged "
                    "next to it, then renamed in; its parent must exist)")
     p.add_argument("--force", action="store_true", help="replace an existing MODEL_DIR (default: refuse it)")
     p.add_argument("--stack", choices=tuple(SWITCH_FF_LAYER), help="official-switch: which stack to convert (required)")
-    p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, the official "
-                   "config's expert_capacity (HF default 64), or 'none' for no limit (required)")
-    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (default 1, official), gpt2-mlp and "
-                   "hypermoe-dense (required)")
+    p.add_argument("--capacity", metavar="C|none", help="official-switch: expert capacity per sequence, config.json's "
+                   "expert_capacity, or 'none' for no limit (required without a config.json; must agree with it)")
+    p.add_argument("--top-k", type=int, default=None, help="official-gpt2 (config.json's k; required without "
+                   "one), gpt2-mlp and hypermoe-dense (required)")
     p.add_argument("--gate", choices=("topk", "switch"), default=None, help="hypermoe-dense: the upcycled model's gate "
                    "(default topk: with k = 1 it starts at the dense logits exactly, but its routers get no task "
                    "gradient; switch: gate = router probability)")
@@ -55,15 +58,16 @@ def register(subparsers) -> None:
     p.add_argument("--kind", choices=KINDS, default=None, help="official-gpt2 and gpt2-mlp: 'model' (the whole "
                    "GPT-2 LM: embeddings, attention, norms, head), 'stack' (the HyperMoE layers and hypernetwork "
                    "alone), or 'auto' (default: 'model' when the checkpoint holds wte, wpe and ln_f, else 'stack')")
-    p.add_argument("--heads", type=int, default=None, metavar="H", help="kind model: attention heads n_heads, "
-                   "required (not stored in a checkpoint; no default, since a wrong one silently changes every "
-                   "logit): GPT-2 small 12, medium 16, large 20, xl 25")
+    p.add_argument("--heads", type=int, default=None, metavar="H", help="kind model: attention heads n_heads "
+                   "(config.json's n_head; required without one: a state dict does not store it, and a wrong value "
+                   "silently changes every logit): GPT-2 small 12, medium 16, large 20, xl 25")
     p.add_argument("--layer-norm-eps", type=float, default=None, metavar="EPS", help="kind model: LayerNorm eps "
-                   "(GPT-2's layer_norm_epsilon, default 1e-5; not stored in a checkpoint)")
+                   "(config.json's layer_norm_epsilon; required without one: GPT-2's is 1e-5)")
     p.add_argument("--format", choices=tuple(ref.io.FORMATS), default="npz", help="weights file of MODEL_DIR: "
                    "weights.npz (default; numpy alone reads it) or weights.safetensors")
     p.add_argument("--activation", choices=ACTIVATIONS, default=None,
-                   help="expert (and dense MLP) activation (default gelu_tanh for GPT-2, relu for Switch)")
+                   help="expert (and dense MLP) activation (config.json's activation_function / dense_act_fn; required "
+                   "without one: GPT-2's gelu_new is gelu_tanh, Switch's is relu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="weights dtype (default float32)")
     p.add_argument("--verbose", action="store_true", help="kind stack: also list the tensors outside the HyperMoE "
                    "layers")
@@ -88,20 +92,22 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "stack" and (args.heads is not None or args.layer_norm_eps is not None):
         raise ValueError("--heads and --layer-norm-eps apply to a whole model, not to --kind stack")
     options: dict = {"dtype": np.dtype(args.dtype)}
-    if args.activation:
-        options["activation"] = args.activation
-    if args.source not in ("official-switch", "hypermoe-dense"):
-        options.update(kind=args.kind or "auto", n_heads=args.heads)
-        if args.layer_norm_eps is not None:
-            options["layer_norm_eps"] = args.layer_norm_eps
+    hf, sources = None, {}
+    if args.source != "hypermoe-dense":  # a checkpoint: its config.json, if any, and the flags give the values
+        _, config_file = hf_config.locate(args.state_dict)
+        hf = hf_config.read_json(config_file) if config_file else None
+        capacity = args.capacity and ("none" if args.capacity.lower() == "none"
+                                      else _positive_int(args.capacity, "--capacity"))
+        given = {"top_k": args.top_k, "activation": args.activation, "n_heads": args.heads,
+                 "layer_norm_eps": args.layer_norm_eps, "capacity": capacity}
+        resolved, sources = hf_config.resolve(args.source, hf, given, args.kind)
+        options.update(resolved)
     if args.source == "official-gpt2":
-        options.update(top_k=1 if args.top_k is None else args.top_k, keep_noise=args.keep_noise)
+        options.update(kind=args.kind or "auto", keep_noise=args.keep_noise)
     elif args.source == "official-switch":
-        if args.stack is None or args.capacity is None:
-            raise ValueError("--from official-switch needs --stack encoder|decoder and --capacity C|none (the official "
-                             "config's expert_capacity, HF default 64; the checkpoint does not store it)")
-        capacity = None if args.capacity.lower() == "none" else _positive_int(args.capacity, "--capacity")
-        options.update(stack=args.stack, capacity=capacity)
+        if args.stack is None:
+            raise ValueError("--from official-switch needs --stack encoder|decoder (one stack per conversion)")
+        options["stack"] = args.stack
     elif args.source == "hypermoe-dense":
         if args.experts is None or args.top_k is None:
             raise ValueError("--from hypermoe-dense needs --experts N and --top-k k")
@@ -110,15 +116,22 @@ def run(args: argparse.Namespace) -> int:
     elif args.source == "gpt2-mlp":
         if args.experts is None or args.top_k is None:
             raise ValueError("--from gpt2-mlp needs --experts N and --top-k k")
-        options.update(n_experts=args.experts, top_k=args.top_k, seed=args.seed or 0, moe_every=args.moe_every or 1)
+        options.update(kind=args.kind or "auto", n_experts=args.experts, seed=args.seed or 0,
+                       moe_every=args.moe_every or 1)
+        sources.update(n_experts="flag --experts", moe_every="flag --moe-every" if args.moe_every else "default")
+        widths = ("d_expert_embed", "d_process", "d_hyper", "d_generator")
+        sources.update({w: "flag --hyper-width" if args.hyper_width else "default" for w in widths})
+        sources.update(d_adapter="flag --d-adapter" if args.d_adapter else "default", d_layer_embed="default")
         if args.d_adapter is not None:
             options["d_adapter"] = args.d_adapter
         if args.hyper_width is not None:
-            options.update({k: args.hyper_width for k in ("d_expert_embed", "d_process", "d_hyper", "d_generator")})
+            options.update({k: args.hyper_width for k in widths})
     if args.format == "safetensors":
         ref.io.safetensors_package()  # the package is missing: say so before the (slow) conversion
     check_output(args.output, force=args.force, directory=True, entries=ref.io.ENTRIES)
     result = convert(args.state_dict, args.source, **options)  # slow on big checkpoints: the output is checked first
+    if args.source != "hypermoe-dense":
+        hf_config.check_shapes(args.source, hf, result.config, result.kind, args.stack, sources)
     out = ref.io.save_dir(args.output, result.config, result.params, result.kind, force=args.force, format=args.format)
 
     cfg = result.config
@@ -136,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
               f"d_g={cfg.d_generator} a={cfg.d_adapter}")
     print(f"HyperMoE layers: {len(layers)} of {cfg.n_layers} blocks {layers} (moe_every={cfg.moe_every}), "
           f"{sum(v.size for v in result.params.values()):,} parameters")
+    if args.source != "hypermoe-dense":
+        print("where each value came from" + ("" if hf else " (no config.json beside the weights)") + ":")
+        for line in hf_config.report(args.source, cfg, result.kind, sources):
+            print(line)
     if result.unused:
         print(f"unused tensors ({len(result.unused)}):")
         for key, why in result.unused.items():

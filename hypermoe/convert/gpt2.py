@@ -30,6 +30,13 @@ def check_heads(n_heads: int | None) -> None:
                          "--kind stack for the HyperMoE layers alone")
 
 
+def check_eps(layer_norm_eps: float | None) -> None:
+    if layer_norm_eps is None:
+        raise ValueError("a whole GPT-2 model needs its LayerNorm eps, which the checkpoint does not store: pass "
+                         "--layer-norm-eps EPS (GPT-2's layer_norm_epsilon: 1e-5), or convert the checkpoint folder "
+                         "whose config.json states it")
+
+
 def gpt2_body(prefix: str, cfg: HyperMoEConfig, n_blocks: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{official name: (our name, shape)} of a GPT-2 model outside its HyperMoE layers, all taken as is: the
     embeddings are (rows, d) tables in both, LayerNorms are (d) vectors, and Conv1D weights are already x @ W
@@ -54,13 +61,16 @@ def gpt2_body(prefix: str, cfg: HyperMoEConfig, n_blocks: int) -> dict[str, tupl
 
 
 def as_model(state: Mapping[str, np.ndarray], prefix: str, stack: Converted, *, n_heads: int,
-             layer_norm_eps: float, dtype) -> Converted:
+             layer_norm_eps: float | None, dtype, tie: bool | None = None) -> Converted:
     """The whole GPT2LMHeadModel around `stack` (its converted HyperMoE layers and hypernetwork), kind "model":
     embeddings, every block's ln_1 / attention / ln_2, the MLPs of blocks left dense, ln_f (gpt2_body), and
     the LM head: tied when `lm_head.weight` is absent or equal to wte (GPT-2), else lm_head.weight = its
     transpose. Every tensor of the checkpoint is converted or reported unused with the reason; any other is
-    an error. The checkpoint stores neither n_heads nor the LayerNorm eps (GPT-2: layer_norm_epsilon 1e-5)."""
+    an error. The checkpoint stores neither n_heads nor the LayerNorm eps (GPT-2: layer_norm_epsilon 1e-5; None:
+    unknown, an error). tie (config.json's tie_word_embeddings): True demands a head that is absent or equal to wte,
+    False keeps lm_head.weight untied even where it equals wte; None decides from the tensors as above."""
     check_heads(n_heads)
+    check_eps(layer_norm_eps)
     cfg = stack.config
     V, d = anchor(state, prefix + "wte.weight", 2)
     P, _ = anchor(state, prefix + "wpe.weight", 2)
@@ -74,6 +84,11 @@ def as_model(state: Mapping[str, np.ndarray], prefix: str, stack: Converted, *, 
                          f"{cfg.n_layers} rows: a model directory needs one row per block")
     head = prefix.removesuffix("transformer.") + "lm_head.weight"  # GPT2LMHeadModel: lm_head beside transformer.
     tied = head not in state or np.array_equal(state[head], state[prefix + "wte.weight"])
+    if tie is not None and tie != tied:
+        raise ValueError(f"config.json's tie_word_embeddings = {str(tie).lower()}, but the checkpoint's {head} is "
+                         + ("present and differs from wte (untied)" if tie else "absent (tied)"))
+    if tie is False:
+        tied = False
     cfg = cfg.replace(vocab_size=V, max_seq_len=P, n_heads=n_heads, layer_norm_eps=layer_norm_eps, tie_embeddings=tied)
     body = gpt2_body(prefix, cfg, n_blocks)
     check_official(state, {name: shape for name, (_, shape) in body.items()})

@@ -11,26 +11,28 @@ from hypermoe.convert.common import (
     Converted, anchor, assemble, block_count, check_activation, check_official, find_blocks, find_param_gen,
     hyper_part_expected, hyper_sizes, moe_every_for,
 )
-from hypermoe.convert.gpt2 import as_model, check_heads, resolve_kind
+from hypermoe.convert.gpt2 import as_model, check_eps, check_heads, resolve_kind
 from ref.config import HyperMoEConfig
 
 def from_official_gpt2(
     state: Mapping[str, np.ndarray], *, top_k: int = 1, keep_noise: bool = False,
     activation: str = "gelu_tanh", dtype=np.float32, kind: str = "auto", n_heads: int | None = None,
-    layer_norm_eps: float = 1e-5,
+    layer_norm_eps: float | None = 1e-5, tie: bool | None = None,
 ) -> Converted:
     """The official GPT-2 HyperMoE (every block's `h.{ℓ}.mlp` is a HyperMoE layer; one `param_gen`).
 
     The checkpoint stores neither k (official: 1) nor the activation (GPT-2's gelu_new = gelu_tanh).
     keep_noise: keep `w_noise` as router.noise_weight (noisy_gating, for further training); else reported.
     kind: "stack" (the HyperMoE layers and the hypernetwork), "model" (the whole GPT2LMHeadModel: as_model;
-    needs n_heads, and layer_norm_eps if not GPT-2's 1e-5) or "auto" (model when the checkpoint holds WHOLE_LM).
+    needs n_heads, and layer_norm_eps if not GPT-2's 1e-5; tie: config.json's
+    tie_word_embeddings, as_model) or "auto" (model when the checkpoint holds WHOLE_LM).
     """
     check_activation(activation)
     prefix, blocks = find_blocks(state, r"h\.(\d+)\.mlp\.w_gate", "official GPT-2 HyperMoE blocks")
     model = resolve_kind(state, prefix, kind) == "model"
     if model:
         check_heads(n_heads)  # before the work
+        check_eps(layer_norm_eps)
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
     d, N = anchor(state, mlp(blocks[0]) + "w_gate", 2, [mlp(i) + "w_gate" for i in blocks[1:]])  # x @ w_gate: (d, N)
     _, f = anchor(state, mlp(blocks[0]) + "experts.expert_0.c_fc.weight", 2,
@@ -85,5 +87,6 @@ def from_official_gpt2(
         layers[i] = layer
     stack = assemble(cfg, state, layers, mlp, gen, expected, dtype)
     if model:
-        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
+        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype,
+                        tie=tie)
     return stack

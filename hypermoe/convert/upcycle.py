@@ -12,7 +12,7 @@ import numpy as np
 from hypermoe.convert.common import (
     Converted, anchor, block_count, check_activation, check_official, find_blocks, finish,
 )
-from hypermoe.convert.gpt2 import as_model, check_heads, resolve_kind
+from hypermoe.convert.gpt2 import as_model, check_eps, check_heads, resolve_kind
 import ref
 import ref.io
 from ref.config import HyperMoEConfig
@@ -20,7 +20,7 @@ from ref.config import HyperMoEConfig
 def upcycle_gpt2_mlp(
     state: Mapping[str, np.ndarray], *, n_experts: int, top_k: int, seed: int = 0, moe_every: int = 1,
     activation: str = "gelu_tanh", dtype=np.float32, kind: str = "auto", n_heads: int | None = None,
-    layer_norm_eps: float = 1e-5, **hyper_widths: int,
+    layer_norm_eps: float | None = 1e-5, tie: bool | None = None, **hyper_widths: int,
 ) -> Converted:
     """HyperMoE from a dense GPT-2: block ℓ's MLP (`h.{ℓ}.mlp.c_fc` / `c_proj`, Conv1D, x @ W + b)
     copied into each of the N experts of layer ℓ, for the blocks cfg.is_moe_block picks (moe_every = 1:
@@ -41,6 +41,7 @@ def upcycle_gpt2_mlp(
     model = resolve_kind(state, prefix, kind) == "model"
     if model:
         check_heads(n_heads)  # before the work
+        check_eps(layer_norm_eps)
     mlp = lambda i: f"{prefix}h.{i}.mlp."  # noqa: E731
     d, f = anchor(state, mlp(blocks[0]) + "c_fc.weight", 2, [mlp(i) + "c_fc.weight" for i in blocks[1:]])  # (d, f)
     n_layers = block_count(state, prefix, "h")
@@ -68,7 +69,8 @@ def upcycle_gpt2_mlp(
     ignored = sorted(key for key in state if key not in expected and key not in unused)
     stack = Converted(cfg, finish(cfg, params, dtype), unused, ignored)
     if model:
-        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype)
+        return as_model(state, prefix, stack, n_heads=n_heads, layer_norm_eps=layer_norm_eps, dtype=dtype,
+                        tie=tie)
     return stack
 
 
