@@ -426,7 +426,7 @@ class ExportModelWithPast(ExportModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from hypermoe.model import attention_bias
+        from hypermoe.blocks import attention_bias
 
         bias = attention_bias(attention_mask, input_ids.shape[1], self.token_embed.dtype)  # (B, 1, S, L)
         past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.n_layers)]

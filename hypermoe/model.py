@@ -10,7 +10,8 @@ a dense MLP of width d_ff. One HyperNetwork is shared by all HyperMoE blocks and
     logits = ln_f(h) @ token_embed.T   (tie_embeddings)   or   ln_f(h) @ lm_head
 
 Parameter names and layouts (x @ W, W: (in, out)) are exactly ref.model.model_param_shapes', so that
-`state_dict()` and ref's parameter mapping are the same dictionary up to array type.
+`state_dict()` and ref's parameter mapping are the same dictionary up to array type. The blocks (attention_bias,
+CausalSelfAttention, DenseMLP, Block) live in hypermoe/blocks.py and are re-exported here.
 
 Incremental decoding (SPEC.md §4.1): forward(..., past_key_values, use_cache=True) runs S new tokens after P
 cached positions and returns the keys and values of all P + S (Optimum's layout); it must equal one pass over the
@@ -22,7 +23,6 @@ H heads, c = d / H head width, V vocabulary, f = d_ff hidden width.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,17 +30,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ref.io
 from ref.config import HyperMoEConfig
 from ref.model import model_init_std, model_param_shapes
 from ref.semantics import check_params
+from hypermoe.blocks import Block, CausalSelfAttention, DenseMLP, attention_bias  # noqa: F401 (re-exported)
 from hypermoe.generation import Sampling, generate
-from hypermoe.layer import (
-    HyperMoELayer, HyperMoEOutput, HyperNetwork, Linear, Routing, activation, check_memory, params_to_ref,
-)
+from hypermoe.layer import HyperNetwork, Routing, check_memory, params_to_ref
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -64,119 +62,6 @@ class LMHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d={self.weight.shape[0]}, vocab_size={self.weight.shape[1]}"
-
-
-def attention_bias(attention_mask: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive attention bias of S new queries over P + S keys (the past P, then the S new ones):
-    0.0 where key j is visible to query i (j ≤ P + i: causal, and attention_mask[b, j] ≠ 0: a real token; and
-    j = P + i: every query sees itself), torch.finfo(dtype).min elsewhere (Hugging Face's convention). The
-    diagonal keeps a left-padding query's row from being all-masked: its output (meaningless, never used) is
-    finite in every dtype, even in float16 where finfo.min plus a negative score rounds to −inf, so no NaN
-    reaches a real token through a padding key or value (ref.model.attention_bias, SPEC.md §4.1).
-
-    attention_mask (B, P + S) int or bool, 1 = real token, 0 = padding → bias (B, 1, S, P + S), broadcast over
-    the heads. Tensor ops only, every size from the inputs: torch.export traces it with dynamic B, S and P
-    (P may be 0 at run time)."""
-    L = attention_mask.shape[1]  # P + S keys
-    device = attention_mask.device
-    query_pos = torch.arange(S, device=device) + (L - S)  # (S,): query i sits at key position P + i
-    key_pos = torch.arange(L, device=device)  # (P + S,)
-    causal = key_pos[None, :] <= query_pos[:, None]  # (S, P + S)
-    itself = key_pos[None, :] == query_pos[:, None]  # (S, P + S)
-    visible = causal[None] & (attention_mask != 0)[:, None, :] | itself[None]  # (B, S, P + S)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return torch.where(visible, zero, hidden)[:, None]  # (B, 1, S, P + S)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention, position t attends to positions ≤ t. qkv columns: q | k | v.
-
-    forward(x (B, S, d), *, bias (B, 1, S, P + S) | None, past (key, value) each (B, H, P, c) | None)
-    → (out (B, S, d), present (key, value) each (B, H, P + S, c) = past then the S new ones along dim 2,
-    Optimum's layout). No bias: causal over past and new keys (is_causal fast path when there is no past)."""
-
-    def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
-        super().__init__()
-        d = config.d_model
-        self.n_heads, self.dropout = config.n_heads, config.dropout
-        self.qkv = Linear(d, 3 * d, device=device, dtype=dtype)
-        self.proj = Linear(d, d, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor, *, bias: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        B, S, d = x.shape  # sequences, new positions, model width
-        H = self.n_heads
-        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 × (B, S, d)
-        q, k, v = (t.view(B, S, H, d // H).transpose(1, 2) for t in (q, k, v))  # (B, H, S, c)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + S, c)
-            if bias is None:  # causal with the past in front
-                bias = attention_bias(torch.ones(B, k.shape[2], dtype=torch.int64, device=x.device), S, q.dtype)
-        dropout_p = self.dropout if self.training else 0.0
-        if bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, S, c)
-        elif torch.compiler.is_exporting():
-            # the same softmax(q kᵀ / √c + bias) v, spelt out for the ONNX graph: the exporter's SDPA decomposition
-            # materialises kᵀ and scales the whole cache every step (a Transpose and a Mul over (B, H, P + S, c));
-            # here the scale goes on q (S rows) and the Transpose feeds the MatMul directly, which onnxruntime fuses
-            # into one FusedMatMul(transB) that reads the cache in place (BENCHMARKS.md, "Generation")
-            scores = (q * (1.0 / math.sqrt(d // H))) @ k.transpose(-2, -1) + bias  # (B, H, S, P + S)
-            out = torch.softmax(scores, dim=-1) @ v  # (B, H, S, c)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, S, c)
-        return self.proj(out.transpose(1, 2).reshape(B, S, d)), (k, v)  # (B, S, d): heads side by side
-
-
-class DenseMLP(nn.Module):
-    """act(x W1 + b1) W2 + b2, the FFN of a block without HyperMoE (biases when cfg.expert_bias)."""
-
-    def __init__(self, config: HyperMoEConfig, *, device=None, dtype=None) -> None:
-        super().__init__()
-        d, f = config.d_model, config.d_ff
-        self.activation = config.activation
-        self.w1 = nn.Parameter(torch.empty(d, f, device=device, dtype=dtype))
-        self.b1 = nn.Parameter(torch.empty(f, device=device, dtype=dtype)) if config.expert_bias else None
-        self.w2 = nn.Parameter(torch.empty(f, d, device=device, dtype=dtype))
-        self.b2 = nn.Parameter(torch.empty(d, device=device, dtype=dtype)) if config.expert_bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x @ self.w1  # (B, S, f)
-        if self.b1 is not None:
-            u = u + self.b1
-        y = activation(self.activation, u) @ self.w2  # (B, S, d)
-        return y if self.b2 is None else y + self.b2
-
-
-class Block(nn.Module):
-    """h ← h + dropout(attn(ln1(h))); h ← h + dropout(ffn(ln2(h))), ffn HyperMoE or dense."""
-
-    def __init__(self, config: HyperMoEConfig, index: int, hyper: HyperNetwork | None, *, device=None, dtype=None) -> None:
-        super().__init__()
-        d, eps = config.d_model, config.layer_norm_eps
-        self.index = index  # the layer embedding ℓ of its HyperMoE FFN
-        self.ln1 = nn.LayerNorm(d, eps=eps, device=device, dtype=dtype)
-        self.attn = CausalSelfAttention(config, device=device, dtype=dtype)
-        self.ln2 = nn.LayerNorm(d, eps=eps, device=device, dtype=dtype)
-        moe = config.is_moe_block(index)
-        # the HyperMoE layer references the shared hypernetwork without registering it (state_dict: hyper.* once)
-        self.moe = HyperMoELayer(config, hyper=hyper, device=device, dtype=dtype) if moe else None
-        self.mlp = None if moe else DenseMLP(config, device=device, dtype=dtype)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, h: torch.Tensor, *, bias: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, HyperMoEOutput | None, tuple[torch.Tensor, torch.Tensor]]:
-        """h (B, S, d) → (new h, the HyperMoE layer's output or None for a dense block, present (key, value)
-        each (B, H, P + S, c)); bias and past as CausalSelfAttention.forward."""
-        a, present = self.attn(self.ln1(h), bias=bias, past=past)  # (B, S, d)
-        h = h + self.drop(a)
-        x = self.ln2(h)  # (B, S, d)
-        if self.moe is None:
-            return h + self.drop(self.mlp(x)), None, present
-        out = self.moe(x, self.index)  # layer embedding ℓ = the absolute block index
-        return h + self.drop(out.output), out, present
 
 
 class HyperMoETransformer(nn.Module):

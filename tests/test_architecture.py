@@ -13,14 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ref", "hypermoe", "export", "conformance")
 LIBRARY = ("hypermoe", "hypermoe.layer", "hypermoe.routing", "hypermoe.experts", "hypermoe.hypernetwork",
-           "hypermoe.model", "hypermoe.generation", "hypermoe.parallel", "hypermoe.expert_parallel", "hypermoe.hf")
+           "hypermoe.blocks", "hypermoe.model", "hypermoe.generation", "hypermoe.parallel", "hypermoe.expert_parallel", "hypermoe.hf")
 TOOLS = ("hypermoe.convert", "hypermoe.train", "hypermoe.bench")
 # rank of each room: a module may import its own room and rooms of a lower rank, nothing else
 RANKS = {"ref": 0, "library": 1, "export": 2, "conformance": 3, **{t: 4 for t in TOOLS}, "commands": 5, "scripts": 6}
 MAX_LINES = 400
 # files still over MAX_LINES, with the length they may not exceed until they are split (ARCHITECTURE.md, "Still to do")
 OVERSIZE = {
-    "hypermoe/model.py": 483,
     "export/verify.py": 459, "export/graph.py": 434, "export/cli.py": 415, "conformance/generate.py": 404,
     "hypermoe/bench/generation.py": 428,
 }
