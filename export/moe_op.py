@@ -8,7 +8,7 @@ is fed raw logits), top-k, optionally renormalised over the k (`normalize_routin
 Where that matches SPEC.md (and where export refuses):
 - always normalize_routing_weights=1. gate "topk": the renormalised top-k, SPEC.md's gate. gate "switch"
   (k = 1): the op's weight is p/p = 1, so it returns FFN_{i*}(x) and the graph multiplies by its own
-  float32 gate p_{i*} (export/graph.py): p_{i*} · FFN, the switch gate without capacity.
+  float32 gate p_{i*} (export/layer.py): p_{i*} · FFN, the switch gate without capacity.
   Why not normalize_routing_weights=0 (which gives p · FFN in the op itself): onnxruntime 1.31.1's CPU kernel
   registers MayInplace(0, 0), and on that path it zero-fills its output before reading its input (moe_cpu.cc of
   that time copies the input first only when normalize_routing_weights=1; later sources copy it always). When onnxruntime's planner lets the output share the
@@ -32,7 +32,7 @@ Speed on onnxruntime's CPU provider (1.31, measured; BENCHMARKS.md "onnxruntime 
 kernel runs each expert's two GEMMs through MLAS without a thread pool (threads only across experts), the
 activation as a scalar loop (tanh-GELU ≈ 45 % of the node at d 768, f 3072), and copies, biases and the
 thread-output accumulation (in double) as scalar loops: about half torch eager's speed at the official
-sizes. The "sparse" flavour (export/graph.py, standard ops) is about twice as fast there.
+sizes. The "sparse" flavour (export/layer.py, standard ops) is about twice as fast there.
 
 onnx has no schema for ORT contrib ops and the exporter needs one, so a minimal OpSchema is registered
 once (onnx.defs.register_schema).

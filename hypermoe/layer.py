@@ -27,7 +27,7 @@ dispatch in experts.py (§3.5), the hypernetwork and the ways its adapters are a
   kernel (SM90) is the candidate for the sorted path on GPUs once measured there.
 Every path gives the reference's routing exactly and its numbers to rounding (tests/test_layer.py).
 None is exportable (data-dependent shapes: sort, bincount, unique); torch.export / torch.onnx.export(dynamo=True)
-of this layer is refused with a one-line error. The exportable formulation is export/graph.py's ExportLayer
+of this layer is refused with a one-line error. The exportable formulation is export/layer.py's ExportLayer
 (`hypermoe export`), built from the same reference parameters.
 
 Axis legend (as ref/):

@@ -366,7 +366,7 @@ def test_adapter_cache_invalidation():
 
 def test_torch_export_is_refused_with_one_line_pointing_to_export_layer():
     """torch.export / torch.onnx.export(dynamo=True) of the layer stop up front with one line naming the
-    exportable formulation (export/graph.py's ExportLayer, `hypermoe export`), not a data-dependent-shape
+    exportable formulation (export/layer.py's ExportLayer, `hypermoe export`), not a data-dependent-shape
     error from deep inside the sorted dispatch. The layer still runs eagerly afterwards."""
     import warnings
 
