@@ -21,7 +21,6 @@ MAX_LINES = 400
 # files still over MAX_LINES, with the length they may not exceed until they are split (ARCHITECTURE.md, "Still to do")
 OVERSIZE = {
     "export/cli.py": 415, "conformance/generate.py": 404,
-    "hypermoe/bench/generation.py": 428,
 }
 
 
