@@ -20,7 +20,7 @@ RANKS = {"ref": 0, "library": 1, "export": 2, "conformance": 3, **{t: 4 for t in
 MAX_LINES = 400
 # files still over MAX_LINES, with the length they may not exceed until they are split (ARCHITECTURE.md, "Still to do")
 OVERSIZE = {
-    "export/cli.py": 415, "conformance/generate.py": 404,
+    "conformance/generate.py": 404,
 }
 
 
