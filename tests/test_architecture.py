@@ -19,9 +19,7 @@ TOOLS = ("hypermoe.convert", "hypermoe.train", "hypermoe.bench")
 RANKS = {"ref": 0, "library": 1, "export": 2, "conformance": 3, **{t: 4 for t in TOOLS}, "commands": 5, "scripts": 6}
 MAX_LINES = 400
 # files still over MAX_LINES, with the length they may not exceed until they are split (ARCHITECTURE.md, "Still to do")
-OVERSIZE = {
-    "conformance/generate.py": 404,
-}
+OVERSIZE: dict[str, int] = {}
 
 
 def module_name(path: Path) -> str:
