@@ -20,25 +20,12 @@ from hypermoe import cli
 from hypermoe.convert import upcycle_dense_model
 from hypermoe.model import HyperMoETransformer
 from hypermoe.train import (
-    PRESETS, RouterGradientWarning, TrainConfig, batch, open_corpus, read_log, router_gets_task_gradient, total_loss,
+    PRESETS, RouterGradientWarning, batch, open_corpus, read_log, router_gets_task_gradient, total_loss,
     train, train_offsets,
 )
-from tests.test_train import SMALL, run_cli, tiny, write_corpus
+from tests.test_train import SMALL, corpus, one_thread, run_cli, tiny  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    return write_corpus(tmp_path / "corpus")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def router_lm_grads(cfg, seed=0):
