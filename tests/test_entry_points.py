@@ -731,3 +731,40 @@ def test_every_option_has_a_help_line():
     assert not missing, sorted(set(missing))
     export_help = " ".join(build_parser()._subparsers._group_actions[0].choices["export"].format_help().split())
     assert all(kind in export_help for kind in ("layer", "stack", "model")) and "default portable" in export_help
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-step run of the `tiny` preset (tests/test_train.py's corpus) with its checkpoint."""
+    from tests.test_train import write_corpus
+
+    folder = tmp_path_factory.mktemp("run")
+    corpus = write_corpus(folder / "corpus")
+    assert cli(["train", "--config", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-tokens",
+                "64", "--data", str(corpus), "--out", str(folder / "run"), "--quiet"]) == 0
+    return folder / "run"
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(data=st.data())
+def test_train_resume_command(tiny_run, data):
+    """train --resume of a run with one corrupted file (train.json, the checkpoint's state.json, optimizer.npz,
+    rng.npz, or its model directory): exit 0 or one line naming the problem, never a traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(tiny_run, run)
+        target = data.draw(st.sampled_from(("train.json", "checkpoint/state.json", "checkpoint/optimizer.npz",
+                                            "checkpoint/rng.npz", "checkpoint/model")), label="file")
+        if target == "checkpoint/model":
+            shutil.rmtree(run / target)
+            corrupted_dir(data, tiny_run / target, run / "checkpoint")
+        else:
+            file = run / target
+            if file.suffix == ".json" and data.draw(st.booleans(), label="json"):
+                file.write_bytes(mutate_json(data, json.loads(file.read_text())))
+            elif file.name == "optimizer.npz" and data.draw(st.booleans(), label="arrays"):  # float32 moments
+                with np.load(file, allow_pickle=False) as archive:
+                    file.write_bytes(mutate_arrays(data, {n: archive[n] for n in archive.files}))
+            else:
+                file.write_bytes(mutate_bytes(data, file.read_bytes()))
+        cli(["train", "--resume", str(run), "--steps", "3", "--quiet"])

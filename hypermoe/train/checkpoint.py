@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,16 +64,30 @@ def load_checkpoint(run_dir: Path, cfg: TrainConfig, model, optimizer) -> int:
         raise ValueError(f"{ckpt / 'model'} holds another model config than the run's")
     model.load_ref(params)
     arrays = _read_checkpoint_npz(ckpt / "optimizer.npz")
+    steps = state.get("adam_step")
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    if not isinstance(steps, dict) or not set(steps) <= set(shapes) or not all(
+            _number(v) and v >= 0 for v in steps.values()):
+        raise ValueError(f"{ckpt / 'state.json'}: 'adam_step' must map parameter names to step counts; the "
+                         "checkpoint is damaged")
+    for name in steps:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            value = arrays.get(f"{name}.{moment}")
+            if value is None or value.shape != shapes[name] or value.dtype != np.float32 or not np.isfinite(value).all():
+                got = "missing" if value is None else f"{value.dtype} {value.shape}"
+                raise ValueError(f"{ckpt / 'optimizer.npz'}: array '{name}.{moment}' is {got}, expected finite float32 "
+                                 f"{shapes[name]}; the checkpoint is damaged")
     for name, p in model.named_parameters():
-        if name in state["adam_step"]:
+        if name in steps:
             optimizer.state[p] = {
-                "step": torch.tensor(state["adam_step"][name], dtype=torch.float32),
+                "step": torch.tensor(steps[name], dtype=torch.float32),
                 "exp_avg": torch.from_numpy(arrays[f"{name}.exp_avg"]).to(p.device),
                 "exp_avg_sq": torch.from_numpy(arrays[f"{name}.exp_avg_sq"]).to(p.device),
             }
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
     rng = _read_checkpoint_npz(ckpt / "rng.npz")
+    _check_rng(ckpt / "rng.npz", rng, ["torch"])
     torch.set_rng_state(torch.from_numpy(rng["torch"]))
     if "cuda" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng["cuda"]))
@@ -87,11 +102,19 @@ def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
     try:
         state = json.loads(file.read_text())
         saved = TrainConfig.from_dict(state["train_config"])
-        int(state["step"])
+        step, groups = state["step"], state["param_groups"]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err}); the checkpoint is damaged") from None
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{file}: not a checkpoint state of hypermoe train ({type(err).__name__}: {err})") from None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{file}: 'step' must be an int ≥ 0, got {step!r}; the checkpoint is damaged")
+    # AdamW's two groups (matrices with weight decay, the rest without): lr, betas, eps, weight_decay as numbers
+    if not isinstance(groups, list) or len(groups) != 2 or not all(
+            isinstance(g, dict) and all(_number(g.get(k)) for k in ("lr", "eps", "weight_decay"))
+            and isinstance(g.get("betas"), list) and len(g["betas"]) == 2 and all(map(_number, g["betas"]))
+            for g in groups):
+        raise ValueError(f"{file}: 'param_groups' is not AdamW's two parameter groups; the checkpoint is damaged")
     differ = differing(saved.model.to_dict(), cfg.model.to_dict())
     if differ:
         raise ValueError(f"{ckpt} is a checkpoint of another model config (fields {', '.join(differ)} differ)")
@@ -99,6 +122,23 @@ def _checkpoint_state(ckpt: Path, cfg: TrainConfig) -> dict[str, Any]:
     if differ:
         raise ValueError(f"{ckpt} was written with other training settings (fields {', '.join(differ)} differ)")
     return state
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_rng(file: Path, rng: dict[str, np.ndarray], names: list[str]) -> None:
+    """Each generator state a checkpoint restores: uint8, the size torch's own state has (ValueError naming it)."""
+    import torch
+
+    size = torch.get_rng_state().numel()
+    for name in names:
+        value = rng.get(name)
+        if value is None or value.dtype != np.uint8 or value.shape != (size,):
+            got = "missing" if value is None else f"{value.dtype} {value.shape}"
+            raise ValueError(f"{file}: generator state '{name}' is {got}, expected uint8 ({size},); the checkpoint "
+                             "is damaged")
 
 
 def _read_checkpoint_npz(file: Path) -> dict[str, np.ndarray]:
@@ -184,6 +224,7 @@ def load_checkpoint_sharded(run_dir: Path, cfg: TrainConfig, model, optimizer, j
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()})
     rng = _read_checkpoint_npz(ckpt / "rng.npz")
+    _check_rng(ckpt / "rng.npz", rng, [f"torch.{job.rank}"])
     torch.set_rng_state(torch.from_numpy(rng[f"torch.{job.rank}"]))
     if f"cuda.{job.rank}" in rng:
         torch.cuda.set_rng_state(torch.from_numpy(rng[f"cuda.{job.rank}"]))
