@@ -13,13 +13,14 @@ from hypermoe.cli import main
 
 def tiny_options(**changes) -> bg.Options:
     cfg = ref.tiny_config(top_k=1).replace(n_layers=2, vocab_size=64, max_seq_len=24, n_heads=2)
-    base = dict(cfg=cfg, threads=1, decode_batches=(1, 3), new_tokens=4, prefill_reps=2, decode_reps=2)
+    base = dict(cfg=cfg, threads=1, decode_batches=(1, 3), new_tokens=4, prefill_reps=2, decode_reps=2,
+                exports=("sparse",))
     return bg.Options(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
 def result():
-    """One run with the sparse export (the default flavour) and both torch backends."""
+    """One run with transformers' dense GPT-2, the sparse export and both torch backends."""
     messages = []
     out = bg.run(tiny_options(), progress=messages.append)
     assert any("exporting" in m for m in messages) and any("round 2/2" in m for m in messages)
@@ -28,8 +29,8 @@ def result():
 
 @pytest.fixture(scope="module")
 def torch_result():
-    """The torch backends alone (no export: a second or two)."""
-    return bg.run(tiny_options(flavours=(), decode_batches=(2,), prefill_reps=1, decode_reps=1))
+    """The torch backends alone (no export, no dense model: a second or two)."""
+    return bg.run(tiny_options(exports=(), dense=False, decode_batches=(2,), prefill_reps=1, decode_reps=1))
 
 
 def test_groups_default_to_128_and_the_whole_context():
@@ -45,12 +46,27 @@ def test_groups_default_to_128_and_the_whole_context():
         bg.groups(bg.Options(prefill_prompts=(2048,)))
     with pytest.raises(ValueError, match="torch-kv"):
         bg.check_options(bg.Options(torch_backends=("torch-nocache",)))
+    assert bg.Options().backends() == ("hf-gpt2", "ort-sparse", "ort-sparse:int8", "ort-sparse:int4", "torch-kv",
+                                       "torch-nocache")
+
+
+def test_export_specs():
+    assert bg.parse_export("fused") == {"flavour": "fused", "quantize": None, "attention": "standard"}
+    assert bg.parse_export("sparse:int4:contrib") == {"flavour": "sparse", "quantize": "int4", "attention": "contrib"}
+    for bad, why in (("dense", "flavour"), ("sparse:int3", "'int3'"), ("sparse:int8:int4", "'int4'"),
+                     ("sparse:contrib:contrib", "'contrib'")):
+        with pytest.raises(ValueError, match=why):
+            bg.parse_export(bad)
+    with pytest.raises(ValueError, match="must differ"):
+        bg.check_options(tiny_options(exports=("sparse", "sparse")))
+    with pytest.raises(ValueError, match="gate = 'switch'"):  # the benchmark's model is upcycled from a dense GPT-2
+        bg.check_options(tiny_options(cfg=tiny_options().cfg.replace(gate="switch")))
 
 
 @pytest.mark.slow
 def test_run_produces_every_row(result):
     opts = tiny_options()
-    backends = ["ort-sparse", "torch-kv", "torch-nocache"]
+    backends = ["hf-gpt2", "ort-sparse", "torch-kv", "torch-nocache"]
     rows = result["rows"]
     # prefill L = 24 (min(128, 24)) once, decode B ∈ {1, 3} at C = 24: one row per backend each
     assert [(r["phase"], r["batch"], r["prompt"], r["backend"]) for r in rows] == \
@@ -58,17 +74,23 @@ def test_run_produces_every_row(result):
     assert [c["backend"] for c in result["checks"]] == backends and all(c["ok"] for c in result["checks"])
     for r in rows:
         assert r["reps"] == 2 and 0 < r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
-        assert r["x_vs_torch_kv"] > 0 and r["latency_ms"] > 0
+        assert r["x_vs_base"] > 0 and r["latency_ms"] > 0
         if r["phase"] == "decode":
             steps = (opts.nocache_new_tokens if r["backend"] == "torch-nocache" else opts.new_tokens) - 1
             assert r["steps"] == steps and r["context_range"] == [21, 20 + steps]
-            # the same seed and (nearly) the same logits draw the same tokens
+            # the same seed and (nearly) the same logits draw the same tokens: the upcycled model computes the dense
+            # GPT-2's function (hypermoe/bench/generation_backends.py), so every backend draws hf-gpt2's tokens
             assert r["tokens_same"] == r["tokens_compared"] == 2 * r["batch"] * (steps + 1)
-    assert [(t["target"].split()[0], t["batch"]) for t in bg.targets(result)] == \
-        [("ort-sparse", 1), ("torch", 1), ("ort-sparse", 3), ("torch", 3)]
+    assert result["meta"]["base"] == "hf-gpt2" and result["meta"]["dense_parameters"] < result["meta"]["parameters"]
+    # one context (24): no context ratio; torch-kv against the dense model at B = 1 and 3, the KV cache against
+    # recomputing, the export's prefill against the dense model's
+    assert [(t["target"], t["batch"]) for t in bg.targets(result)] == \
+        [("torch-kv decode ≥ 0.9× hf-gpt2 (dense)", 1), ("torch KV cache × faster than recompute, per decoded token", 1),
+         ("torch-kv decode ≥ 0.9× hf-gpt2 (dense)", 3), ("torch KV cache × faster than recompute, per decoded token", 3),
+         ("ort-sparse prefill ≥ hf-gpt2 (dense)", 1)]
     text = bg.markdown(result)
-    assert "| " + " | ".join(bg.COLUMNS) + " |" in text
-    assert text.count("\n| prefill |") == 3 and text.count("\n| decode |") == 6
+    assert "| " + " | ".join(bg.COLUMNS) + " |" in text and "against `hf-gpt2`" in text
+    assert text.count("\n| prefill |") == 4 and text.count("\n| decode |") == 8
     json.dumps(result)  # serialisable as written by --json
 
 
@@ -87,7 +109,7 @@ def test_cli_writes_atomically_and_renders(torch_result, tmp_path, monkeypatch, 
     monkeypatch.setattr(bg, "run", lambda opts, progress=None, workdir=None: seen.append(opts) or torch_result)
     out, md = tmp_path / "gen.json", tmp_path / "gen.md"
     assert main(["bench", "--generation", "--quick", "--threads", "1", "--json", str(out), "--markdown", str(md)]) == 0
-    assert seen[0].cfg == bg.quick_config() and seen[0].threads == 1 and seen[0].flavours == ("sparse",)
+    assert seen[0].cfg == bg.quick_config() and seen[0].threads == 1 and seen[0].exports == bg.Options().exports
     printed = capsys.readouterr().out
     written = json.loads(out.read_text())
     assert written["meta"]["kind"] == bg.KIND and md.read_text() in printed
@@ -97,11 +119,15 @@ def test_cli_writes_atomically_and_renders(torch_result, tmp_path, monkeypatch, 
     before = out.read_text()
     assert main(["bench", "--generation", "--quick", "--json", str(out)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err and out.read_text() == before and len(seen) == 1
-    assert main(["bench", "--generation", "--flavours", "portable", "sparse", "--json", str(out), "--force"]) == 0
-    assert seen[1].flavours == ("portable", "sparse") and seen[1].cfg == bg.gpt2_small_config()
+    assert main(["bench", "--generation", "--exports", "portable", "sparse:int4", "--no-dense", "--json", str(out),
+                 "--force"]) == 0
+    assert seen[1].exports == ("portable", "sparse:int4") and not seen[1].dense
+    assert seen[1].cfg == bg.gpt2_small_config()
     capsys.readouterr()
     assert main(["bench", "--render", str(out)]) == 0
     assert capsys.readouterr().out.strip() == bg.markdown(json.loads(out.read_text())).strip()
     assert main(["bench", "--generation", "--tokens", "64"]) == 2
     assert "--tokens" in capsys.readouterr().err
-    assert main(["bench", "--flavours", "sparse"]) == 2  # the layer benchmark has no flavours option
+    assert main(["bench", "--exports", "sparse"]) == 2  # the layer benchmark has no exports option
+    assert main(["bench", "--generation", "--exports", "sparse:int3"]) == 2
+    assert "'int3'" in capsys.readouterr().err

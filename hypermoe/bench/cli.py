@@ -42,15 +42,21 @@ def register(subparsers) -> None:
     p.add_argument("--render", metavar="JSON", help="print the tables of an earlier run's --json file and exit (runs nothing)")
     p.add_argument("--generation", action="store_true",
                    help="instead: text generation with a GPT-2-small-sized HyperMoE LM (d=768, 12 blocks, V=50257, "
-                   "1024 positions, N=8, k=1): prefill (prompt 128, 1024) and decode (batch 1, 8; context 128, 1024) "
-                   "tokens/s of onnxruntime, torch with its KV cache and torch recomputing, side by side "
-                   "(hypermoe/bench/generation.py). Takes ≈ 7 min on 2 quiet cores (2 min of it the export), "
-                   "--quick (a narrower 4-block model) ≈ 1 min (5 min on a busy machine); peaks at ≈ 13 GB of "
-                   "memory during the export and needs 2 GB of temporary disk per flavour (deleted after the run); "
-                   "uses --quick, --device, --threads, --config, --seed, --json, --markdown, --force, --flavours")
-    p.add_argument("--flavours", nargs="+", choices=("portable", "sparse", "fused"),
-                   help="--generation: export flavours, one onnxruntime row each (default sparse: per-expert "
-                   "dispatch, reads only the selected experts' weights)")
+                   "1024 positions, N=8, k=1) upcycled from transformers' dense GPT2LMHeadModel of that shape: "
+                   "prefill (prompt 128, 1024) and decode (batch 1, 8; context 128, 1024) tokens/s of transformers' "
+                   "dense model (hf-gpt2, the base of every ratio), onnxruntime on each --exports graph, torch with "
+                   "its KV cache and torch recomputing, side by side (hypermoe/bench/generation.py). Takes ≈ 25 min "
+                   "on 2 quiet cores with the three default exports (≈ 2 min each), --quick (a narrower 4-block "
+                   "model) a few minutes; peaks at ≈ 13 GB of memory during an export and needs 2 GB of temporary "
+                   "disk per export (deleted after the run); uses --quick, --device, --threads, --config, --seed, "
+                   "--json, --markdown, --force, --exports, --no-dense")
+    p.add_argument("--exports", nargs="+", metavar="EXPORT",
+                   help="--generation: the with-past exports, one onnxruntime row each, as FLAVOUR[:int8|:int4]"
+                   "[:contrib] (FLAVOUR portable, sparse or fused; :int8/:int4 = --quantize, :contrib = --attention "
+                   "contrib of hypermoe export). Default: sparse sparse:int8 sparse:int4")
+    p.add_argument("--no-dense", action="store_true",
+                   help="--generation: leave out transformers' dense GPT-2 row (then the model is a random HyperMoE "
+                   "model, not an upcycled one, and ratios are to torch-kv)")
     p.set_defaults(func=bench_command)
 
 
@@ -70,8 +76,9 @@ def bench_command(args: argparse.Namespace) -> int:
         return 0
     if args.generation:
         return generation_command(args)
-    if args.flavours:
-        raise ValueError("--flavours applies to --generation (the layer benchmark's rows are chosen with --impls)")
+    if args.exports or args.no_dense:
+        raise ValueError("--exports and --no-dense apply to --generation (the layer benchmark's rows are chosen with "
+                         "--impls)")
     changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
     changes["dtypes"] = tuple(args.dtypes) if args.dtypes else (("fp32", "bf16") if args.device == "cuda" else ("fp32",))
     for name, value in (("tokens", args.tokens), ("top_ks", args.top_k), ("impls", args.impls), ("modes", args.modes)):
@@ -132,7 +139,8 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--quick"] if args.quick else []
     words += ["--device", args.device] if args.device != "cpu" else []
     words += ["--threads", str(args.threads)] if args.threads else []
-    words += ["--flavours", *dict.fromkeys(args.flavours)] if getattr(args, "flavours", None) else []
+    words += ["--exports", *dict.fromkeys(args.exports)] if getattr(args, "exports", None) else []
+    words += ["--no-dense"] if getattr(args, "no_dense", False) else []
     words += ["--config", args.config] if args.config else []
     words += ["--seed", str(args.seed)] if args.seed else []
     return " ".join(words)
@@ -144,8 +152,10 @@ def generation_command(args: argparse.Namespace) -> int:
     if given:
         raise ValueError(f"{', '.join(given)}: options of the layer benchmark, not of --generation")
     changes: dict[str, Any] = {"device": args.device, "threads": args.threads, "seed": args.seed}
-    if getattr(args, "flavours", None):
-        changes["flavours"] = tuple(dict.fromkeys(args.flavours))
+    if getattr(args, "exports", None):
+        changes["exports"] = tuple(dict.fromkeys(args.exports))
+    if getattr(args, "no_dense", False):
+        changes["dense"] = False
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     opts = generation.Options.quick(**changes) if args.quick else generation.Options(**changes)

@@ -1,14 +1,22 @@
 """The generation benchmark (`hypermoe bench --generation`): text generation with a HyperMoE language model, three backends side by side.
 
-The model: GPT-2-small-sized (d = 768, 12 blocks, 12 heads, vocabulary 50257, 1024 learned positions), every
+The shape: GPT-2-small-sized (d = 768, 12 blocks, 12 heads, vocabulary 50257, 1024 learned positions), every
 block's FFN a HyperMoE layer at the official sizes (N = 8 experts of f = 3072 with biases and tanh-GELU, k = 1,
-adapter a = 64, hypernetwork widths 128, layer embedding 10), random parameters (torch's RNG, seeded), fp32.
+adapter a = 64, hypernetwork widths 128, layer embedding 10), fp32.
 `--quick` shrinks the widths and depth, not the vocabulary, the context or the measured shapes.
 
+The model: transformers' GPT2LMHeadModel of that shape (dense, MLP width f, random, seeded) and the HyperMoE model
+upcycled from it (hypermoe/bench/generation_backends.py): every expert a copy of its block's dense MLP, the HyperExpert's output
+heads zero, so with top-1 "topk" routing it computes the dense model's function and must draw its tokens.
+
 Backends, all driven by the one loop of hypermoe.generation (`generate`, onnxruntime-genai's metrics):
-- "ort-<flavour>": export.generate.OrtDecoder (IOBinding, the KV cache stays in onnxruntime) on the with-past
-  export of the same parameters (`hypermoe export --with-past --flavour <flavour>`), written to a temporary
-  directory for the run and deleted after it; the CPU provider (or CUDA with --device cuda).
+- "hf-gpt2": transformers' dense GPT2LMHeadModel with its own KV cache and `logits_to_keep=1`
+  (hypermoe.bench.dense.HFDecoder): the cost floor of a dense model of the active size, and the row every ratio
+  divides by (`base`; torch-kv when it is left out).
+- "ort-<export>": export.generate.OrtDecoder (IOBinding, the KV cache stays in onnxruntime) on a with-past export
+  of the same parameters; <export> is FLAVOUR[:int8|:int4][:contrib] (`hypermoe export --with-past --flavour
+  FLAVOUR [--quantize int8|int4] [--attention contrib]`), written to a temporary directory for the run and deleted
+  after it; the CPU provider (or CUDA with --device cuda).
 - "torch-kv": hypermoe.model.TorchDecoder(model, use_cache=True), torch eager with its KV cache.
 - "torch-nocache": TorchDecoder(model, use_cache=False): every step recomputes the whole history (the baseline
   a KV cache is measured against).
@@ -27,8 +35,9 @@ from its near-uniform distribution routes like real text), no EOS. Before timing
 warm-up with the group's batch size; then the group's repetitions run in rounds, each round calling every
 backend once, in an order rotated from round to round, so that a shared machine's changing load hits all
 alike. Reported: the median over the repetitions and the min–max. Checks before timing: every backend's
-prefill logits against torch-kv's (max |Δ| / max |torch-kv|) and the tokens each draws in every repetition
-(the same seed and nearly the same logits draw the same tokens).
+prefill logits against the base's (max |Δ| / max |base|; a quantised export's are reported, not judged: its
+weights differ) and the tokens each draws in every repetition (the same seed and nearly the same logits draw the
+same tokens; a quantised export's count is its agreement with the float model).
 
 Axis legend: B sequences, L prompt length, C context (cached positions), n new tokens, V vocabulary.
 The library never prints: progress goes to the `progress` callback (the CLI writes it to stderr). The tables
@@ -50,13 +59,16 @@ import numpy as np
 
 from ref import HyperMoEConfig
 from hypermoe.bench.harness import machine, malloc_trim
+from hypermoe.bench.generation_backends import (  # noqa: F401 (re-exported)
+    DENSE, FLAVOURS, QUANTIZE, TORCH_BACKENDS, build_models, export_all, make_decoders, parse_export,
+)
 from hypermoe.bench.generation_report import (  # noqa: F401 (re-exported: defined here before the split)
     BASE, COLUMNS, KIND, is_result, markdown, table_rows, targets,
 )
 
 
-FLAVOURS = ("portable", "sparse", "fused")
-TORCH_BACKENDS = ("torch-kv", "torch-nocache")
+
+
 
 
 def gpt2_small_config() -> HyperMoEConfig:
@@ -76,8 +88,9 @@ class Options:
 
     device: str = "cpu"  # "cpu" | "cuda" (torch on that device, onnxruntime's CUDA provider)
     threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads (None: torch's)
-    flavours: tuple[str, ...] = ("sparse",)  # export flavours, one ort-<flavour> backend each (() none: torch only)
+    exports: tuple[str, ...] = ("sparse", "sparse:int8", "sparse:int4")  # one ort-<export> backend each (() none)
     torch_backends: tuple[str, ...] = TORCH_BACKENDS
+    dense: bool = True  # the hf-gpt2 row (transformers' dense GPT2LMHeadModel), the base of every ratio
     prefill_prompts: tuple[int, ...] | None = None  # prompt lengths L of the prefill groups (batch 1); None: 128
     # and max_seq_len (GPT-2: 1024, the whole context)
     decode_batches: tuple[int, ...] = (1, 8)
@@ -96,7 +109,11 @@ class Options:
         return cls(**{**base, **changes})
 
     def backends(self) -> tuple[str, ...]:
-        return tuple(f"ort-{f}" for f in self.flavours) + tuple(self.torch_backends)
+        return (DENSE,) * self.dense + tuple(f"ort-{e}" for e in self.exports) + tuple(self.torch_backends)
+
+    @property
+    def base(self) -> str:
+        return DENSE if self.dense else BASE
 
 
 @dataclass(frozen=True)
@@ -135,13 +152,19 @@ def groups(opts: Options) -> list[Group]:
 def check_options(opts: Options) -> None:
     if opts.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {opts.device!r}")
-    unknown = [f for f in opts.flavours if f not in FLAVOURS]
-    if unknown:
-        raise ValueError(f"flavours must be among {FLAVOURS}, got {unknown}")
+    for spec in opts.exports:
+        parse_export(spec)
+    if len(set(opts.exports)) != len(opts.exports):
+        raise ValueError(f"exports must differ, got {list(opts.exports)}")
+    if opts.dense:
+        from hypermoe.bench.generation_backends import check_upcyclable
+
+        check_upcyclable(opts.cfg)
     if [b for b in opts.torch_backends if b not in TORCH_BACKENDS]:
         raise ValueError(f"torch backends must be among {TORCH_BACKENDS}, got {list(opts.torch_backends)}")
     if BASE not in opts.torch_backends:
-        raise ValueError(f"{BASE} is the row every ratio divides by: it cannot be left out")
+        raise ValueError(f"{BASE} is the HyperMoE model's torch row (tokens and logits are checked against it): it "
+                         "cannot be left out")
     if opts.new_tokens < 2 or opts.nocache_new_tokens < 2:
         raise ValueError("new tokens must be ≥ 2 (the first new token comes from the prefill, not a decode step)")
     if min(opts.prefill_reps, opts.decode_reps) < 1:
@@ -154,47 +177,6 @@ def check_options(opts: Options) -> None:
 # ---------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------
-
-
-def build_model(opts: Options):
-    """The torch model in eval mode, its parameters drawn from torch's RNG seeded with opts.seed."""
-    import torch
-
-    from hypermoe.model import HyperMoETransformer
-
-    torch.manual_seed(opts.seed)
-    return HyperMoETransformer(opts.cfg, device=opts.device).eval()
-
-
-def export_flavours(model, opts: Options, directory: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One with-past export per flavour of the model's parameters into directory/<flavour> → what each took."""
-    from export.exporter import export_model
-    from hypermoe.layer import params_to_ref
-
-    params = params_to_ref(model)  # float32 copies on the host
-    out = []
-    for flavour in opts.flavours:
-        say(f"exporting the with-past {flavour} graph (d={opts.cfg.d_model}, {opts.cfg.n_layers} blocks; minutes at "
-            "full size)…")
-        result = export_model(os.path.join(directory, flavour), opts.cfg, params, kind="model", with_past=True,
-                              flavour=flavour, source="hypermoe bench --generation")
-        say(f"  {flavour}: {result.seconds:.0f} s, {result.bytes / 2**20:,.0f} MiB, hyper form {result.hyper_form}")
-        out.append({"flavour": flavour, "seconds": result.seconds, "bytes": result.bytes,
-                    "hyper_form": result.hyper_form, "external_data": result.external_data})
-    return out
-
-
-def make_decoders(model, opts: Options, directory: str) -> dict[str, Any]:
-    from export.generate import OrtDecoder
-    from hypermoe.model import TorchDecoder
-
-    provider = "cuda" if opts.device == "cuda" else "cpu"
-    decoders: dict[str, Any] = {}
-    for flavour in opts.flavours:
-        decoders[f"ort-{flavour}"] = OrtDecoder(os.path.join(directory, flavour), provider, threads=opts.threads)
-    for name in opts.torch_backends:
-        decoders[name] = TorchDecoder(model, use_cache=name == "torch-kv")
-    return decoders
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,13 +211,20 @@ def decode(decoder, prompts: list[list[int]], new_tokens: int, opts: Options, re
 
 
 def check_logits(decoders: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
-    """Every backend's prefill logits on 2 × 16 random tokens against torch-kv's."""
+    """Every backend's prefill logits on 2 × 16 random tokens against the base's (max |Δ| / max |base|): a float
+    backend must be within 1e-3 (fp32 rounding through 12 blocks is ~1e-6; a wrong graph is ≳ 1e-1), a quantised
+    export is reported ("ok" None: its weights differ by design; its quality is measured on trained models,
+    scripts/quant_quality.py)."""
     prompts = np.random.default_rng([opts.seed, 7]).integers(0, opts.cfg.vocab_size, (2, 16)).tolist()
     logits = {name: prefill(decoder, prompts)[1] for name, decoder in decoders.items()}
-    base = logits[BASE]
+    base = logits[opts.base]
     scale = float(np.abs(base).max()) or 1.0
-    return [{"backend": name, "max_rel_diff": float(np.abs(value - base).max()) / scale,
-             "ok": bool(np.abs(value - base).max() <= 1e-3 * scale)} for name, value in logits.items()]
+    out = []
+    for name, value in logits.items():
+        diff = float(np.abs(value - base).max()) / scale
+        quantised = name.startswith("ort-") and parse_export(name[4:])["quantize"] is not None
+        out.append({"backend": name, "max_rel_diff": diff, "ok": None if quantised else bool(diff <= 1e-3)})
+    return out
 
 
 def measure_group(group: Group, decoders: dict[str, Any], opts: Options,
@@ -281,16 +270,16 @@ def measure_group(group: Group, decoders: dict[str, Any], opts: Options,
         else:
             row["latency_ms"] = float(np.median([x["prefill_s"] for x in s])) * 1e3
         rows.append(row)
-    _compare(rows)
+    _compare(rows, opts.base)
     return rows
 
 
-def _compare(rows: list[dict[str, Any]]) -> None:
-    """Each row's speed against torch-kv's (median / median) and, for decode, how many of its drawn tokens match
-    torch-kv's in the same repetition (torch-nocache: its fewer tokens)."""
-    base = next(r for r in rows if r["backend"] == BASE)
+def _compare(rows: list[dict[str, Any]], base_name: str) -> None:
+    """Each row's speed against the base's (median / median) and, for decode, how many of its drawn tokens match
+    the base's in the same repetition (torch-nocache: its fewer tokens)."""
+    base = next(r for r in rows if r["backend"] == base_name)
     for r in rows:
-        r["x_vs_torch_kv"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["x_vs_base"] = r["tokens_per_s"] / base["tokens_per_s"]
         if r["phase"] == "decode":
             same = total = 0
             for mine, theirs in zip(r["samples"], base["samples"]):
@@ -306,8 +295,13 @@ def _compare(rows: list[dict[str, Any]]) -> None:
 
 
 def environment(opts: Options, threads: int) -> dict[str, Any]:
-    return {"kind": KIND, **machine(opts.device), "threads": threads, "config": opts.cfg.to_dict(),
+    meta = {"kind": KIND, **machine(opts.device), "threads": threads, "config": opts.cfg.to_dict(), "base": opts.base,
             "options": {k: v for k, v in asdict(opts).items() if k != "cfg"}}
+    if opts.dense:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    return meta
 
 
 def run(opts: Options, progress: Callable[[str], None] | None = None,
@@ -325,14 +319,17 @@ def run(opts: Options, progress: Callable[[str], None] | None = None,
     cfg = opts.cfg
     say(f"building the model: d={cfg.d_model}, {cfg.n_layers} blocks, N={cfg.n_experts}, k={cfg.top_k}, "
         f"V={cfg.vocab_size}, {cfg.max_seq_len} positions")
-    model = build_model(opts)
+    model, dense = build_models(opts)
     meta["parameters"] = sum(p.numel() for p in model.parameters())
+    if dense is not None:
+        meta["dense_parameters"] = sum(p.numel() for p in dense.parameters())
+        meta["dense_attention"] = dense.config._attn_implementation  # transformers' choice (sdpa where it can)
     directory = tempfile.mkdtemp(prefix="hypermoe-bench-generation-", dir=workdir)  # the exports, deleted below
     try:
-        exports = export_flavours(model, opts, directory, say)
+        exports = export_all(model, opts, directory, say)
         gc.collect()
         malloc_trim()  # the export's transient copies (≈ 13 GB peak at full size) go back to the system
-        decoders = make_decoders(model, opts, directory)
+        decoders = make_decoders(model, dense, opts, directory)
         checks = check_logits(decoders, opts)
         rows: list[dict[str, Any]] = []
         for group in groups(opts):
@@ -345,4 +342,4 @@ def run(opts: Options, progress: Callable[[str], None] | None = None,
     return {"meta": meta, "exports": exports, "checks": checks, "rows": rows}
 
 
-__all__ = ["Options", "Group", "gpt2_small_config", "groups", "markdown", "run", "targets"]
+__all__ = ["Options", "Group", "gpt2_small_config", "groups", "markdown", "parse_export", "run", "targets"]
