@@ -51,10 +51,12 @@ def test_groups_default_to_128_and_the_whole_context():
 
 
 def test_export_specs():
-    assert bg.parse_export("fused") == {"flavour": "fused", "quantize": None, "attention": "standard"}
-    assert bg.parse_export("sparse:int4:contrib") == {"flavour": "sparse", "quantize": "int4", "attention": "contrib"}
+    assert bg.parse_export("fused") == {"flavour": "fused", "dtype": "float32", "quantize": None, "attention": "standard"}
+    assert bg.parse_export("sparse:int4:contrib") == {"flavour": "sparse", "dtype": "float32", "quantize": "int4",
+                                                      "attention": "contrib"}
+    assert bg.parse_export("fused:bf16:int4")["dtype"] == "bfloat16"
     for bad, why in (("dense", "flavour"), ("sparse:int3", "'int3'"), ("sparse:int8:int4", "'int4'"),
-                     ("sparse:contrib:contrib", "'contrib'")):
+                     ("sparse:contrib:contrib", "'contrib'"), ("fused:fp16:bf16", "'bf16'")):
         with pytest.raises(ValueError, match=why):
             bg.parse_export(bad)
     with pytest.raises(ValueError, match="must differ"):

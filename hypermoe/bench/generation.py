@@ -211,10 +211,10 @@ def decode(decoder, prompts: list[list[int]], new_tokens: int, opts: Options, re
 
 
 def check_logits(decoders: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
-    """Every backend's prefill logits on 2 × 16 random tokens against the base's (max |Δ| / max |base|): a float
-    backend must be within 1e-3 (fp32 rounding through 12 blocks is ~1e-6; a wrong graph is ≳ 1e-1), a quantised
-    export is reported ("ok" None: its weights differ by design; its quality is measured on trained models,
-    scripts/quant_quality.py)."""
+    """Every backend's prefill logits on 2 × 16 random tokens against the base's (max |Δ| / max |base|): a float32
+    backend must be within 1e-3 (fp32 rounding through 12 blocks is ~1e-6; a wrong graph is ≳ 1e-1); a quantised or
+    16-bit export is reported ("ok" None: its weights differ by design; `hypermoe verify` checks such a graph against
+    ref, and scripts/quant_quality.py measures a quantised model's quality on trained models)."""
     prompts = np.random.default_rng([opts.seed, 7]).integers(0, opts.cfg.vocab_size, (2, 16)).tolist()
     logits = {name: prefill(decoder, prompts)[1] for name, decoder in decoders.items()}
     base = logits[opts.base]
@@ -222,8 +222,9 @@ def check_logits(decoders: dict[str, Any], opts: Options) -> list[dict[str, Any]
     out = []
     for name, value in logits.items():
         diff = float(np.abs(value - base).max()) / scale
-        quantised = name.startswith("ort-") and parse_export(name[4:])["quantize"] is not None
-        out.append({"backend": name, "max_rel_diff": diff, "ok": None if quantised else bool(diff <= 1e-3)})
+        spec = parse_export(name[4:]) if name.startswith("ort-") else {"quantize": None, "dtype": "float32"}
+        judged = spec["quantize"] is None and spec["dtype"] == "float32"
+        out.append({"backend": name, "max_rel_diff": diff, "ok": bool(diff <= 1e-3) if judged else None})
     return out
 
 

@@ -23,6 +23,7 @@ from ref import HyperMoEConfig
 
 FLAVOURS = ("portable", "sparse", "fused")
 QUANTIZE = ("int8", "int4")
+DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # export dtypes other than float32 (the CUDA provider's)
 TORCH_BACKENDS = ("torch-kv", "torch-nocache")
 DENSE = "hf-gpt2"
 
@@ -116,18 +117,21 @@ class HFDecoder:
 
 
 def parse_export(spec: str) -> dict[str, Any]:
-    """FLAVOUR[:int8|:int4][:contrib] → export_model's flavour, quantize and attention (ValueError naming the part)."""
+    """FLAVOUR[:fp16|:bf16][:int8|:int4][:contrib] → export_model's flavour, dtype, quantize and attention
+    (ValueError naming the part)."""
     parts = spec.split(":")
     if parts[0] not in FLAVOURS:
         raise ValueError(f"export {spec!r}: the flavour must be one of {FLAVOURS}, got {parts[0]!r}")
-    out: dict[str, Any] = {"flavour": parts[0], "quantize": None, "attention": "standard"}
+    out: dict[str, Any] = {"flavour": parts[0], "dtype": "float32", "quantize": None, "attention": "standard"}
     for part in parts[1:]:
-        if part in QUANTIZE and out["quantize"] is None:
+        if part in DTYPES and out["dtype"] == "float32":
+            out["dtype"] = DTYPES[part]
+        elif part in QUANTIZE and out["quantize"] is None:
             out["quantize"] = part
         elif part == "contrib" and out["attention"] == "standard":
             out["attention"] = "contrib"
         else:
-            raise ValueError(f"export {spec!r}: {part!r} is not int8, int4 or contrib (each at most once)")
+            raise ValueError(f"export {spec!r}: {part!r} is not fp16, bf16, int8, int4 or contrib (each at most once)")
     return out
 
 
@@ -161,6 +165,8 @@ def export_all(model, opts, directory: str, say: Callable[[str], None]) -> list[
     for spec in opts.exports:
         chosen = parse_export(spec)
         options = {"flavour": chosen["flavour"]}
+        if chosen["dtype"] != "float32":
+            options["dtype"] = chosen["dtype"]
         if chosen["quantize"]:
             options["quantize"] = chosen["quantize"]
         if chosen["attention"] != "standard":

@@ -102,7 +102,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"- export `{e.get('export', e['flavour'])}`: {e['seconds']:.0f} s, {e['bytes'] / 2**20:,.0f} MiB, HyperExpert form "
               f"{e['hyper_form']}" for e in result["exports"]]
-    verdict = {True: "ok", False: "FAILED", None: "quantised: reported, not judged"}
+    verdict = {True: "ok", False: "FAILED", None: "quantised or 16-bit: reported, not judged"}
     lines += [f"- check: {c['backend']} prefill logits vs {base}, max rel diff {c['max_rel_diff']:.1e} "
               f"({verdict[c['ok']]})" for c in result["checks"]]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
