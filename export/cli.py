@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="with --quantize: weights per scale along the input dimension, a power of two ≥ 16 "
                    "(default 32); fused needs d_model and d_ff multiples of it, portable d_ff")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                   help="with --quantize: 0 (default) float activations, the export computes exactly the dequantised "
+                   "model; 4 int8 activations inside MatMulNBits/QMoE, several times faster on the CPU but no "
+                   "rounding bound holds, so verify only reports its quality (it also allows fused int8)")
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
 
@@ -156,8 +160,8 @@ def export_command(args: argparse.Namespace) -> int:
     if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
         raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
                          "without --with-past there is none (add --with-past, or drop them)")
-    if args.block_size is not None and args.quantize is None:
-        raise ValueError("--block-size is the block of --quantize; add --quantize int8|int4, or drop it")
+    if (args.block_size is not None or args.accuracy_level is not None) and args.quantize is None:
+        raise ValueError("--block-size and --accuracy-level apply to --quantize; add --quantize int8|int4, or drop them")
     block_size = 32 if args.block_size is None else args.block_size
     if args.quantize is not None:
         from export.quantize import BITS, check_block
@@ -172,7 +176,8 @@ def export_command(args: argparse.Namespace) -> int:
                                    flavour=args.flavour, hyper_form=args.hyper_form, routing_outputs=args.routing_outputs,
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
                                    eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer,
-                                   quantize=args.quantize, block_size=block_size)
+                                   quantize=args.quantize, block_size=block_size,
+                                   accuracy_level=args.accuracy_level or 0)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

@@ -160,7 +160,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
                  pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None, quantize: str | None = None,
-                 block_size: int = 32) -> ExportResult:
+                 block_size: int = 32, accuracy_level: int = 0) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -173,14 +173,16 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
     ExportResult.path is the directory.
 
-    `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py)."""
+    `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py;
+    `accuracy_level` 4: int8 activations in the kernels, faster, verify reports only)."""
     from ref.files import atomic_output
 
     check_opset(opset)
     from export.quant_ops import check_request
 
-    check_request(cfg, flavour=flavour, quantize=quantize, block_size=block_size, dtype=dtype)  # before any work
-    quant = {"quantize": quantize, "block_size": block_size}
+    check_request(cfg, flavour=flavour, quantize=quantize, block_size=block_size, dtype=dtype,
+                  accuracy_level=accuracy_level)  # before any work
+    quant = {"quantize": quantize, "block_size": block_size, "accuracy_level": accuracy_level}
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
         from export.genai import optimum_config, tokenizer_config
@@ -215,7 +217,8 @@ def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id
 
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
-               name: Path, with_past: bool = False, quantize: str | None = None, block_size: int = 32) -> ExportResult:
+               name: Path, with_past: bool = False, quantize: str | None = None, block_size: int = 32,
+               accuracy_level: int = 0) -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
@@ -226,7 +229,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                           hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
     module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, quantize=quantize,
-                                                         block_size=block_size, dtype=dtype)
+                                                         block_size=block_size, dtype=dtype, accuracy_level=accuracy_level)
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")

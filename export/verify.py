@@ -99,6 +99,7 @@ class VerifyReport(NamedTuple):
     ok: bool
     past_checks: tuple[PastCheck, ...] = ()  # a with-past export's decode and greedy checks
     quantization: tuple[str, ...] = ()  # a quantised export: its effect vs the float model per shape (a report)
+    report_only: bool = False  # accuracy_level 4 (int8 activations): no bound holds; ok = finite outputs only
 
     def lines(self) -> list[str]:
         out = [f"verify {self.path.name}: {self.flavour}, {self.dtype}, onnxruntime {self.provider} vs ref float64 "
@@ -118,6 +119,11 @@ class VerifyReport(NamedTuple):
             out.append("  quantisation's effect vs the float model (reported, not a bound; the checks above use the "
                        "dequantised reference):")
             out.extend(f"    {line}" for line in self.quantization)
+        if self.report_only:  # export/verify_quant.py
+            out.append("REPORT ONLY: accuracy_level 4 (int8 activations in the kernels) meets no rounding bound; the "
+                       "ok/FAIL flags above do not decide. " + ("Outputs finite." if self.ok else "FAIL: non-finite "
+                       "or misshapen outputs"))
+            return out
         out.append("PASS" if self.ok else "FAIL: onnxruntime output differs from the reference beyond its error bound")
         return out
 
@@ -203,5 +209,9 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None, 
     if with_past:
         checks = (check_decode(runner, cfg, params, dtype, rng), check_greedy(runner, cfg, params, dtype, rng))
     flavour = meta.get("flavour", "?") + (f" {meta['quantize']} block {meta.get('block_size')}" if float_model else "")
-    return VerifyReport(path, dtype, flavour, runner.provider, MARGIN_FACTOR, results,
-                        all(r.ok for r in results) and all(c.ok for c in checks), checks, tuple(quant_lines))
+    ok = all(r.ok for r in results) and all(c.ok for c in checks)
+    report_only = meta.get("accuracy_level", "0") != "0"
+    if report_only:
+        ok = all(np.isfinite(c.max_abs) for r in results for c in r.comparisons)
+    return VerifyReport(path, dtype, flavour, runner.provider, MARGIN_FACTOR, results, ok, checks, tuple(quant_lines),
+                        report_only)

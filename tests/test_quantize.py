@@ -148,6 +148,22 @@ def test_random_layer_configs_pass_verify(tmp_path_factory, cfg, bits, block):
     assert report.ok, "\n".join(report.lines())
 
 
+@pytest.mark.parametrize("flavour,quantize", [("sparse", "int4"), ("fused", "int8")])
+def test_accuracy_level_4_is_report_only(tmp_path, flavour, quantize):
+    """int8 activations: the kernels leave the dequantised reference's bounds (which is why verify only reports);
+    fused int8 is allowed there."""
+    path = tmp_path / "q.onnx"
+    export_model(path, CFG, ref.init(CFG, seed=3), flavour=flavour, quantize=quantize, block_size=16,
+                 accuracy_level=4, source="default:seed=3")
+    levels = {a.i for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    report = _verified(path)
+    assert report.report_only and report.ok, "\n".join(report.lines())
+    assert not all(c.ok for r in report.shapes for c in r.comparisons)  # beyond float32's bounds, as measured
+    assert "REPORT ONLY" in report.lines()[-1]
+
+
 def _rewrite(src, dst, change) -> None:
     model = onnx.load(str(src))
     change(model)
@@ -233,7 +249,8 @@ def test_genai_runs_quantised_with_past(quantised_lm):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,message", [
-    (["--block-size", "32"], "--block-size is the block of --quantize"),
+    (["--block-size", "32"], "--block-size and --accuracy-level apply to --quantize"),
+    (["--accuracy-level", "4"], "apply to --quantize"),
     (["--quantize", "int4", "--block-size", "24"], "power of two"),
     (["--quantize", "int4", "--block-size", "8"], "power of two"),
     (["--quantize", "int8", "--dtype", "float16"], "float32 only"),
