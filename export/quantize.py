@@ -120,7 +120,7 @@ def qmoe_weights(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray,
 # Which parameters are quantised, and the reference of a quantised export
 # ---------------------------------------------------------------------------------------------
 
-def quantised_names(cfg: HyperMoEConfig, names) -> list[str]:
+def quantised_names(names) -> list[str]:
     """The (K, N)-matrix parameters a quantised export replaces by their block-quantised copies: the routed
     experts (experts.w1/w2, stacked (N, K, N') per expert), the attention's qkv and proj, the dense MLPs, the LM
     head (lm_head.weight; with tied embeddings the head is token_embedᵀ, handled by dequantized_reference).
@@ -144,7 +144,7 @@ def dequantized_reference(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray],
     embedding lookup keeps the float token_embed."""
     check_block(bits, block_size)
     out = {name: np.asarray(v) for name, v in params.items()}
-    for name in quantised_names(cfg, out):
+    for name in quantised_names(out):
         w = out[name]
         if w.ndim == 3:  # stacked experts (E, K, N)
             out[name] = np.stack([roundtrip(w[e], bits, block_size) for e in range(w.shape[0])]).astype(w.dtype)

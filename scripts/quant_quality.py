@@ -14,6 +14,8 @@ exporter and reported so) and on each, through export.generate.OrtDecoder (what 
 - greedy agreement with the float export of the same flavour: 3 fixed prompts × 64 new tokens (hypermoe.generation
   .generate): tokens identical before the first difference, and position by position;
 - the export's size and a decode-speed sanity number (3 prompts × 64 tokens, wall clock of generate; not a benchmark).
+Weights float32, int8, int4 at accuracy level 0 (exact: the dequantised model) and int8, int4 at level 4 ("a4": int8
+activations in the kernels, the fast CPU path).
 Writes OUT/results.json and OUT/results.md atomically (ref.files); the exports go to a temporary directory.
 """
 
@@ -30,7 +32,7 @@ import numpy as np
 
 PROMPTS = ("ROMEO:\n", "To be, or not to be", "KING HENRY.\nWhat")  # UTF-8 bytes: the byte vocabulary
 NEW_TOKENS = 64
-QUANTS = (None, "int8", "int4")
+QUANTS = ((None, 0), ("int8", 0), ("int4", 0), ("int8", 4), ("int4", 4))  # (weights, accuracy level)
 
 
 class ExportAsModel:
@@ -69,20 +71,21 @@ def run_info(model_dir: Path):
     return cfg, corpus.test, (logged[-1]["test_ppl"] if logged else None)
 
 
-def measure(model_dir: Path, flavour: str, quantize: str | None, block_size: int, threads: int, workdir: Path,
-            train_cfg, test) -> dict:
+def measure(model_dir: Path, flavour: str, quantize: str | None, level: int, block_size: int, threads: int,
+            workdir: Path, train_cfg, test) -> dict:
     from export.exporter import export_model, load_source
     from export.generate import OrtDecoder
     from hypermoe.generation import generate
     from hypermoe.train.objective import evaluate
 
     cfg, params, kind, source = load_source(model_dir)
-    out = workdir / f"{model_dir.resolve().parents[1].name}-{flavour}-{quantize or 'float32'}"
+    weights = (quantize or "float32") + (f" a{level}" if level else "")  # a4: accuracy level 4 (int8 activations)
+    out = workdir / f"{model_dir.resolve().parents[1].name}-{flavour}-{weights.replace(' ', '-')}"
     try:
         result = export_model(out, cfg, params, kind=kind, flavour=flavour, with_past=True, source=source,
-                              quantize=quantize, block_size=block_size)
+                              quantize=quantize, block_size=block_size, accuracy_level=level)
     except ValueError as err:
-        return {"flavour": flavour, "quantize": quantize or "float32", "refused": str(err)}
+        return {"flavour": flavour, "quantize": weights, "refused": str(err)}
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
     decoder = OrtDecoder(out, "cpu", threads=threads)
     ppl = evaluate(train_cfg, ExportAsModel(decoder), test)["val_ppl"]
@@ -90,7 +93,7 @@ def measure(model_dir: Path, flavour: str, quantize: str | None, block_size: int
     start = time.perf_counter()
     tokens = generate(decoder, prompts, max_new_tokens=NEW_TOKENS, max_length=cfg.max_seq_len).tokens
     seconds = time.perf_counter() - start
-    return {"flavour": flavour, "quantize": quantize or "float32", "bytes": size, "export_seconds": result.seconds,
+    return {"flavour": flavour, "quantize": weights, "bytes": size, "export_seconds": result.seconds,
             "test_ppl": ppl, "tokens": [list(map(int, t)) for t in tokens],
             "generate_tokens_per_s": len(prompts) * NEW_TOKENS / seconds}
 
@@ -149,9 +152,9 @@ def main(argv=None) -> int:
                 rows = []
                 for flavour in args.flavours:
                     base = None
-                    for quantize in QUANTS:
-                        row = measure(model_dir, flavour, quantize, args.block_size, args.threads, Path(workdir),
-                                      train_cfg, test)
+                    for quantize, level in QUANTS:
+                        row = measure(model_dir, flavour, quantize, level, args.block_size, args.threads,
+                                      Path(workdir), train_cfg, test)
                         if quantize is None:
                             base = row
                         elif "refused" not in row and base is not None and "refused" not in base:

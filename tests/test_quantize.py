@@ -138,6 +138,18 @@ def test_quantised_export_passes_verify(tmp_path, kind, flavour, quantize, block
     assert report.quantization and "max |Δ|" in report.quantization[0]
 
 
+def test_dense_blocks_and_untied_head(tmp_path):
+    """A dense MLP block (moe_every 2) and an untied lm_head are quantised too, and verify passes (portable)."""
+    cfg = CFG.replace(moe_every=2, tie_embeddings=False)
+    path = tmp_path / "q.onnx"
+    export_model(path, cfg, init_model(cfg, seed=4), kind="model", flavour="portable", quantize="int8", block_size=16,
+                 source="default:seed=4")
+    names = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert {"blocks.0.mlp.w1.packed", "lm_head.weight.packed"} <= names, sorted(names)
+    report = _verified(path)
+    assert report.ok, "\n".join(report.lines())
+
+
 @given(cfg=configs(max_experts=4, capacity=False), bits=st.sampled_from([4, 8]), block=st.sampled_from([16, 32]))
 @settings(max_examples=3, deadline=None)
 def test_random_layer_configs_pass_verify(tmp_path_factory, cfg, bits, block):
