@@ -277,3 +277,13 @@ def test_cli_errors(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_quantised(tmp_path, capsys):
+    model_dir = tmp_path / "layer"
+    ref_io.save_dir(model_dir, CFG, ref.init(CFG, seed=0), "layer")
+    out = tmp_path / "q.onnx"
+    assert main(["export", str(model_dir), "-o", str(out), "--flavour", "sparse", "--quantize", "int4",
+                 "--block-size", "16", "--verify"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "sparse int4 block 16" in printed and "quantisation's effect" in printed and printed.rstrip().endswith("PASS")
