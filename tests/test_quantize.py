@@ -231,6 +231,14 @@ def test_quantised_with_past_passes_verify(quantised_lm):
     assert report.ok and len(report.past_checks) == 2, "\n".join(report.lines())
 
 
+def test_fused_with_past_passes_verify(tmp_path):
+    cfg = ref.tiny_config(d_model=32, d_ff=64, max_seq_len=40)
+    export_model(tmp_path / "export", cfg, init_model(cfg, seed=5), kind="model", with_past=True, flavour="fused",
+                 quantize="int4", block_size=16, source="default:seed=5")
+    report = verify(tmp_path / "export", shapes=((2, 5),))
+    assert report.ok and len(report.past_checks) == 2, "\n".join(report.lines())
+
+
 def test_genai_runs_quantised_with_past(quantised_lm):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
     from export.generate import OrtDecoder
