@@ -146,7 +146,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def _print_export(result) -> None:
     size = f"{result.bytes / 2**20:.1f} MiB" + (" (external data)" if result.external_data else "")
-    print(f"exported {result.path}: {result.kind}, {result.flavour}, {result.dtype}, HyperExpert form "
+    print(f"exported {result.path}: {result.kind}, {result.flavour}, {result.dtype}{result.quantize}, HyperExpert form "
           f"{result.hyper_form}, {size}, {result.seconds:.1f} s; onnx.checker (full) and strict shape inference passed")
     for note in result.notes:
         print(f"warning: {note}")

@@ -63,6 +63,7 @@ class ExportResult(NamedTuple):
     bytes: int
     external_data: bool
     notes: tuple[str, ...]  # warnings worth printing (e.g. the fused flavour's tie rule)
+    quantize: str = ""  # "" or " int4 weights (block 32, accuracy level 0)" (export.quant_ops.describe)
 
 
 def default_model(seed: int = 0) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
@@ -176,13 +177,11 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py;
     `accuracy_level` 4: int8 activations in the kernels, faster, verify reports only)."""
     from ref.files import atomic_output
-
-    check_opset(opset)
     from export.quant_ops import check_request
 
-    check_request(cfg, flavour=flavour, quantize=quantize, block_size=block_size, dtype=dtype,
-                  accuracy_level=accuracy_level)  # before any work
+    check_opset(opset)
     quant = {"quantize": quantize, "block_size": block_size, "accuracy_level": accuracy_level}
+    check_request(cfg, flavour=flavour, dtype=dtype, **quant)  # a bad combination fails before any work
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
         from export.genai import optimum_config, tokenizer_config
@@ -228,8 +227,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                           hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
-    module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, quantize=quantize,
-                                                         block_size=block_size, dtype=dtype, accuracy_level=accuracy_level)
+    module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, dtype=dtype, quantize=quantize,
+                                                         block_size=block_size, accuracy_level=accuracy_level)
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")
@@ -285,7 +284,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     }
     if with_past:
         props["with_past"] = "1"
-    props.update(quant_props)  # quantize, bits, block_size (verify's dequantised reference reads them)
+    props.update(quant_props)  # quantize, bits, block_size, accuracy_level (verify reads them)
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
@@ -298,7 +297,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     except OSError as err:
         raise ValueError(f"cannot write {name}: {err}") from None
     check_file(out_path, name=name)
-    return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes))
+    return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes),
+                        quant_ops.describe(quant_props))
 
 
 def _past_sample(cfg: HyperMoEConfig, dtype) -> tuple[tuple, list[str], list[str], tuple]:

@@ -261,3 +261,10 @@ def prepare(module: nn.Module, cfg, *, flavour: str, quantize: str | None, block
         return module, {}, {}
     meta = {"quantize": quantize, "bits": str(bits), "block_size": str(block_size), "accuracy_level": str(accuracy_level)}
     return quantize_module(module, bits, block_size, accuracy_level), translation_table(), meta
+
+
+def describe(meta: dict) -> str:
+    """prepare's metadata in words for `hypermoe export`'s line: "" or " int4 weights (block 32, accuracy level 0)"."""
+    if not meta:
+        return ""
+    return f" {meta['quantize']} weights (block {meta['block_size']}, accuracy level {meta['accuracy_level']})"
