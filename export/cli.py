@@ -44,6 +44,19 @@ def register(subparsers) -> None:
                    help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
     p.add_argument("--pad-token-id", type=int, default=None,
                    help="with --with-past only: padding id for genai_config.json (default 0)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="block-wise symmetric weight quantisation (onnxruntime com.microsoft::MatMulNBits; the fused "
+                   "flavour's experts through QMoE, int4 only) of the routed experts, attention qkv/proj, dense MLPs "
+                   "and the LM head; router, HyperExpert, embeddings, LayerNorms and biases stay float. float32 "
+                   "only. verify checks it against the reference on the dequantised weights and reports the "
+                   "change against the float model (default: no quantisation)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="with --quantize: weights per scale along the input dimension, a power of two ≥ 16 "
+                   "(default 32); fused needs d_model and d_ff multiples of it, portable d_ff")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                   help="with --quantize: 0 (default) float activations, the export computes exactly the dequantised "
+                   "model; 4 int8 activations inside MatMulNBits/QMoE, several times faster on the CPU but no "
+                   "rounding bound holds, so verify only reports its quality (it also allows fused int8)")
     p.add_argument("--verify", action="store_true", help="verify the exported file against the reference afterwards")
     p.set_defaults(func=export_command)
 
@@ -133,7 +146,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 
 def _print_export(result) -> None:
     size = f"{result.bytes / 2**20:.1f} MiB" + (" (external data)" if result.external_data else "")
-    print(f"exported {result.path}: {result.kind}, {result.flavour}, {result.dtype}, HyperExpert form "
+    print(f"exported {result.path}: {result.kind}, {result.flavour}, {result.dtype}{result.quantize}, HyperExpert form "
           f"{result.hyper_form}, {size}, {result.seconds:.1f} s; onnx.checker (full) and strict shape inference passed")
     for note in result.notes:
         print(f"warning: {note}")
@@ -147,6 +160,13 @@ def export_command(args: argparse.Namespace) -> int:
     if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
         raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
                          "without --with-past there is none (add --with-past, or drop them)")
+    if (args.block_size is not None or args.accuracy_level is not None) and args.quantize is None:
+        raise ValueError("--block-size and --accuracy-level apply to --quantize; add --quantize int8|int4, or drop them")
+    block_size = 32 if args.block_size is None else args.block_size
+    if args.quantize is not None:
+        from export.quantize import BITS, check_block
+
+        check_block(BITS[args.quantize], block_size)  # the config-dependent checks follow in export_model
     output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
@@ -155,7 +175,9 @@ def export_command(args: argparse.Namespace) -> int:
     result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index, dtype=args.dtype,
                                    flavour=args.flavour, hyper_form=args.hyper_form, routing_outputs=args.routing_outputs,
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
-                                   eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer)
+                                   eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer,
+                                   quantize=args.quantize, block_size=block_size,
+                                   accuracy_level=args.accuracy_level or 0)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

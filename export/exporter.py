@@ -63,6 +63,7 @@ class ExportResult(NamedTuple):
     bytes: int
     external_data: bool
     notes: tuple[str, ...]  # warnings worth printing (e.g. the fused flavour's tie rule)
+    quantize: str = ""  # "" or " int4 weights (block 32, accuracy level 0)" (export.quant_ops.describe)
 
 
 def default_model(seed: int = 0) -> tuple[HyperMoEConfig, dict[str, np.ndarray], str]:
@@ -159,7 +160,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
-                 pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None) -> ExportResult:
+                 pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None, quantize: str | None = None,
+                 block_size: int = 32, accuracy_level: int = 0) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -170,10 +172,16 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     (+ model.onnx.data above 2 GB), genai_config.json (eos_token_id, pad_token_id and context length
     max_seq_len go there), config.json (export.genai.optimum_config) and a copy of `tokenizer` (a tokenizer.json,
     e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
-    ExportResult.path is the directory."""
+    ExportResult.path is the directory.
+
+    `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py;
+    `accuracy_level` 4: int8 activations in the kernels, faster, verify reports only)."""
     from ref.files import atomic_output
+    from export.quant_ops import check_request
 
     check_opset(opset)
+    quant = {"quantize": quantize, "block_size": block_size, "accuracy_level": accuracy_level}
+    check_request(cfg, flavour=flavour, dtype=dtype, **quant)  # a bad combination fails before any work
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
         from export.genai import optimum_config, tokenizer_config
@@ -184,7 +192,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
         with atomic_output(out_path, force=force, directory=True, entries=PAST_ENTRIES) as tmp:
             result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
                                 flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
-                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True)
+                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True, **quant)
             (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
@@ -194,7 +202,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     with atomic_output(out_path, force=force) as tmp:
         result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                             hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset, source=source,
-                            name=Path(out_path))
+                            name=Path(out_path), **quant)
     return result._replace(path=Path(out_path))
 
 
@@ -208,16 +216,19 @@ def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id
 
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
-               name: Path, with_past: bool = False) -> ExportResult:
+               name: Path, with_past: bool = False, quantize: str | None = None, block_size: int = 32,
+               accuracy_level: int = 0) -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
 
-    from export import moe_op
+    from export import moe_op, quant_ops
 
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                           hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
+    module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, dtype=dtype, quantize=quantize,
+                                                         block_size=block_size, accuracy_level=accuracy_level)
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")
@@ -235,7 +246,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         input_name, outputs = INPUT_NAME, list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
     if not with_past:
         samples, input_names, dynamic_shapes = (sample,), [input_name], ({0: batch, 1: seq},)
-    table = moe_op.translation_table() if flavour == "fused" else None
+    table = {**(moe_op.translation_table() if flavour == "fused" else {}), **quant_table} or None
     # the exporter logs "torchvision is not installed. Skipping torchvision::nms" and the like
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
@@ -273,6 +284,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     }
     if with_past:
         props["with_past"] = "1"
+    props.update(quant_props)  # quantize, bits, block_size, accuracy_level (verify reads them)
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
@@ -285,7 +297,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     except OSError as err:
         raise ValueError(f"cannot write {name}: {err}") from None
     check_file(out_path, name=name)
-    return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes))
+    return ExportResult(out_path, kind, flavour, hyper, dtype, time.perf_counter() - start, size, external, tuple(notes),
+                        quant_ops.describe(quant_props))
 
 
 def _past_sample(cfg: HyperMoEConfig, dtype) -> tuple[tuple, list[str], list[str], tuple]:
@@ -333,10 +346,11 @@ def check_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None
     (naming `name`, default `path`)."""
     import onnx
 
-    from export import moe_op
+    from export import moe_op, quant_ops
 
     path = Path(path)
-    moe_op.register_schema()  # the checker needs a schema for com.microsoft::MoE
+    moe_op.register_schema()  # the checker needs a schema for com.microsoft::MoE (and MatMulNBits, QMoE)
+    quant_ops.register_schemas()
     try:
         onnx.checker.check_model(str(path), full_check=True)
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred.tmp", check_type=True, strict_mode=True,

@@ -316,8 +316,11 @@ class ExportLayer(nn.Module):
         else:
             b1 = self.b1 if cfg.expert_bias else None
             b2 = self.b2 if cfg.expert_bias else None
-            y = torch.ops.hypermoe_export.moe_experts(
-                xt, logits.to(xt.dtype), self.fc1, b1, self.fc2, b2, cfg.top_k, cfg.activation)  # (T, d)
+            if getattr(self, "qmoe", None) is not None:  # quantised: com.microsoft::QMoE (export/quant_ops.py)
+                y = self.qmoe(xt, logits.to(xt.dtype), b1, b2)  # (T, d)
+            else:
+                y = torch.ops.hypermoe_export.moe_experts(
+                    xt, logits.to(xt.dtype), self.fc1, b1, self.fc2, b2, cfg.top_k, cfg.activation)  # (T, d)
             if cfg.gate == "switch":  # the op renormalises (k = 1: weight 1, FFN); × p here (export/moe_op.py: why)
                 y = y * gate.to(xt.dtype)  # (T, d) · (T, 1)
 
