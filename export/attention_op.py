@@ -6,8 +6,8 @@ concatenated or copied (the standard graph's Concat copies the whole cache every
 
 Axis legend: B sequences, S new positions, M buffer length (max_length), H heads, c = d / H head width, d model.
 
-What GroupQueryAttention computes (onnxruntime 1.31.1 CPU, measured against a NumPy attention: /tmp experiments
-quoted in the issue-21 report and pinned by tests/test_export_contrib_attention.py):
+What GroupQueryAttention computes (onnxruntime 1.31.1 CPU, measured against the eager op below on one-node graphs;
+pinned by tests/test_export_contrib_attention.py):
 - query, key, value (B, S, d) packed heads, no bias input: the fused qkv bias is added before it (the Linear).
 - past_key/value (B, H, M, c) and present_key/value (B, H, M, c), bound to the same OrtValue (shared buffer).
 - seqlens_k (B,) int32 = each row's real tokens − 1, total_sequence_length () int32 = attention_mask's width;
@@ -18,9 +18,12 @@ quoted in the issue-21 report and pinned by tests/test_export_contrib_attention.
   A left-padded row (mask 0 0 1 1 1) is computed as if its first three tokens were real (max error 3.2 on a
   random example): export.generate.OrtDecoder moves left-padded prompts to the left before the prefill.
 - with a past, S > 1 needs B = 1 ("batch_size must be 1 when sequence_length > 1 and past context is given").
-- the CPU kernel needs c a multiple of 8 ("head_size must be a multiple of 8").
-Why not com.microsoft::MultiHeadAttention: its past_sequence_length is one scalar for the batch (no per-row
-lengths) and genai's shared-buffer mode is written for GQA graphs (ecosystem-notes.md).
+- the CPU kernel needs c a multiple of 8 ("head_size must be a multiple of 8") and has float32 and float16 only
+  (bfloat16: NOT_IMPLEMENTED when the session loads).
+Why GroupQueryAttention and not com.microsoft::MultiHeadAttention: GQA does all that is needed here (shared buffer,
+per-row lengths, right-padded batches, decode at any batch size) and is what onnxruntime-genai's shared-buffer mode
+is written for (its builder emits it); CPU MultiHeadAttention takes one past_sequence_length scalar for the whole
+batch, and its in-place semantics with a max_length past are undocumented (not pursued).
 
 onnx has no schema for ORT contrib ops and the exporter needs one, so a minimal OpSchema is registered once
 (onnx.defs.register_schema), the pattern of export/moe_op.py.
@@ -42,16 +45,18 @@ ATTENTIONS = ("standard", "contrib")  # with-past attention: Concat of the cache
 HEAD_MULTIPLE = 8  # onnxruntime's CPU GroupQueryAttention: "head_size must be a multiple of 8"
 
 
-def check_attention(cfg: HyperMoEConfig, attention: str, *, with_past: bool, dtype: str) -> None:
+def check_attention(attention: str, *, with_past: bool, cfg: HyperMoEConfig | None = None, dtype: str = "float32"
+                    ) -> None:
     """ValueError unless `attention` is one of ATTENTIONS and, for "contrib", the export is with past and the config
-    and dtype fit GroupQueryAttention's CPU kernel (check_supported)."""
+    (when given) and dtype fit GroupQueryAttention's CPU kernel (check_supported)."""
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     if attention == "contrib":
         if not with_past:
             raise ValueError("--attention contrib is the with-past graph's cache attention: add --with-past "
                              "(a plain export has no cache)")
-        check_supported(cfg, dtype)
+        if cfg is not None:
+            check_supported(cfg, dtype)
 
 
 def check_supported(cfg: HyperMoEConfig, dtype: str) -> None:
@@ -61,7 +66,7 @@ def check_supported(cfg: HyperMoEConfig, dtype: str) -> None:
         raise ValueError(f"--attention contrib (com.microsoft::GroupQueryAttention) needs a head width d_model / n_heads "
                          f"that is a multiple of {HEAD_MULTIPLE} (onnxruntime's CPU kernel), got {cfg.d_model} / "
                          f"{cfg.n_heads} = {c}; export --attention standard instead")
-    if dtype not in ("float32", "float16"):
+    if dtype not in ("float32", "float16"):  # bfloat16: the CPU provider has no kernel (NOT_IMPLEMENTED at load)
         raise ValueError(f"--attention contrib supports float32 and float16 (onnxruntime's CPU GroupQueryAttention), "
                          f"got {dtype}; export --attention standard instead")
 
@@ -113,15 +118,14 @@ class SharedBufferAttention(nn.Module):
     `bias` carries the lengths in the place of the standard attention's additive bias (ExportModel.decode passes it
     through unchanged)."""
 
-    def __init__(self, attn: nn.Module, scale: float | None = None):
+    def __init__(self, attn: nn.Module):
         super().__init__()
         self.qkv, self.proj, self.n_heads = attn.qkv, attn.proj, attn.n_heads
-        self.scale = scale  # None: 1/√c, SPEC.md's; a test passes a wrong one to show verify fails it
 
     def forward(self, x: torch.Tensor, *, bias: SequenceLengths, past: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, S, d = x.shape
-        scale = 1.0 / math.sqrt(d // self.n_heads) if self.scale is None else self.scale
+        scale = 1.0 / math.sqrt(d // self.n_heads)  # SPEC.md's; written as the node's attribute
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 × (B, S, d): the qkv bias added here, GQA has no bias input
         out, key, value = group_query_attention(q, k, v, past[0], past[1], bias.seqlens_k, bias.total_length,
                                                 self.n_heads, scale)  # (B, S, d), 2 × (B, H, M, c)

@@ -178,7 +178,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     check_opset(opset)
     from export.attention_op import check_attention
 
-    check_attention(cfg, attention, with_past=with_past, dtype=dtype)
+    check_attention(attention, with_past=with_past, cfg=cfg, dtype=dtype)
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               share_buffer=attention == "contrib")  # bad ids: before the work
