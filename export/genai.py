@@ -16,7 +16,8 @@ id"): give an EOS id, or a pad id the model never emits before you want it to st
 inspect a model folder read (model_type, sizes, use_cache, token ids); genai itself reads genai_config.json.
 `search.past_present_share_buffer` is false for the standard attention: that graph concatenates past and new keys into
 a `present` of length past + S; true for `--attention contrib` (GroupQueryAttention writes into the max_length buffer
-in place; genai then allocates past = present = (batch, H, max_length, c) and right-pads prompts, as that op needs).
+in place; genai then allocates past = present = (batch, H, max_length, c) and takes right-padded prompts, as that
+op needs).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ class OrtDecoder:
 
     @property
     def cache_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the cache the next step reads: the last step's presents (B, H, P + S, c), or the empty past."""
+        """Shapes of the cache the next step reads: the last presents (B, H, P + S, c), the empty past, or the buffers."""
         return [tuple(value.shape()) for value in self._past.values()] if self._batch else []
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
@@ -190,7 +190,7 @@ class OrtDecoder:
             ids, mask, positions, pad = shared_buffer.align_prefill(ids, mask, positions)
         elif self.shared_buffer:
             shared_buffer.check_later_step(mask, self._real, self._seen, S)
-        self._real = mask.sum(axis=1)  # (B,) real tokens seen
+        real = mask.sum(axis=1)  # (B,) real tokens seen after this step
         device, device_id = self.device
         io = self._binding
         if S == 1:  # a decode step: the preallocated buffers, refilled in place
@@ -222,7 +222,7 @@ class OrtDecoder:
         io.synchronize_outputs()
         values = io.get_outputs()  # in binding order: logits, then the presents
         self._past = self._past if self.shared_buffer else dict(zip(self.past_inputs, values[1:]))
-        self._seen += S
+        self._seen, self._real = self._seen + S, real
         if pad is not None and pad.any():  # the prefill's rows back in the caller's left-padded layout
             logits = shared_buffer.restore(_all_positions(values[0], self.logits_type), pad)  # (B, S, V)
             return logits if all_positions else logits[:, -1]

@@ -61,7 +61,7 @@ def main() -> None:
         def run(case):
             a, C = case
             result = generate(decoders[a], prompts[C], max_new_tokens=n, sampling=Sampling(temperature=1.0, seed=0))
-            return result.decode_tokens_per_s, result.tokens
+            return (result.decode_tokens_per_s, B * 1e3 / result.latency_ms), result.tokens
 
         for case in cases:  # warm-up
             run(case)
@@ -72,16 +72,17 @@ def main() -> None:
                 rate, toks = run(case)
                 rates[case].append(rate)
                 tokens.setdefault(case[1], {})[case[0]] = toks
-            print(f"round {i + 1}: " + ", ".join(f"{a} C={C} {rates[a, C][-1]:.1f}" for a, C in cases), flush=True)
+            print(f"round {i + 1}: " + ", ".join(f"{a} C={C} {rates[a, C][-1][0]:.1f}" for a, C in cases), flush=True)
     print(f"d {cfg.d_model}, {cfg.n_layers} blocks, {cfg.n_heads} heads, V {cfg.vocab_size}, N {cfg.n_experts}, "
           f"f {cfg.d_ff}, {args.flavour}; batch {B}, {n - 1} decode steps, {args.rounds} rounds (median [min–max])")
-    for a, C in cases:
-        r = rates[a, C]
-        print(f"  {a:8s} C={C:5d}: {statistics.median(r):7.1f} tokens/s [{min(r):.1f}–{max(r):.1f}]")
     lo, hi = min(args.contexts), max(args.contexts)
-    for a in decoders:
-        ratio = statistics.median(rates[a, hi]) / statistics.median(rates[a, lo])
-        print(f"  {a}: C={hi} / C={lo} = {ratio:.2f}")
+    for i, what in enumerate(("decode tokens/s (B · steps / their time)", "B / median step (robust to load spikes)")):
+        print(what)
+        med = {case: statistics.median(r[i] for r in rates[case]) for case in cases}
+        for a, C in cases:
+            r = [x[i] for x in rates[a, C]]
+            print(f"  {a:8s} C={C:5d}: {med[a, C]:7.1f} tokens/s [{min(r):.1f}–{max(r):.1f}]")
+        print("  " + "; ".join(f"{a}: C={hi} / C={lo} = {med[a, hi] / med[a, lo]:.2f}" for a in decoders))
     same = all(t["standard"] == t["contrib"] for t in tokens.values())
     print(f"  sampled tokens of the last round, standard == contrib: {same}")
 
