@@ -40,6 +40,12 @@ def register(subparsers) -> None:
     p.add_argument("--with-past", action="store_true",
                    help="a model (kind model) with past key/values (KV cache) as inputs and present ones as outputs, "
                    "for generation; no capacity (it counts the tokens of a whole sequence)")
+    p.add_argument("--attention", choices=("standard", "contrib"), default="standard",
+                   help="with --with-past only: the cache's attention. standard (default): standard ONNX ops, present "
+                   "= past + the new positions (a copy of the whole cache per step); contrib: onnxruntime's "
+                   "com.microsoft::GroupQueryAttention with past and present ONE (batch, H, max_length, c) buffer "
+                   "written in place (onnxruntime-genai's past_present_share_buffer), for any --flavour; needs head "
+                   "width d_model/n_heads a multiple of 8 and float32/float16; prompts are right-padded for it")
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
     p.add_argument("--pad-token-id", type=int, default=None,
@@ -154,9 +160,11 @@ def _print_export(result) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     from export import exporter
+    from export.attention_op import check_attention
     from ref.files import check_output
 
     exporter.check_opset(args.opset)  # both before loading a model that may take a while
+    check_attention(args.attention, with_past=args.with_past)  # the config's limits: once it is loaded
     if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
         raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
                          "without --with-past there is none (add --with-past, or drop them)")
@@ -177,7 +185,7 @@ def export_command(args: argparse.Namespace) -> int:
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
                                    eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer,
                                    quantize=args.quantize, block_size=block_size,
-                                   accuracy_level=args.accuracy_level or 0)
+                                   accuracy_level=args.accuracy_level or 0, attention=args.attention)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

@@ -125,9 +125,9 @@ def _torch_dtype(name: str):
 
 def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
                  dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
-                 routing_outputs: bool = False, with_past: bool = False):
+                 routing_outputs: bool = False, with_past: bool = False, attention: str = "standard"):
     """The torch module that is exported: export.graph.ExportLayer (ExportStack for kind "stack", ExportModel
-    for kind "model", ExportModelWithPast with `with_past`). hypermoe.layer.HyperMoELayer itself is not
+    for kind "model", ExportModelWithPast with `with_past` and `attention`). hypermoe.layer.HyperMoELayer itself is not
     exportable (it refuses torch.export)."""
     from export.graph import ExportLayer, ExportModel, ExportModelWithPast, ExportStack
 
@@ -139,7 +139,7 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
                              f"{kind} has no attention, so nothing to cache")
         if routing_outputs:
             raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
-        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form)
+        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form, attention=attention)
     if kind == "layer":
         return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
                            hyper_form=hyper_form, routing_outputs=routing_outputs)
@@ -161,7 +161,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
                  pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None, quantize: str | None = None,
-                 block_size: int = 32, accuracy_level: int = 0) -> ExportResult:
+                 block_size: int = 32, accuracy_level: int = 0, attention: str = "standard") -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -172,7 +172,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     (+ model.onnx.data above 2 GB), genai_config.json (eos_token_id, pad_token_id and context length
     max_seq_len go there), config.json (export.genai.optimum_config) and a copy of `tokenizer` (a tokenizer.json,
     e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
-    ExportResult.path is the directory.
+    ExportResult.path is the directory. `attention` "contrib" (with_past only): onnxruntime's GroupQueryAttention
+    with past and present one max_length buffer (export/attention_op.py; genai's past_present_share_buffer).
 
     `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py;
     `accuracy_level` 4: int8 activations in the kernels, faster, verify reports only)."""
@@ -182,8 +183,12 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     check_opset(opset)
     quant = {"quantize": quantize, "block_size": block_size, "accuracy_level": accuracy_level}
     check_request(cfg, flavour=flavour, dtype=dtype, **quant)  # a bad combination fails before any work
+    from export.attention_op import check_attention
+
+    check_attention(attention, with_past=with_past, cfg=cfg, dtype=dtype)
     if with_past:
-        genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
+        genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              share_buffer=attention == "contrib")  # bad ids: before the work
         from export.genai import optimum_config, tokenizer_config
 
         hf_config = optimum_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -192,7 +197,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
         with atomic_output(out_path, force=force, directory=True, entries=PAST_ENTRIES) as tmp:
             result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
                                 flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
-                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True, **quant)
+                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True,
+                                attention=attention, **quant)
             (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
@@ -206,34 +212,35 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     return result._replace(path=Path(out_path))
 
 
-def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id: int) -> dict:
+def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id: int, share_buffer: bool) -> dict:
     """genai_config.json's content (export.genai.genai_config, which checks the ids)."""
     from export.genai import genai_config
 
     return genai_config(cfg, filename=PAST_MODEL_FILE, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                        context_length=cfg.max_seq_len)
+                        context_length=cfg.max_seq_len, past_present_share_buffer=share_buffer)
 
 
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
                name: Path, with_past: bool = False, quantize: str | None = None, block_size: int = 32,
-               accuracy_level: int = 0) -> ExportResult:
+               accuracy_level: int = 0, attention: str = "standard") -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
 
-    from export import moe_op, quant_ops
+    from export import attention_op, moe_op, quant_ops
 
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
-                          hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
+                          hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past,
+                          attention=attention).eval()
     module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, dtype=dtype, quantize=quantize,
                                                          block_size=block_size, accuracy_level=accuracy_level)
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")
     if with_past:
-        samples, input_names, outputs, dynamic_shapes = _past_sample(cfg, _torch_dtype(dtype))
+        samples, input_names, outputs, dynamic_shapes = _past_sample(cfg, _torch_dtype(dtype), attention)
     elif kind == "model":  # token ids → logits; positions are learned up to max_seq_len
         if cfg.max_seq_len < 3:
             raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ 3 to export a model")
@@ -246,7 +253,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         input_name, outputs = INPUT_NAME, list(OUTPUT_NAMES if routing_outputs else OUTPUT_NAMES[:1])
     if not with_past:
         samples, input_names, dynamic_shapes = (sample,), [input_name], ({0: batch, 1: seq},)
-    table = {**(moe_op.translation_table() if flavour == "fused" else {}), **quant_table} or None
+    table = {**(moe_op.translation_table() if flavour == "fused" else {}), **quant_table,
+             **(attention_op.translation_table() if attention == "contrib" else {})} or None
     # the exporter logs "torchvision is not installed. Skipping torchvision::nms" and the like
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
@@ -284,6 +292,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     }
     if with_past:
         props["with_past"] = "1"
+        props["attention"] = attention  # "contrib": past and present share one max_length buffer
     props.update(quant_props)  # quantize, bits, block_size, accuracy_level (verify reads them)
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
     size = model.ByteSize()
@@ -301,26 +310,29 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
                         quant_ops.describe(quant_props))
 
 
-def _past_sample(cfg: HyperMoEConfig, dtype) -> tuple[tuple, list[str], list[str], tuple]:
+def _past_sample(cfg: HyperMoEConfig, dtype, attention: str = "standard") -> tuple[tuple, list[str], list[str], tuple]:
     """(sample args, input names, output names, dynamic shapes) of ExportModelWithPast: B = 2 sequences of
     S = 3 new tokens after P = 4 cached ones. Named dims batch_size, sequence_length, past_sequence_length;
     attention_mask's length (P + S) is left to torch (Dim.AUTO: an expression of two dims cannot be named)
-    and renamed total_sequence_length afterwards (_name_total_length)."""
+    and renamed total_sequence_length afterwards (_name_total_length). Attention "contrib": the past is the shared
+    buffer (B, H, M, c), M = P + S + 1 (distinct from the others), its dim named max_sequence_length."""
     import torch
 
     B, S, P = PAST_SAMPLE
-    if cfg.max_seq_len < P + S:
-        raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ {P + S} to export with past "
-                         f"key/values (the traced sample has {P} cached and {S} new positions)")
+    M = P + S + 1 if attention == "contrib" else P  # the past's length: a shared buffer's (≠ P + S), or the cache's
+    if cfg.max_seq_len < max(P + S, M):
+        raise ValueError(f"config field 'max_seq_len' ({cfg.max_seq_len}) must be ≥ {max(P + S, M)} to export with "
+                         f"past key/values (the traced sample has {P} cached and {S} new positions in {M})")
     H, c = cfg.n_heads, cfg.d_model // cfg.n_heads
     rng = np.random.default_rng(0)
     input_ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (B, S)))
     attention_mask = torch.ones(B, P + S, dtype=torch.int64)
     position_ids = torch.arange(P, P + S).expand(B, S).contiguous()
-    past = tuple(torch.from_numpy(rng.standard_normal((B, H, P, c))).to(dtype) for _ in range(2 * cfg.n_layers))
+    past = tuple(torch.from_numpy(rng.standard_normal((B, H, M, c))).to(dtype) for _ in range(2 * cfg.n_layers))
     batch = torch.export.Dim("batch_size")
     seq = torch.export.Dim("sequence_length", max=cfg.max_seq_len)
-    past_len = torch.export.Dim("past_sequence_length", max=cfg.max_seq_len - 1)
+    past_len = (torch.export.Dim("max_sequence_length", max=cfg.max_seq_len) if attention == "contrib" else
+                torch.export.Dim("past_sequence_length", max=cfg.max_seq_len - 1))
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim.AUTO}, {0: batch, 1: seq},
                       tuple({0: batch, 2: past_len} for _ in past))  # the varargs travel as one tuple
     inputs, outputs = past_names(cfg.n_layers)
@@ -334,7 +346,8 @@ def _name_total_length(model) -> None:
     mask = next(v for v in graph.input if v.name == "attention_mask")
     old = {mask.type.tensor_type.shape.dim[1].dim_param}
     old |= {v.type.tensor_type.shape.dim[2].dim_param for v in graph.output if v.name.startswith("present.")}
-    old.discard("")
+    old -= {v.type.tensor_type.shape.dim[2].dim_param for v in graph.input if v.name.startswith("past_key_values.")}
+    old.discard("")  # (a shared buffer's present has the past's length, max_sequence_length: kept)
     for value in [*graph.input, *graph.output, *graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in old:
@@ -346,11 +359,12 @@ def check_file(path: str | os.PathLike, *, name: str | os.PathLike | None = None
     (naming `name`, default `path`)."""
     import onnx
 
-    from export import moe_op, quant_ops
+    from export import attention_op, moe_op, quant_ops
 
     path = Path(path)
-    moe_op.register_schema()  # the checker needs a schema for com.microsoft::MoE (and MatMulNBits, QMoE)
+    moe_op.register_schema()  # the checker needs a schema for com.microsoft::MoE (and MatMulNBits, QMoE,
     quant_ops.register_schemas()
+    attention_op.register_schema()  # GroupQueryAttention)
     try:
         onnx.checker.check_model(str(path), full_check=True)
         onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred.tmp", check_type=True, strict_mode=True,

@@ -14,8 +14,10 @@ default `search.max_length`; `model.eos_token_id` ends a sequence, and when it i
 id"): give an EOS id, or a pad id the model never emits before you want it to stop.
 `config.json` (optimum_config) carries the Hugging Face fields that Optimum's ORTModelForCausalLM and tools that
 inspect a model folder read (model_type, sizes, use_cache, token ids); genai itself reads genai_config.json.
-`search.past_present_share_buffer` must be false: our graph concatenates past and new keys into a `present`
-of length past + S (the shared-buffer mode expects a graph that writes into a max_length buffer in place).
+`search.past_present_share_buffer` is false for the standard attention: that graph concatenates past and new keys into
+a `present` of length past + S; true for `--attention contrib` (GroupQueryAttention writes into the max_length buffer
+in place; genai then allocates past = present = (batch, H, max_length, c) and takes right-padded prompts, as that
+op needs).
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def _token_id(name: str, value: int, vocab_size: int) -> int:
 
 
 def genai_config(cfg: HyperMoEConfig, *, filename: str = "model.onnx", eos_token_id: int | None,
-                 pad_token_id: int, context_length: int) -> dict[str, Any]:
+                 pad_token_id: int, context_length: int, past_present_share_buffer: bool = False) -> dict[str, Any]:
     """The genai_config.json contents (a dict; the exporter writes `json.dumps(..., indent=2)`) for the
     with-past export of the model `cfg` stored as `filename` in the same folder.
 
     Search defaults are greedy (do_sample false, one beam), max_length = context_length; a caller of genai
     overrides them with `og.GeneratorParams.set_search_options`. eos_token_id None leaves the key out:
-    genai then ends a sequence at pad_token_id (see the module docstring).
+    genai then ends a sequence at pad_token_id (see the module docstring). past_present_share_buffer: true only for
+    an export with attention "contrib" (export/attention_op.py), whose past and present are one max_length buffer.
     """
     if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
         raise ValueError(f"filename must be a plain file name in the export folder, got {filename!r}")
@@ -92,7 +95,8 @@ def genai_config(cfg: HyperMoEConfig, *, filename: str = "model.onnx", eos_token
             "repetition_penalty": 1.0,
             "length_penalty": 1.0,
             "early_stopping": True,
-            "past_present_share_buffer": False,  # present = concat(past, new): not an in-place max_length buffer
+            # standard attention: present = concat(past, new), not an in-place max_length buffer; contrib: one buffer
+            "past_present_share_buffer": bool(past_present_share_buffer),
         },
     }
 

@@ -27,6 +27,7 @@ from export.runtime import (
     ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64, ONNX_TYPES, cuda_libraries,
     from_bfloat16_bits, open_session, ortvalue_bits,
 )
+from export import shared_buffer
 from ref import model as ref_model
 
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
@@ -114,11 +115,10 @@ class OrtDecoder:
 
     Preallocated in begin(), per batch: the empty past (B, H, 0, c) of the first step; the decode steps'
     input_ids and position_ids (B, 1) and logits (B, 1, V) device buffers (fixed shapes, refilled in place,
-    stable addresses). Not preallocated: the presents (B, H, P + S, c) — the graph concatenates past and new
-    keys into a new tensor each step, so a buffer of max_length cannot be written in place (that needs a
-    shared-buffer attention op, onnxruntime-genai's past_present_share_buffer mode); the attention mask
-    (B, P + S), whose width grows by one each step; and the prefill's (B, S) inputs and (B, S, V) logits, used
-    once.
+    stable addresses). Not preallocated: the presents (B, H, P + S, c), new each step (the standard graph concatenates
+    past and new keys; `--attention contrib` exports instead get one (B, H, max_length, c) key and value buffer per
+    block in begin(), bound as past AND present, written in place: export/shared_buffer.py); the attention mask
+    (B, P + S), growing by one each step; and the prefill's (B, S) inputs and (B, S, V) logits, used once.
     """
 
     def __init__(self, path: str | os.PathLike, provider: str = "auto", *, device_id: int = 0,
@@ -148,6 +148,7 @@ class OrtDecoder:
                              f"{have_out['logits'].type}")
         self._binding = self.session.io_binding()
         self._batch = 0
+        self.shared_buffer = shared_buffer.is_shared(meta)  # past and present one max_length buffer
 
     def begin(self, batch_size: int, max_length: int) -> None:
         import onnxruntime as ort
@@ -161,6 +162,8 @@ class OrtDecoder:
         device, device_id = self.device
         empty = ort.OrtValue.ortvalue_from_shape_and_type([B, H, 0, c], self.kv_type, device, device_id)  # (B, H, 0, c)
         self._past = {name: empty for name in self.past_inputs}
+        if self.shared_buffer:  # (B, H, max_length, c) per past input, bound as past and present
+            self._past = shared_buffer.buffers(self.past_inputs, (B, H, max_length, c), _HOST_DTYPE[self.kv_type], *self.device)
         self._step_ids = ort.OrtValue.ortvalue_from_shape_and_type([B, 1], ONNX_INT64, device, device_id)  # (B, 1)
         self._step_positions = ort.OrtValue.ortvalue_from_shape_and_type([B, 1], ONNX_INT64, device, device_id)
         self._step_logits = ort.OrtValue.ortvalue_from_shape_and_type([B, 1, cfg.vocab_size], self.logits_type,
@@ -169,7 +172,7 @@ class OrtDecoder:
 
     @property
     def cache_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the cache the next step reads: the last step's presents (B, H, P + S, c), or the empty past."""
+        """Shapes of the cache the next step reads: the last presents (B, H, P + S, c), the empty past, or the buffers."""
         return [tuple(value.shape()) for value in self._past.values()] if self._batch else []
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
@@ -182,6 +185,12 @@ class OrtDecoder:
             raise ValueError("call begin(batch_size, max_length) before step()")
         ids, mask, positions = self._check_step(input_ids, attention_mask, position_ids)
         B, S = ids.shape
+        pad = None  # a shared buffer's prefill goes right-padded (shared_buffer.align_prefill); later steps checked
+        if self.shared_buffer and self._seen == 0:
+            ids, mask, positions, pad = shared_buffer.align_prefill(ids, mask, positions)
+        elif self.shared_buffer:
+            shared_buffer.check_later_step(mask, self._real, self._seen, S)
+        real = mask.sum(axis=1)  # (B,) real tokens seen after this step
         device, device_id = self.device
         io = self._binding
         if S == 1:  # a decode step: the preallocated buffers, refilled in place
@@ -200,8 +209,11 @@ class OrtDecoder:
             io.bind_ortvalue_output("logits", self._step_logits)
         else:
             io.bind_output("logits", device, device_id)
-        for name in self.present_outputs:
-            io.bind_output(name, device, device_id)  # onnxruntime allocates (B, H, P + S, c) on the device
+        for name, past in zip(self.present_outputs, self._past.values()):
+            if self.shared_buffer:
+                io.bind_ortvalue_output(name, past)  # the same buffer: written in place
+            else:
+                io.bind_output(name, device, device_id)  # onnxruntime allocates (B, H, P + S, c) on the device
         try:
             self.session.run_with_iobinding(io)
         except Exception as err:  # onnxruntime's own Fail/InvalidArgument classes
@@ -209,8 +221,11 @@ class OrtDecoder:
             raise ValueError(f"onnxruntime run failed at {self._seen} cached + {S} new positions: {message}") from None
         io.synchronize_outputs()
         values = io.get_outputs()  # in binding order: logits, then the presents
-        self._past = dict(zip(self.past_inputs, values[1:]))
-        self._seen += S
+        self._past = self._past if self.shared_buffer else dict(zip(self.past_inputs, values[1:]))
+        self._seen, self._real = self._seen + S, real
+        if pad is not None and pad.any():  # the prefill's rows back in the caller's left-padded layout
+            logits = shared_buffer.restore(_all_positions(values[0], self.logits_type), pad)  # (B, S, V)
+            return logits if all_positions else logits[:, -1]
         if all_positions:
             return _all_positions(values[0], self.logits_type)  # (B, S, V) float32
         return _last_position(values[0], self.logits_type)  # (B, V) float32

@@ -101,21 +101,38 @@ class ExportModelWithPast(ExportModel):
     attention_mask: 1 = real token, 0 = padding (left padding for a batch of prompts); position_ids: a real
     token's position is the number of real tokens before it in its sequence (the caller's rule, as
     Optimum's and onnxruntime-genai's). Capacity is refused: it counts tokens per sequence, and a decode
-    step sees only its new ones."""
+    step sees only its new ones.
+
+    attention "contrib" (export/attention_op.py): every block's attention is com.microsoft::GroupQueryAttention
+    with past and present ONE buffer (B, H, M, c) of max_length M (onnxruntime-genai's past_present_share_buffer);
+    its lengths come from attention_mask's row sums, so a prompt batch must be right-padded (OrtDecoder does it)."""
 
     def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, dtype: torch.dtype = torch.float32,
-                 flavour: str = "portable", hyper_form: str = "auto"):
+                 flavour: str = "portable", hyper_form: str = "auto", attention: str = "standard"):
         if cfg.capacity is not None:
             raise ValueError(f"config field 'capacity' ({cfg.capacity}) cannot be exported with past key/values: "
                              "capacity counts the tokens of a whole sequence per expert, a decode step sees only its new ones")
         super().__init__(cfg, params, dtype=dtype, flavour=flavour, hyper_form=hyper_form)
         self.n_layers = cfg.n_layers
+        self.attention = attention
+        if attention == "contrib":
+            from export.attention_op import SharedBufferAttention
+
+            for block in self.blocks:
+                block.attn = SharedBufferAttention(block.attn)
+        elif attention != "standard":
+            raise ValueError(f"attention must be 'standard' or 'contrib', got {attention!r}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past_key_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from hypermoe.blocks import attention_bias
 
-        bias = attention_bias(attention_mask, input_ids.shape[1], self.token_embed.dtype)  # (B, 1, S, L)
+        if self.attention == "contrib":  # GroupQueryAttention's lengths in the bias's place (export/attention_op.py)
+            from export.attention_op import sequence_lengths
+
+            bias = sequence_lengths(attention_mask)  # seqlens_k (B,), total_sequence_length ()
+        else:
+            bias = attention_bias(attention_mask, input_ids.shape[1], self.token_embed.dtype)  # (B, 1, S, L)
         past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.n_layers)]
         logits, presents = self.decode(input_ids, position_ids, bias, past)  # (B, S, V)
         return (logits, *(t for kv in presents for t in kv))

@@ -75,13 +75,24 @@ done 2>&1 | tee "$out/generate-cuda.txt"
 rm -rf "$gen_tmp"
 echo "gpu_bench: wrote $out/bench-cuda.json and $out/bench-cuda.md"
 
-# Text generation (BENCHMARKS.md, "Generation"): a GPT-2-small-sized HyperMoE LM, torch CUDA with and without
-# its KV cache and onnxruntime CUDA (sparse and fused with-past exports), prefill and decode tokens/s side by
-# side. --quick in the options above also shrinks this run; GEN_OPTS adds options of its own.
+# Text generation (BENCHMARKS.md, "Generation"): a GPT-2-small-sized HyperMoE LM upcycled from transformers' dense
+# GPT2LMHeadModel, both on CUDA, torch with and without its KV cache and onnxruntime CUDA (IOBinding, the cache on
+# the device) on with-past exports, prefill and decode tokens/s side by side. First the float32 exports that must
+# run (sparse and fused; the contrib attention with one shared KV buffer), then each CUDA-only variant in a run of
+# its own, so that a kernel the installed onnxruntime lacks loses one row, not the table: QMoE needs fp16/bf16
+# input on CUDA (onnx-notes), so the quantised fused exports are fp16 and bf16. --quick in the options above also
+# shrinks these runs; GEN_OPTS adds options of its own; GEN_VARIANTS replaces the list of variants.
 gen_opts=()
 for arg in "$@"; do if [ "$arg" = "--quick" ]; then gen_opts+=(--quick); fi; done
-"$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" \
-    bench --generation --device cuda --flavours sparse fused --json "$out/bench-generation-cuda.json" \
+hm() { "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+hm bench --generation --device cuda --exports sparse fused sparse:contrib --json "$out/bench-generation-cuda.json" \
     --markdown "$out/bench-generation-cuda.md" "${gen_opts[@]}" ${GEN_OPTS:-} \
     2> >(tee "$out/bench-generation-cuda.log" >&2)
 echo "gpu_bench: wrote $out/bench-generation-cuda.json and $out/bench-generation-cuda.md"
+for spec in ${GEN_VARIANTS:-fused:fp16 fused:bf16 fused:fp16:int4 fused:bf16:int4 fused:fp16:int8 sparse:fp16:int4 fused:fp16:int4:contrib}; do
+    name=${spec//:/-}
+    echo "== bench --generation --device cuda --exports $spec"
+    hm bench --generation --device cuda --exports "$spec" --json "$out/bench-generation-cuda-$name.json" \
+        --markdown "$out/bench-generation-cuda-$name.md" "${gen_opts[@]}" ${GEN_OPTS:-} \
+        2> >(tee "$out/bench-generation-cuda-$name.log" >&2) || echo "not measured: $spec (exit status $?; see the log)"
+done
