@@ -52,9 +52,9 @@ def register(subparsers) -> None:
                    "--json, --markdown, --force, --exports, --no-dense")
     p.add_argument("--exports", nargs="+", metavar="EXPORT",
                    help="--generation: the with-past exports, one onnxruntime row each, as FLAVOUR[:fp16|:bf16]"
-                   "[:int8|:int4][:contrib] (FLAVOUR portable, sparse or fused; :fp16/:bf16 = --dtype float16/"
-                   "bfloat16 (for --device cuda), :int8/:int4 = --quantize, :contrib = --attention contrib of "
-                   "hypermoe export). Default: sparse sparse:int8 sparse:int4")
+                   "[:int8|:int4[:acc4]][:contrib] (FLAVOUR portable, sparse or fused; :fp16/:bf16 = --dtype float16/"
+                   "bfloat16 (for --device cuda), :int8/:int4 = --quantize, :acc4 = --accuracy-level 4, :contrib = "
+                   "--attention contrib of hypermoe export). Default: " + " ".join(generation.Options().exports))
     p.add_argument("--no-dense", action="store_true",
                    help="--generation: leave out transformers' dense GPT-2 row (then the model is a random HyperMoE "
                    "model, not an upcycled one, and ratios are to torch-kv)")

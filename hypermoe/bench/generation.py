@@ -88,7 +88,10 @@ class Options:
 
     device: str = "cpu"  # "cpu" | "cuda" (torch on that device, onnxruntime's CUDA provider)
     threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads (None: torch's)
-    exports: tuple[str, ...] = ("sparse", "sparse:int8", "sparse:int4")  # one ort-<export> backend each (() none)
+    # one ort-<export> backend each (() none): float32, the shared-buffer attention, exact int4 (accuracy level 0),
+    # int8 and int4 with int8 activations (level 4), and the fastest combination
+    exports: tuple[str, ...] = ("sparse", "sparse:contrib", "sparse:int4", "sparse:int8:acc4", "sparse:int4:acc4",
+                                "sparse:int4:acc4:contrib")
     torch_backends: tuple[str, ...] = TORCH_BACKENDS
     dense: bool = True  # the hf-gpt2 row (transformers' dense GPT2LMHeadModel), the base of every ratio
     prefill_prompts: tuple[int, ...] | None = None  # prompt lengths L of the prefill groups (batch 1); None: 128

@@ -117,21 +117,27 @@ class HFDecoder:
 
 
 def parse_export(spec: str) -> dict[str, Any]:
-    """FLAVOUR[:fp16|:bf16][:int8|:int4][:contrib] → export_model's flavour, dtype, quantize and attention
-    (ValueError naming the part)."""
+    """FLAVOUR[:fp16|:bf16][:int8|:int4[:acc4]][:contrib] → export_model's flavour, dtype, quantize,
+    accuracy_level and attention (ValueError naming the part)."""
     parts = spec.split(":")
     if parts[0] not in FLAVOURS:
         raise ValueError(f"export {spec!r}: the flavour must be one of {FLAVOURS}, got {parts[0]!r}")
-    out: dict[str, Any] = {"flavour": parts[0], "dtype": "float32", "quantize": None, "attention": "standard"}
+    out: dict[str, Any] = {"flavour": parts[0], "dtype": "float32", "quantize": None, "accuracy_level": 0,
+                           "attention": "standard"}
     for part in parts[1:]:
         if part in DTYPES and out["dtype"] == "float32":
             out["dtype"] = DTYPES[part]
         elif part in QUANTIZE and out["quantize"] is None:
             out["quantize"] = part
+        elif part == "acc4" and out["accuracy_level"] == 0:
+            out["accuracy_level"] = 4
         elif part == "contrib" and out["attention"] == "standard":
             out["attention"] = "contrib"
         else:
-            raise ValueError(f"export {spec!r}: {part!r} is not fp16, bf16, int8, int4 or contrib (each at most once)")
+            raise ValueError(f"export {spec!r}: {part!r} is not fp16, bf16, int8, int4, acc4 or contrib (each at most "
+                             "once)")
+    if out["accuracy_level"] and not out["quantize"]:
+        raise ValueError(f"export {spec!r}: acc4 (int8 activations) applies to int8 or int4 weights")
     return out
 
 
@@ -169,6 +175,8 @@ def export_all(model, opts, directory: str, say: Callable[[str], None]) -> list[
             options["dtype"] = chosen["dtype"]
         if chosen["quantize"]:
             options["quantize"] = chosen["quantize"]
+        if chosen["accuracy_level"]:
+            options["accuracy_level"] = chosen["accuracy_level"]
         if chosen["attention"] != "standard":
             options["attention"] = chosen["attention"]
         say(f"exporting the with-past {spec} graph (d={opts.cfg.d_model}, {opts.cfg.n_layers} blocks; minutes at "

@@ -52,7 +52,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         B, C, name = r["batch"], r["context"], r["backend"]
         dense = by_key.get(("decode", B, C, DENSE))
         if name.startswith("ort-") and ":int4" in name and B == 1:
-            fp32 = by_key.get(("decode", B, C, name.replace(":int4", "")))
+            float_name = ":".join(p for p in name.split(":") if p not in ("int4", "acc4"))  # the same export in float
+            fp32 = by_key.get(("decode", B, C, float_name))
             if fp32:
                 out.append(_ratio(f"{name} decode ≥ 2× {fp32['backend']}", r, fp32, 2.0, batch=B, context=C))
             if dense:
