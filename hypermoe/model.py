@@ -47,10 +47,17 @@ KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # one (key, value) pe
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (B, S, V)
+    logits: torch.Tensor  # (B, S, V); (B, min(n, S), V) with logits_to_keep = n > 0
     aux: dict[str, torch.Tensor]  # switch_balance, z_loss, cv_balance: scalars summed over the HyperMoE blocks
     routing: dict[int, Routing]  # block ℓ → its routing of the S tokens (selected, gates, probs, logits, kept)
     past_key_values: KeyValues | None = None  # use_cache: every block's keys and values of all P + S positions
+
+
+def check_logits_to_keep(n) -> int:
+    """n as an int, after a one-line error unless it is an int ≥ 0 (transformers' logits_to_keep, int form)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"logits_to_keep must be an int ≥ 0 (0 = all positions, n = the last n), got {n!r}")
+    return int(n)
 
 
 class LMHead(nn.Module):
@@ -71,6 +78,7 @@ class HyperMoETransformer(nn.Module):
         - tokens: (B, S) integer ids in [0, vocab_size), 1 ≤ S, P + S ≤ max_seq_len
         - attention_mask: (B, P + S) 0/1; position_ids: (B, S) in [0, max_seq_len)
         - past_key_values: n_layers × (key, value), each (B, H, P, c)
+        - logits_to_keep: 0 (all S positions' logits) or n > 0 (the last min(n, S) positions')
         - output: ModelOutput(logits (B, S, V), aux {name: scalar} summed over the HyperMoE blocks,
           routing {block ℓ: routing of the S tokens}, past_key_values (each (B, H, P + S, c)) if use_cache)
 
@@ -170,7 +178,7 @@ class HyperMoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KeyValues | None = None,
-                use_cache: bool = False) -> ModelOutput:
+                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
         """tokens (B, S): S new tokens after the P cached positions of past_key_values (P = 0 without).
 
         attention_mask (B, P + S), 1 = real token, 0 = padding (Hugging Face's convention; default all 1);
@@ -179,8 +187,11 @@ class HyperMoETransformer(nn.Module):
         < max_seq_len. use_cache: return every block's keys and values of the P + S positions as
         past_key_values, to pass to the next call with its tokens. P + S ≤ max_seq_len (learned positions: a
         longer context cannot be cropped, the cached keys hold their positions). A config with capacity counts
-        tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1)."""
+        tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1). logits_to_keep
+        (transformers' meaning): 0 = the logits of all S positions; n > 0 = only the last min(n, S), and ln_f and
+        the head run only for those (generation needs the last one)."""
         self.check_tokens(tokens)
+        logits_to_keep = check_logits_to_keep(logits_to_keep)
         c = self.config
         B, S = tokens.shape
         P = 0 if past_key_values is None else self.check_past(past_key_values, B)
@@ -210,9 +221,9 @@ class HyperMoETransformer(nn.Module):
             if out is not None:
                 routing[block.index] = out.routing
                 aux = {name: aux.get(name, 0) + value for name, value in out.aux.items()}
-        h = self.ln_f(h)  # (B, S, d)
+        h = self.ln_f(h if logits_to_keep == 0 else h[:, -logits_to_keep:])  # (B, S', d), S' = S or min(n, S)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return ModelOutput(h @ head, aux, routing, tuple(presents) if use_cache else None)  # logits (B, S, V)
+        return ModelOutput(h @ head, aux, routing, tuple(presents) if use_cache else None)  # logits (B, S', V)
 
     @staticmethod
     def default_positions(attention_mask: torch.Tensor | None, B: int, P: int, S: int,
@@ -355,13 +366,14 @@ class TorchDecoder:
         ids, mask, pos = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
                           for a in (input_ids, attention_mask, position_ids))  # (B, S), (B, P + S), (B, S)
         if self.use_cache:
-            out = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=self._past, use_cache=True)
+            out = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=self._past, use_cache=True,
+                             logits_to_keep=1)
             self._past = out.past_key_values
         else:
             if self._history is not None:
                 ids, pos = torch.cat([self._history[0], ids], 1), torch.cat([self._history[1], pos], 1)  # (B, P + S)
             self._history = ids, pos
-            out = self.model(ids, attention_mask=mask, position_ids=pos)
+            out = self.model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         return out.logits[:, -1].float().cpu().numpy()  # (B, V)
 
 
