@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     p.add_argument("--with-past", action="store_true",
                    help="a model (kind model) with past key/values (KV cache) as inputs and present ones as outputs, "
                    "for generation; no capacity (it counts the tokens of a whole sequence)")
+    p.add_argument("--logits", choices=("last", "all"), default=None,
+                   help="with --with-past only: 'last' (default) computes the final norm and the head for each row's "
+                   "last position only, logits (batch, 1, V): what generation reads, and prefill skips the head for "
+                   "the other prompt positions; 'all' gives every position's (batch, seq, V), Optimum's layout. "
+                   "Without --with-past a model's logits are always every position's")
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
     p.add_argument("--pad-token-id", type=int, default=None,
@@ -147,6 +152,9 @@ def export_command(args: argparse.Namespace) -> int:
     if not args.with_past and (args.eos_token_id is not None or args.pad_token_id is not None):
         raise ValueError("--eos-token-id and --pad-token-id go into a --with-past export's genai_config.json; "
                          "without --with-past there is none (add --with-past, or drop them)")
+    if not args.with_past and args.logits is not None:
+        raise ValueError("--logits chooses a --with-past export's logits; without --with-past a model's are every "
+                         "position's (add --with-past, or drop --logits)")
     output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
@@ -155,7 +163,8 @@ def export_command(args: argparse.Namespace) -> int:
     result = exporter.export_model(output, cfg, params, kind=kind, layer_index=args.layer_index, dtype=args.dtype,
                                    flavour=args.flavour, hyper_form=args.hyper_form, routing_outputs=args.routing_outputs,
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
-                                   eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer)
+                                   eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer,
+                                   logits=args.logits)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

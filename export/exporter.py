@@ -124,10 +124,10 @@ def _torch_dtype(name: str):
 
 def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
                  dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
-                 routing_outputs: bool = False, with_past: bool = False):
+                 routing_outputs: bool = False, with_past: bool = False, logits: str = "all"):
     """The torch module that is exported: export.graph.ExportLayer (ExportStack for kind "stack", ExportModel
-    for kind "model", ExportModelWithPast with `with_past`). hypermoe.layer.HyperMoELayer itself is not
-    exportable (it refuses torch.export)."""
+    for kind "model", ExportModelWithPast with `with_past`, its logits "last" or "all"). hypermoe.layer.HyperMoELayer
+    itself is not exportable (it refuses torch.export)."""
     from export.graph import ExportLayer, ExportModel, ExportModelWithPast, ExportStack
 
     tdtype = _torch_dtype(dtype)
@@ -138,7 +138,9 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
                              f"{kind} has no attention, so nothing to cache")
         if routing_outputs:
             raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
-        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form)
+        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form, logits=logits)
+    if logits != "all":
+        raise ValueError(f"logits {logits!r} needs with_past (--with-past): a plain export computes every position's")
     if kind == "layer":
         return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
                            hyper_form=hyper_form, routing_outputs=routing_outputs)
@@ -159,7 +161,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  kind: str = "layer", layer_index: int = 0, dtype: str = "float32", flavour: str = "portable",
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
-                 pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None) -> ExportResult:
+                 pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None,
+                 logits: str | None = None) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -170,10 +173,12 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     (+ model.onnx.data above 2 GB), genai_config.json (eos_token_id, pad_token_id and context length
     max_seq_len go there), config.json (export.genai.optimum_config) and a copy of `tokenizer` (a tokenizer.json,
     e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
-    ExportResult.path is the directory."""
+    ExportResult.path is the directory. `logits`: with past "last" (default: each row's last position, (B, 1, V))
+    or "all" ((B, S, V)); without, "all" only. Stored in the metadata as hypermoe.logits."""
     from ref.files import atomic_output
 
     check_opset(opset)
+    logits = logits if logits is not None else "last" if with_past else "all"
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # bad ids: before the work
         from export.genai import optimum_config, tokenizer_config
@@ -184,7 +189,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
         with atomic_output(out_path, force=force, directory=True, entries=PAST_ENTRIES) as tmp:
             result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
                                 flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
-                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True)
+                                source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True, logits=logits)
             (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
@@ -194,7 +199,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     with atomic_output(out_path, force=force) as tmp:
         result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                             hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset, source=source,
-                            name=Path(out_path))
+                            name=Path(out_path), logits=logits)
     return result._replace(path=Path(out_path))
 
 
@@ -208,7 +213,7 @@ def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id
 
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
-               name: Path, with_past: bool = False) -> ExportResult:
+               name: Path, with_past: bool = False, logits: str = "all") -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
@@ -217,7 +222,8 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
 
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
-                          hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past).eval()
+                          hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past,
+                          logits=logits).eval()
     hyper = module.hyper_form
     # a sample of 2 × 3 tokens: neither dim may be 0 or 1, which torch.export would specialise on
     batch = torch.export.Dim("batch")
@@ -272,7 +278,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         "outputs": ",".join(outputs), "source": source, "notes": json.dumps(notes),
     }
     if with_past:
-        props["with_past"] = "1"
+        props["with_past"], props["logits"] = "1", logits  # logits: "last" (B, 1, V) or "all" (B, S, V)
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})
     size = model.ByteSize()
     external = size > EXTERNAL_DATA_BYTES - 64 * 2**20  # leave headroom for the graph itself
