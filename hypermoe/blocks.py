@@ -118,16 +118,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, *, bias: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, aux: bool = True,
                 ) -> tuple[torch.Tensor, HyperMoEOutput | None, tuple[torch.Tensor, torch.Tensor]]:
         """h (B, S, d) → (new h, the HyperMoE layer's output or None for a dense block, present (key, value)
-        each (B, H, P + S, c)); bias and past as CausalSelfAttention.forward."""
+        each (B, H, P + S, c)); bias and past as CausalSelfAttention.forward; aux=False: the layer skips its
+        auxiliary losses (inference)."""
         a, present = self.attn(self.ln1(h), bias=bias, past=past)  # (B, S, d)
         h = h + self.drop(a)
         x = self.ln2(h)  # (B, S, d)
         if self.moe is None:
             return h + self.drop(self.mlp(x)), None, present
-        out = self.moe(x, self.index)  # layer embedding ℓ = the absolute block index
+        # layer embedding ℓ = the absolute block index; aux only when False (an expert-parallel layer takes no aux)
+        out = self.moe(x, self.index) if aux else self.moe(x, self.index, aux=False)
         return h + self.drop(out.output), out, present
 
 

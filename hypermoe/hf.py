@@ -173,7 +173,7 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is not None:
             position_ids = position_ids.expand(B, S)  # generate passes (1, S) without a mask
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past,
-                         use_cache=cache is not None, logits_to_keep=logits_to_keep)
+                         use_cache=cache is not None, logits_to_keep=logits_to_keep, aux=False)  # loss: no aux
         if legacy:
             cache = out.past_key_values
         elif cache is not None:

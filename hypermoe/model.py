@@ -37,6 +37,7 @@ from ref.config import HyperMoEConfig
 from ref.model import model_init_std, model_param_shapes
 from ref.semantics import check_params
 from hypermoe.blocks import Block, CausalSelfAttention, DenseMLP, attention_bias  # noqa: F401 (re-exported)
+from hypermoe.decoding import TorchDecoder
 from hypermoe.generation import Sampling, generate
 from hypermoe.layer import HyperNetwork, Routing, check_memory, params_to_ref
 
@@ -178,7 +179,7 @@ class HyperMoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KeyValues | None = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> ModelOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, aux: bool = True) -> ModelOutput:
         """tokens (B, S): S new tokens after the P cached positions of past_key_values (P = 0 without).
 
         attention_mask (B, P + S), 1 = real token, 0 = padding (Hugging Face's convention; default all 1);
@@ -189,7 +190,8 @@ class HyperMoETransformer(nn.Module):
         longer context cannot be cropped, the cached keys hold their positions). A config with capacity counts
         tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1). logits_to_keep
         (transformers' meaning): 0 = the logits of all S positions; n > 0 = only the last min(n, S), and ln_f and
-        the head run only for those (generation needs the last one)."""
+        the head run only for those (generation needs the last one). aux=False: no auxiliary losses (ModelOutput.aux
+        {}; inference needs none)."""
         self.check_tokens(tokens)
         logits_to_keep = check_logits_to_keep(logits_to_keep)
         c = self.config
@@ -211,19 +213,29 @@ class HyperMoETransformer(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, P + S, dtype=torch.int64, device=tokens.device)
             bias = attention_bias(attention_mask, S, self.token_embed.dtype)  # (B, 1, S, P + S)
+        return self.forward_unchecked(tokens, position_ids, bias, past_key_values, use_cache=use_cache,
+                                      logits_to_keep=logits_to_keep, aux=aux)
+
+    def forward_unchecked(self, tokens: torch.Tensor, position_ids: torch.Tensor, bias: torch.Tensor | None,
+                    past_key_values: KeyValues | None, *, use_cache: bool, logits_to_keep: int,
+                    aux: bool) -> ModelOutput:
+        """forward after its checks, for a caller that built and checked its inputs itself (TorchDecoder: no host
+        synchronisation here): position_ids (B, S), bias (B, 1, S, P + S) from attention_bias or None (causal, no
+        past), logits_to_keep an int ≥ 0."""
         h = self.token_embed[tokens] + self.pos_embed[position_ids]  # (B, S, d)
-        aux: dict[str, torch.Tensor] = {}
+        losses: dict[str, torch.Tensor] = {}
         routing: dict[int, Routing] = {}
         presents = []
         for i, block in enumerate(self.blocks):
-            h, out, present = block(h, bias=bias, past=None if past_key_values is None else past_key_values[i])
+            h, out, present = block(h, bias=bias, past=None if past_key_values is None else past_key_values[i],
+                                    aux=aux)
             presents.append(present)
             if out is not None:
                 routing[block.index] = out.routing
-                aux = {name: aux.get(name, 0) + value for name, value in out.aux.items()}
+                losses = {name: losses.get(name, 0) + value for name, value in out.aux.items()}
         h = self.ln_f(h if logits_to_keep == 0 else h[:, -logits_to_keep:])  # (B, S', d), S' = S or min(n, S)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return ModelOutput(h @ head, aux, routing, tuple(presents) if use_cache else None)  # logits (B, S', V)
+        return ModelOutput(h @ head, losses, routing, tuple(presents) if use_cache else None)  # logits (B, S', V)
 
     @staticmethod
     def default_positions(attention_mask: torch.Tensor | None, B: int, P: int, S: int,
@@ -338,43 +350,6 @@ class HyperMoETransformer(nn.Module):
         if kind != "model":
             raise ValueError(f"{Path(path) / ref.io.CONFIG_FILE}: kind is {kind!r}, HyperMoETransformer loads kind 'model'")
         return cls.from_ref(config, params, device=device, dtype=dtype)
-
-
-class TorchDecoder:
-    """The hypermoe.generation.Decoder of a HyperMoETransformer (eval mode): step() runs the new tokens after its
-    KV cache and keeps the cache it returns. use_cache=False keeps the token history instead and recomputes all of
-    it each step (the no-cache baseline, and the only way for a config with capacity)."""
-
-    def __init__(self, model: HyperMoETransformer, *, use_cache: bool = True) -> None:
-        if use_cache and model.config.capacity is not None:
-            raise ValueError("a config with capacity cannot decode with a KV cache (capacity counts the tokens of "
-                             "each sequence); use use_cache=False")
-        self.model, self.use_cache = model, use_cache
-        self._past: KeyValues | None = None  # use_cache: every block's (key, value), each (B, H, P, c)
-        self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # no cache: (ids, positions), each (B, P)
-
-    def begin(self, batch_size: int, max_length: int) -> None:
-        if self.model.training:
-            raise ValueError("the model is in training mode (dropout, router noise): call model.eval() first")
-        if max_length > self.model.config.max_seq_len:
-            raise ValueError(f"max_length {max_length} exceeds config max_seq_len ({self.model.config.max_seq_len})")
-        self._past = self._history = None
-
-    @torch.no_grad()
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        device = self.model.token_embed.device
-        ids, mask, pos = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-                          for a in (input_ids, attention_mask, position_ids))  # (B, S), (B, P + S), (B, S)
-        if self.use_cache:
-            out = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=self._past, use_cache=True,
-                             logits_to_keep=1)
-            self._past = out.past_key_values
-        else:
-            if self._history is not None:
-                ids, pos = torch.cat([self._history[0], ids], 1), torch.cat([self._history[1], pos], 1)  # (B, P + S)
-            self._history = ids, pos
-            out = self.model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-        return out.logits[:, -1].float().cpu().numpy()  # (B, V)
 
 
 __all__ = ["HyperMoETransformer", "ModelOutput", "TorchDecoder", "attention_bias"]

@@ -72,11 +72,17 @@ def test_numpy_int_is_accepted():
 
 
 def test_torch_decoder_asks_for_the_last_position(monkeypatch):
-    """TorchDecoder.step passes logits_to_keep=1 (with and without the cache) and returns the last position's (B, V)."""
+    """TorchDecoder.step runs forward_unchecked with logits_to_keep=1 and aux=False (with and without the cache)
+    and returns the last position's (B, V)."""
     cfg = ref.tiny_config(max_seq_len=8)
     model = HyperMoETransformer.from_ref(cfg, ref_model.init_model(cfg, seed=1)).eval()
-    seen = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("logits_to_keep")), with_kwargs=True)
+    seen, run = [], model.forward_unchecked
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["logits_to_keep"], kwargs["aux"]))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_unchecked", spy)
     ids = np.array([[1, 2, 3], [4, 5, 6]])
     mask, pos = np.ones_like(ids), np.broadcast_to(np.arange(3), (2, 3))
     want = model(torch.from_numpy(ids)).logits[:, -1].detach().numpy()
@@ -86,7 +92,7 @@ def test_torch_decoder_asks_for_the_last_position(monkeypatch):
         got = decoder.step(ids, mask, pos)
         assert got.shape == (2, cfg.vocab_size)
         np.testing.assert_allclose(got, want, rtol=0, atol=reorder_atol(magnitude(want), U32))
-    assert seen == [None, 1, 1]
+    assert seen == [(0, True), (1, False), (1, False)]  # the full forward for `want`, then the two decoders
 
 
 def test_hf_forward_and_generate_keep_the_last_logits():
