@@ -5,7 +5,9 @@ ones export/generate.py's OrtDecoder runs), once per step and before anything re
 runs its unchecked path (HyperMoETransformer.forward_unchecked) on inputs this decoder built itself: no host
 synchronisation for validation (the public forward's min/max and mask reductions), no auxiliary losses, and ln_f
 and the head for the last position only. The attention bias is chosen on the host too (is_causal without padding
-or past).
+or past). The KV cache is one hypermoe.blocks.KVBuffer per block, allocated in begin() for max_length positions
+and written in place: a step copies its S new positions, never the P cached ones (the model's past_key_values
+tuples are concatenated each step).
 
 Axis legend: B sequences, S new positions of a step, P cached positions, H heads, c head width, V vocabulary.
 """
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from ref import model as ref_model
-from hypermoe.blocks import attention_bias
+from hypermoe.blocks import KVBuffer, attention_bias
 
 
 class TorchDecoder:
@@ -29,7 +31,7 @@ class TorchDecoder:
             raise ValueError("a config with capacity cannot decode with a KV cache (capacity counts the tokens of "
                              "each sequence); use use_cache=False")
         self.model, self.use_cache = model, use_cache
-        self._past = None  # use_cache: every block's (key, value), each (B, H, P, c)
+        self._past: tuple[KVBuffer, ...] | None = None  # use_cache: every block's keys and values, preallocated
         self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # no cache: (ids, positions), each (B, P)
         self._batch = self._max_length = self._seen = 0
 
@@ -42,6 +44,10 @@ class TorchDecoder:
             raise ValueError(f"max_length {max_length} exceeds config max_seq_len ({self.model.config.max_seq_len})")
         self._past = self._history = None
         self._batch, self._max_length, self._seen = int(batch_size), max_length, 0
+        if self.use_cache:  # one buffer of max_length per block: a step writes its S positions, copies no past
+            cfg, embed = self.model.config, self.model.token_embed
+            self._past = tuple(KVBuffer(self._batch, cfg.n_heads, max_length, cfg.d_model // cfg.n_heads,
+                                        device=embed.device, dtype=embed.dtype) for _ in range(cfg.n_layers))
 
     @torch.no_grad()
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -53,8 +59,9 @@ class TorchDecoder:
         if self.use_cache:
             causal = self._seen == 0 and bool(mask.all())  # no past, no padding: the is_causal fast path
             bias = None if causal else attention_bias(mask_t, S, dtype)  # (B, 1, S, P + S)
-            out = model.forward_unchecked(ids_t, pos_t, bias, self._past, use_cache=True, logits_to_keep=1, aux=False)
-            self._past = out.past_key_values
+            for buffer in self._past:
+                buffer.length = self._seen  # a step that failed half-way leaves no stale positions
+            out = model.forward_unchecked(ids_t, pos_t, bias, self._past, use_cache=False, logits_to_keep=1, aux=False)
         else:
             if self._history is not None:
                 ids_t = torch.cat([self._history[0], ids_t], 1)  # (B, P + S)

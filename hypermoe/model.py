@@ -221,7 +221,8 @@ class HyperMoETransformer(nn.Module):
                     aux: bool) -> ModelOutput:
         """forward after its checks, for a caller that built and checked its inputs itself (TorchDecoder: no host
         synchronisation here): position_ids (B, S), bias (B, 1, S, P + S) from attention_bias or None (causal, no
-        past), logits_to_keep an int ≥ 0."""
+        past), past_key_values the (key, value) tuples or one hypermoe.blocks.KVBuffer per block (written in place),
+        logits_to_keep an int ≥ 0."""
         h = self.token_embed[tokens] + self.pos_embed[position_ids]  # (B, S, d)
         losses: dict[str, torch.Tensor] = {}
         routing: dict[int, Routing] = {}

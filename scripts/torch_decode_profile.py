@@ -67,7 +67,7 @@ def main() -> None:
         decoder = TorchDecoder(ours)
         decoder.begin(B, total)
         decoder.step(prompt, np.ones((B, C), dtype=np.int64), np.broadcast_to(np.arange(C), (B, C)))
-        out = dense(torch.from_numpy(prompt), use_cache=True)
+        out = dense(torch.from_numpy(prompt), use_cache=True, logits_to_keep=1)  # no (B, C, V) logits
         cache = out.cache if "cache" in out else out.past_key_values
         kw = {"cache" if "cache" in out else "past_key_values": cache}
         seen = C
