@@ -15,7 +15,8 @@ CausalSelfAttention, DenseMLP, Block) live in hypermoe/blocks.py and are re-expo
 
 Incremental decoding (SPEC.md §4.1): forward(..., past_key_values, use_cache=True) runs S new tokens after P
 cached positions and returns the keys and values of all P + S (Optimum's layout); it must equal one pass over the
-whole sequence, which is the reference's definition. TorchDecoder drives it from hypermoe.generation.generate.
+whole sequence, which is the reference's definition. TorchDecoder (hypermoe/decoding.py, re-exported here) drives
+it from hypermoe.generation.generate.
 
 Axis legend: B sequences, S new positions, P cached positions (max_seq_len in pos_embed's shape), d model width,
 H heads, c = d / H head width, V vocabulary, f = d_ff hidden width.
@@ -147,7 +148,7 @@ class HyperMoETransformer(nn.Module):
             raise ValueError(f"tokens must have shape (B, S) with B ≥ 1 and S ≥ 1, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds config max_seq_len ({c.max_seq_len})")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host synchronisation
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={c.vocab_size}), got values in [{lo}, {hi}]")
 
@@ -199,9 +200,7 @@ class HyperMoETransformer(nn.Module):
         P = 0 if past_key_values is None else self.check_past(past_key_values, B)
         if P + S > c.max_seq_len:
             raise ValueError(f"context of {P} cached + {S} new positions exceeds config max_seq_len ({c.max_seq_len})")
-        if attention_mask is not None:
-            self._check_mask(attention_mask, B, P + S)
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        padded = attention_mask is not None and self._check_mask(attention_mask, B, P + S)  # a 0 in the mask
         if c.capacity is not None and (past_key_values is not None or padded):
             raise ValueError("a config with capacity refuses past_key_values and padding: capacity counts the tokens "
                              "of each sequence, which a cached step or padding changes (SPEC.md §4.1)")
@@ -250,7 +249,7 @@ class HyperMoETransformer(nn.Module):
         positions = torch.where(real, real.long().cumsum(-1) - 1, 0)  # (B, P + S)
         return positions[:, P:]  # (B, S)
 
-    def _check_mask(self, attention_mask: torch.Tensor, B: int, L: int) -> None:
+    def _check_mask(self, attention_mask: torch.Tensor, B: int, L: int) -> bool:
         if not isinstance(attention_mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
@@ -260,8 +259,11 @@ class HyperMoETransformer(nn.Module):
         if attention_mask.device != self.token_embed.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, the model's parameters on "
                              f"{self.token_embed.device}")
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        binary, full = torch.stack([((attention_mask == 0) | (attention_mask == 1)).all(),
+                                    attention_mask.all()]).tolist()  # one host synchronisation
+        if not binary:
             raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+        return not full  # padding
 
     def _check_positions(self, position_ids: torch.Tensor, B: int, S: int) -> None:
         P = self.config.max_seq_len
@@ -271,7 +273,7 @@ class HyperMoETransformer(nn.Module):
                              f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
         if tuple(position_ids.shape) != (B, S):
             raise ValueError(f"position_ids must have shape (B, S) = {(B, S)}, got {tuple(position_ids.shape)}")
-        lo, hi = int(position_ids.min()), int(position_ids.max())
+        lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one host synchronisation
         if lo < 0 or hi >= P:
             raise ValueError(f"position ids must be in [0, max_seq_len={P}), got values in [{lo}, {hi}]")
 
