@@ -89,7 +89,7 @@ class CausalSelfAttention(nn.Module):
             k, v = past.append(k, v)  # (B, H, P + S, c), the past not copied
         elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P + S, c)
-        if past is not None and bias is None:  # causal with the past in front
+        if bias is None and k.shape[2] > S:  # causal with P > 0 past positions in front (P = 0: is_causal below)
             bias = attention_bias(torch.ones(B, k.shape[2], dtype=torch.int64, device=x.device), S, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if bias is None:
