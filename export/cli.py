@@ -46,6 +46,11 @@ def register(subparsers) -> None:
                    "com.microsoft::GroupQueryAttention with past and present ONE (batch, H, max_length, c) buffer "
                    "written in place (onnxruntime-genai's past_present_share_buffer), for any --flavour; needs head "
                    "width d_model/n_heads a multiple of 8 and float32/float16; prompts are right-padded for it")
+    p.add_argument("--logits", choices=("last", "all"), default=None,
+                   help="with --with-past only: 'last' (default) computes the final norm and the head for each row's "
+                   "last position only, logits (batch, 1, V): what generation reads, and prefill skips the head for "
+                   "the other prompt positions; 'all' gives every position's (batch, seq, V), Optimum's layout. "
+                   "Without --with-past a model's logits are always every position's")
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="with --with-past only: end-of-sequence id for genai_config.json (default: none)")
     p.add_argument("--pad-token-id", type=int, default=None,
@@ -175,6 +180,9 @@ def export_command(args: argparse.Namespace) -> int:
         from export.quantize import BITS, check_block
 
         check_block(BITS[args.quantize], block_size)  # the config-dependent checks follow in export_model
+    if not args.with_past and args.logits is not None:
+        raise ValueError("--logits chooses a --with-past export's logits; without --with-past a model's are every "
+                         "position's (add --with-past, or drop --logits)")
     output = args.output or ("hypermoe-past" if args.with_past else "hypermoe.onnx")
     check_output(output, force=args.force, directory=args.with_past,
                  entries=exporter.PAST_ENTRIES if args.with_past else None)
@@ -185,7 +193,7 @@ def export_command(args: argparse.Namespace) -> int:
                                    opset=args.opset, source=source, force=args.force, with_past=args.with_past,
                                    eos_token_id=eos, pad_token_id=args.pad_token_id or 0, tokenizer=tokenizer,
                                    quantize=args.quantize, block_size=block_size,
-                                   accuracy_level=args.accuracy_level or 0, attention=args.attention)
+                                   accuracy_level=args.accuracy_level or 0, attention=args.attention, logits=args.logits)
     _print_export(result)
     if args.with_past:
         inputs, outputs = exporter.past_names(cfg.n_layers)

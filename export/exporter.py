@@ -125,10 +125,11 @@ def _torch_dtype(name: str):
 
 def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: str, *, layer_index: int = 0,
                  dtype: str = "float32", flavour: str = "portable", hyper_form: str = "auto",
-                 routing_outputs: bool = False, with_past: bool = False, attention: str = "standard"):
+                 routing_outputs: bool = False, with_past: bool = False, attention: str = "standard",
+                 logits: str = "all"):
     """The torch module that is exported: export.graph.ExportLayer (ExportStack for kind "stack", ExportModel
-    for kind "model", ExportModelWithPast with `with_past` and `attention`). hypermoe.layer.HyperMoELayer itself is not
-    exportable (it refuses torch.export)."""
+    for kind "model", ExportModelWithPast with `with_past`, `attention` and its logits "last" or "all").
+    hypermoe.layer.HyperMoELayer itself is not exportable (it refuses torch.export)."""
     from export.graph import ExportLayer, ExportModel, ExportModelWithPast, ExportStack
 
     tdtype = _torch_dtype(dtype)
@@ -139,7 +140,10 @@ def build_module(cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], kind: st
                              f"{kind} has no attention, so nothing to cache")
         if routing_outputs:
             raise ValueError("routing outputs (selected_experts, gates) are only exported for a single layer")
-        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form, attention=attention)
+        return ExportModelWithPast(cfg, params, dtype=tdtype, flavour=flavour, hyper_form=hyper_form, attention=attention,
+                                   logits=logits)
+    if logits != "all":
+        raise ValueError(f"logits {logits!r} needs with_past (--with-past): a plain export computes every position's")
     if kind == "layer":
         return ExportLayer(cfg, params, layer_index=layer_index, dtype=tdtype, flavour=flavour,
                            hyper_form=hyper_form, routing_outputs=routing_outputs)
@@ -161,7 +165,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
                  hyper_form: str = "auto", routing_outputs: bool = False, opset: int = DEFAULT_OPSET,
                  source: str = "", force: bool = False, with_past: bool = False, eos_token_id: int | None = None,
                  pad_token_id: int = 0, tokenizer: str | os.PathLike | None = None, quantize: str | None = None,
-                 block_size: int = 32, accuracy_level: int = 0, attention: str = "standard") -> ExportResult:
+                 block_size: int = 32, accuracy_level: int = 0, attention: str = "standard",
+                 logits: str | None = None) -> ExportResult:
     """Export, add metadata, save (external data above 2 GB), run the checker and strict shape inference.
 
     Atomic (ref.files): `out_path` and `opset` are checked before any work (an existing file is refused unless
@@ -174,6 +179,8 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     e.g. the model directory's) as tokenizer.json with a tokenizer_config.json, for onnxruntime-genai's og.Tokenizer;
     ExportResult.path is the directory. `attention` "contrib" (with_past only): onnxruntime's GroupQueryAttention
     with past and present one max_length buffer (export/attention_op.py; genai's past_present_share_buffer).
+    `logits`: with past "last" (default: each row's last position, (B, 1, V)) or "all" ((B, S, V)); without, "all"
+    only. Stored in the metadata as hypermoe.logits.
 
     `quantize` "int8" | "int4": block-wise weights (`block_size`) through MatMulNBits / QMoE (export/quant_ops.py;
     `accuracy_level` 4: int8 activations in the kernels, faster, verify reports only)."""
@@ -186,6 +193,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     from export.attention_op import check_attention
 
     check_attention(attention, with_past=with_past, cfg=cfg, dtype=dtype)
+    logits = logits if logits is not None else "last" if with_past else "all"
     if with_past:
         genai = _genai_config(cfg, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               share_buffer=attention == "contrib")  # bad ids: before the work
@@ -198,7 +206,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
             result = _export_to(tmp / PAST_MODEL_FILE, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype,
                                 flavour=flavour, hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset,
                                 source=source, name=Path(out_path) / PAST_MODEL_FILE, with_past=True,
-                                attention=attention, **quant)
+                                attention=attention, logits=logits, **quant)
             (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
             (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
             if tokenizer is not None:
@@ -208,7 +216,7 @@ def export_model(out_path: str | os.PathLike, cfg: HyperMoEConfig, params: Mappi
     with atomic_output(out_path, force=force) as tmp:
         result = _export_to(tmp, cfg, params, kind=kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                             hyper_form=hyper_form, routing_outputs=routing_outputs, opset=opset, source=source,
-                            name=Path(out_path), **quant)
+                            name=Path(out_path), logits=logits, **quant)
     return result._replace(path=Path(out_path))
 
 
@@ -223,7 +231,7 @@ def _genai_config(cfg: HyperMoEConfig, *, eos_token_id: int | None, pad_token_id
 def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, kind: str, layer_index: int,
                dtype: str, flavour: str, hyper_form: str, routing_outputs: bool, opset: int, source: str,
                name: Path, with_past: bool = False, quantize: str | None = None, block_size: int = 32,
-               accuracy_level: int = 0, attention: str = "standard") -> ExportResult:
+               accuracy_level: int = 0, attention: str = "standard", logits: str = "all") -> ExportResult:
     """export_model's work, into a fresh staging folder (`out_path` has the final file name; messages say `name`)."""
     import onnx
     import torch
@@ -233,7 +241,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
     start = time.perf_counter()
     module = build_module(cfg, params, kind, layer_index=layer_index, dtype=dtype, flavour=flavour,
                           hyper_form=hyper_form, routing_outputs=routing_outputs, with_past=with_past,
-                          attention=attention).eval()
+                          attention=attention, logits=logits).eval()
     module, quant_table, quant_props = quant_ops.prepare(module, cfg, flavour=flavour, dtype=dtype, quantize=quantize,
                                                          block_size=block_size, accuracy_level=accuracy_level)
     hyper = module.hyper_form
@@ -291,7 +299,7 @@ def _export_to(out_path: Path, cfg: HyperMoEConfig, params: Mapping[str, np.ndar
         "outputs": ",".join(outputs), "source": source, "notes": json.dumps(notes),
     }
     if with_past:
-        props["with_past"] = "1"
+        props["with_past"], props["logits"] = "1", logits  # logits: "last" (B, 1, V) or "all" (B, S, V)
         props["attention"] = attention  # "contrib": past and present share one max_length buffer
     props.update(quant_props)  # quantize, bits, block_size, accuracy_level (verify reads them)
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in props.items()})

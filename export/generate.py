@@ -109,7 +109,8 @@ class OrtDecoder:
     memory (onnxruntime allocates it, from its arena on CUDA) and bound, as that same OrtValue, as the next
     step's `past_key_values.{i}.key/value` input. Per step only the new ids, positions and the attention mask go
     to the device (B·(2S + P + S) int64s, chosen on the host by the sampler), and only the last position's
-    logits (B, V) come back. step(..., all_positions=True) returns every new position's logits (B, S, V) instead:
+    logits (B, V) come back. step(..., all_positions=True) returns every new position's logits (B, S, V) instead
+    ((B, 1, V), the last position's, from an export with logits "last", whose graph computes no others):
     export/verify.py checks the graph through this same decoder (full passes, prefill + decode steps, greedy
     tokens), so what verify passes is what `hypermoe generate` runs. cache_shapes: the present tensors' shapes.
 
@@ -131,6 +132,7 @@ class OrtDecoder:
             raise ValueError(f"{path}: not a with-past export (it takes no past key/values, so it cannot decode one "
                              "token at a time); export one with `hypermoe export MODEL_DIR --with-past -o DIR`")
         self.config = metadata_config(meta)
+        self.logits = meta.get("logits", "all")  # "last": the graph computes logits (B, 1, V) only; "all": (B, S, V)
         self.path = path
         self.session, self.provider, self.notice = open_session(path, provider, device_id=device_id, threads=threads)
         self.device = ("cuda", device_id) if self.provider == "cuda" else ("cpu", 0)
@@ -178,7 +180,8 @@ class OrtDecoder:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, *,
              all_positions: bool = False) -> np.ndarray:
         """S new positions after the cached ones → the last position's logits (B, V) float32, or with
-        all_positions=True every new position's (B, S, V) float32."""
+        all_positions=True every position's the graph computes: (B, S, V) float32, (B, 1, V) if self.logits is
+        "last"."""
         import onnxruntime as ort
 
         if not self._batch:

@@ -19,6 +19,17 @@ from export.layer import (  # noqa: F401 (re-exported: defined here before the s
     FLAVOURS, HYPER_FORMS, SETS_MAX_BYTES, ExportLayer, _tensor, choose_hyper_form, colex_sets, n_sets, set_adapters,
 )
 
+PAST_LOGITS = ("last", "all")  # a with-past export's logits: the last position of each row (generation), or every one
+
+
+def last_real(h: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """h (B, S, d) → (B, 1, d): each row's last position whose new_mask (B, S) is not 0 (its last position if
+    none is). Left padding: always position S - 1; right padding: the last token before the padding."""
+    S = new_mask.shape[1]
+    from_end = torch.argmax((new_mask.flip(1) != 0).to(torch.int64), dim=1)  # (B,) the first real from the end; 0: none
+    index = (S - 1 - from_end).reshape(-1, 1, 1).expand(-1, 1, h.shape[-1])  # (B, 1, d)
+    return h.gather(1, index)  # (B, 1, d)
+
 
 class ExportStack(nn.Module):
     """The HyperMoE layers of a stack with the residual between them: h ← h + layer_ℓ(h) (ref.stack)."""
@@ -67,10 +78,14 @@ class ExportModel(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               last: bool = False, new_mask: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """S new tokens after P cached ones → (logits (B, S, V), present (key, value) of every block, each
         (B, H, P + S, c)). position_ids (B, S) (None: 0 … S-1); bias (B, 1, S, P + S) from
-        hypermoe.model.attention_bias (None: causal); past: per block (key, value) (B, H, P, c) or None."""
+        hypermoe.model.attention_bias (None: causal); past: per block (key, value) (B, H, P, c) or None;
+        last: ln_f and the head for one position per row only → logits (B, 1, V) (generation needs no more): the
+        last, or with new_mask (B, S) (the attention mask of the S new tokens) each row's last real one
+        (last_real)."""
         S = input_ids.shape[1]
         pos = self.pos_embed[:S] if position_ids is None else self.pos_embed[position_ids]  # (S, d) | (B, S, d)
         h = self.token_embed[input_ids] + pos  # (B, S, d)
@@ -82,9 +97,11 @@ class ExportModel(nn.Module):
             key = str(block.index)
             h = h + (self.moe[key](x) if key in self.moe else block.mlp(x))
             presents.append(present)
-        h = self.ln_f(h)
+        if last:
+            h = h[:, -1:] if new_mask is None else last_real(h, new_mask)  # (B, 1, d)
+        h = self.ln_f(h)  # (B, S, d) | (B, 1, d)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return h @ head, presents  # (B, S, V)
+        return h @ head, presents  # (B, S, V) | (B, 1, V)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decode(input_ids)[0]  # (B, S, V)
@@ -97,6 +114,10 @@ class ExportModelWithPast(ExportModel):
     forward(input_ids (B, S) int64, attention_mask (B, L) int64, position_ids (B, S) int64,
             past_key_values.{i}.key, past_key_values.{i}.value (B, H, P, c) for every block i, flat)
     → (logits (B, S, V), present.{i}.key, present.{i}.value (B, H, L, c) for every block i, flat)
+    logits "last": (B, 1, V), ln_f and the head for one position per row only, what generation reads: each row's
+    last real new token (last_real: the last position of a left-padded row, as hypermoe's generation pads; the
+    last before the padding of a right-padded one, as onnxruntime-genai 0.18 pads a batch of prompts);
+    "all": every new position's (B, S, V) (Optimum's interface, and what evaluation needs).
 
     attention_mask: 1 = real token, 0 = padding (left padding for a batch of prompts); position_ids: a real
     token's position is the number of real tokens before it in its sequence (the caller's rule, as
@@ -108,12 +129,15 @@ class ExportModelWithPast(ExportModel):
     its lengths come from attention_mask's row sums, so a prompt batch must be right-padded (OrtDecoder does it)."""
 
     def __init__(self, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray], *, dtype: torch.dtype = torch.float32,
-                 flavour: str = "portable", hyper_form: str = "auto", attention: str = "standard"):
+                 flavour: str = "portable", hyper_form: str = "auto", attention: str = "standard", logits: str = "all"):
+        if logits not in PAST_LOGITS:
+            raise ValueError(f"logits must be one of {', '.join(PAST_LOGITS)} (positions whose logits a with-past "
+                             f"export computes), got {logits!r}")
         if cfg.capacity is not None:
             raise ValueError(f"config field 'capacity' ({cfg.capacity}) cannot be exported with past key/values: "
                              "capacity counts the tokens of a whole sequence per expert, a decode step sees only its new ones")
         super().__init__(cfg, params, dtype=dtype, flavour=flavour, hyper_form=hyper_form)
-        self.n_layers = cfg.n_layers
+        self.n_layers, self.logits = cfg.n_layers, logits
         self.attention = attention
         if attention == "contrib":
             from export.attention_op import SharedBufferAttention
@@ -134,5 +158,7 @@ class ExportModelWithPast(ExportModel):
         else:
             bias = attention_bias(attention_mask, input_ids.shape[1], self.token_embed.dtype)  # (B, 1, S, L)
         past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.n_layers)]
-        logits, presents = self.decode(input_ids, position_ids, bias, past)  # (B, S, V)
+        S = input_ids.shape[1]
+        logits, presents = self.decode(input_ids, position_ids, bias, past, last=self.logits == "last",
+                                       new_mask=attention_mask[:, -S:])  # (B, S, V) | (B, 1, V)
         return (logits, *(t for kv in presents for t in kv))

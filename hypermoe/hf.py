@@ -37,7 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 import ref.io
 from ref.config import SPEC_VERSION, HyperMoEConfig
 from hypermoe.layer import params_to_ref
-from hypermoe.model import HyperMoETransformer
+from hypermoe.model import HyperMoETransformer, check_logits_to_keep
 
 OLDEST_TRANSFORMERS = (4, 46, 3)  # the oldest version tests/test_hf.py passed on (pyproject's hf extra)
 if tuple(int(p) for p in transformers.__version__.split(".")[:3] if p.isdigit()) < OLDEST_TRANSFORMERS:
@@ -108,8 +108,9 @@ class HyperMoEGenerationConfig(GenerationConfig):
 class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
     """A HyperMoETransformer (`self.model`) behind transformers' causal-LM interface.
 
-    forward(input_ids (B, S), attention_mask (B, P + S), position_ids (B or 1, S), cache, use_cache, labels)
-    → CausalLMOutputWithPast(loss, logits (B, S, V), cache); loss = next-token cross entropy over labels ≠ -100
+    forward(input_ids (B, S), attention_mask (B, P + S), position_ids (B or 1, S), cache, use_cache, labels,
+    logits_to_keep) → CausalLMOutputWithPast(loss, logits (B, S, V), cache); logits_to_keep n > 0: logits of the
+    last min(n, S) positions only (generate() passes 1 because forward's signature has it); loss = next-token cross entropy over labels ≠ -100
     (the HyperMoE auxiliary losses are not in it: train with `hypermoe train` for those)."""
 
     config_class = HyperMoEHFConfig
@@ -143,20 +144,21 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.Tensor | None = None, cache: Cache | tuple | None = None,
                 past_key_values: Cache | tuple | None = None, use_cache: bool | None = None,
                 labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast | tuple:
+                return_dict: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast | tuple:
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("HyperMoEForCausalLM takes input_ids (inputs_embeds are not supported)")
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(name, None):
                 raise ValueError(f"{name}=True is not supported by HyperMoEForCausalLM")
         kwargs.pop("cache_position", None)  # positions come from position_ids / attention_mask
-        kwargs.pop("logits_to_keep", None)
         if kwargs:
             raise ValueError(f"unexpected argument(s) to HyperMoEForCausalLM.forward: {', '.join(sorted(kwargs))}")
         if cache is not None and past_key_values is not None:
             raise ValueError("pass the KV cache once, as cache (transformers 5) or past_key_values (4.x), not both")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if labels is not None and check_logits_to_keep(logits_to_keep) != 0:
+            raise ValueError("labels need the logits of every position: pass logits_to_keep=0 with labels")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be (B, P + S) 0/1, got shape {tuple(attention_mask.shape)}")
         B, S = input_ids.shape
@@ -171,7 +173,7 @@ class HyperMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is not None:
             position_ids = position_ids.expand(B, S)  # generate passes (1, S) without a mask
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past,
-                         use_cache=cache is not None)
+                         use_cache=cache is not None, logits_to_keep=logits_to_keep, aux=False)  # loss: no aux
         if legacy:
             cache = out.past_key_values
         elif cache is not None:

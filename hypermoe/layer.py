@@ -15,6 +15,8 @@ dispatch in experts.py (§3.5), the hypernetwork and the ways its adapters are a
   scatter-add). The HyperExpert depends on a token only through its selected set S, so adapters are generated
   once per distinct set present (sets encoded by their colex rank in [0, C(N, k))) and applied grouped by set —
   never per token. With k = 1 the set is the expert, and both run in one dispatch.
+- few (CPU, no gradient, T·k ≤ FEW_TOKENS_CPU; decode at batch 1–2): the sorted path's groups formed on the host
+  (experts.routed_few: no sort, no unbind, no gather back for one group).
 - cached (eval mode, no gradient needed, `cache_adapters`): the adapters of all C(N, k) sets of a layer index
   are generated once and reused until a parameter changes (keyed on data pointers and version counters).
 - factored (C(N, k) > MAX_TABLE_SETS = 128, e.g. N = 12, k = 6): x W_down(r) = Σ_j r_j (x Hd_j) + x hd per token,
@@ -53,7 +55,7 @@ from torch import nn
 import ref.io
 from ref.config import HyperMoEConfig
 from ref.params import check_params, init_std, param_shapes
-from hypermoe.experts import Experts, routed_gathered, routed_sorted
+from hypermoe.experts import FEW_TOKENS_CPU, Experts, routed_few, routed_gathered, routed_sorted
 from hypermoe.hypernetwork import (
     Adapters, HyperNetwork, Process, factored_adapter, gathered_adapter, grouped_adapter, param, set_tables,
 )
@@ -238,9 +240,10 @@ class HyperMoELayer(nn.Module):
 
     # --- forward ---
     def forward(self, x: torch.Tensor, layer_index: int = 0, *, jitter: torch.Tensor | None = None,
-                gate_noise: torch.Tensor | None = None) -> HyperMoEOutput:
+                gate_noise: torch.Tensor | None = None, aux: bool = True) -> HyperMoEOutput:
         """x (..., S, d) → HyperMoEOutput. `layer_index` picks the layer embedding ℓ of the hypernetwork;
-        `jitter` (..., S, d) and `gate_noise` (..., S, N) are the training-only random draws (SPEC.md §3.1)."""
+        `jitter` (..., S, d) and `gate_noise` (..., S, N) are the training-only random draws (SPEC.md §3.1);
+        aux=False skips the §3.8 losses (HyperMoEOutput.aux is {}): ~30 small ops, a third of a decode step's layer."""
         if torch.compiler.is_exporting():
             raise ValueError(EXPORT_REFUSAL)
         self._check(x, layer_index, jitter, gate_noise)
@@ -251,17 +254,19 @@ class HyperMoELayer(nn.Module):
 
         small = x2.shape[0] * k <= self._small_tokens(x.device)
         fused = c.hyper_expert and k == 1 and not small and self._tables()
+        few = x.device.type == "cpu" and x2.shape[0] * k <= FEW_TOKENS_CPU and not torch.is_grad_enabled()
+        routed = routed_few if few else routed_sorted
         if small:
             out = routed_gathered(c, self.experts, x2, selected, gate, kept)  # (T, d) decode sizes
         elif fused:  # k = 1: routed experts and HyperExpert in one dispatch
-            out = routed_sorted(c, self.experts, x2, selected, gate, kept, self._all_set_adapters(x2, layer_index))
+            out = routed(c, self.experts, x2, selected, gate, kept, self._all_set_adapters(x2, layer_index))
         else:
-            out = routed_sorted(c, self.experts, x2, selected, gate, kept)  # (T, d)
+            out = routed(c, self.experts, x2, selected, gate, kept)  # (T, d)
         if c.hyper_expert and not fused:
             out = out + self._hyper_expert(x2, selected, layer_index, small)  # §3.8 weight 1
         routing = Routing(selected.reshape(*lead, k), gate.reshape(*lead, k), probs.reshape(*lead, N),
                           logits.reshape(*lead, N), kept.reshape(lead))
-        return HyperMoEOutput(out.reshape(x.shape), routing, self._aux(logits, probs, selected, gate))
+        return HyperMoEOutput(out.reshape(x.shape), routing, self._aux(logits, probs, selected, gate) if aux else {})
 
     def _route(self, x, jitter, gate_noise) -> Routing:
         """§3.1–3.4 for x (..., S, d) with this layer's router (routing.route): Routing with the token axes

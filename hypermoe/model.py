@@ -15,7 +15,8 @@ CausalSelfAttention, DenseMLP, Block) live in hypermoe/blocks.py and are re-expo
 
 Incremental decoding (SPEC.md §4.1): forward(..., past_key_values, use_cache=True) runs S new tokens after P
 cached positions and returns the keys and values of all P + S (Optimum's layout); it must equal one pass over the
-whole sequence, which is the reference's definition. TorchDecoder drives it from hypermoe.generation.generate.
+whole sequence, which is the reference's definition. TorchDecoder (hypermoe/decoding.py, re-exported here) drives
+it from hypermoe.generation.generate.
 
 Axis legend: B sequences, S new positions, P cached positions (max_seq_len in pos_embed's shape), d model width,
 H heads, c = d / H head width, V vocabulary, f = d_ff hidden width.
@@ -37,6 +38,7 @@ from ref.config import HyperMoEConfig
 from ref.model import model_init_std, model_param_shapes
 from ref.semantics import check_params
 from hypermoe.blocks import Block, CausalSelfAttention, DenseMLP, attention_bias  # noqa: F401 (re-exported)
+from hypermoe.decoding import TorchDecoder
 from hypermoe.generation import Sampling, generate
 from hypermoe.layer import HyperNetwork, Routing, check_memory, params_to_ref
 
@@ -47,10 +49,17 @@ KeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # one (key, value) pe
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (B, S, V)
+    logits: torch.Tensor  # (B, S, V); (B, min(n, S), V) with logits_to_keep = n > 0
     aux: dict[str, torch.Tensor]  # switch_balance, z_loss, cv_balance: scalars summed over the HyperMoE blocks
     routing: dict[int, Routing]  # block ℓ → its routing of the S tokens (selected, gates, probs, logits, kept)
     past_key_values: KeyValues | None = None  # use_cache: every block's keys and values of all P + S positions
+
+
+def check_logits_to_keep(n) -> int:
+    """n as an int, after a one-line error unless it is an int ≥ 0 (transformers' logits_to_keep, int form)."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"logits_to_keep must be an int ≥ 0 (0 = all positions, n = the last n), got {n!r}")
+    return int(n)
 
 
 class LMHead(nn.Module):
@@ -71,6 +80,7 @@ class HyperMoETransformer(nn.Module):
         - tokens: (B, S) integer ids in [0, vocab_size), 1 ≤ S, P + S ≤ max_seq_len
         - attention_mask: (B, P + S) 0/1; position_ids: (B, S) in [0, max_seq_len)
         - past_key_values: n_layers × (key, value), each (B, H, P, c)
+        - logits_to_keep: 0 (all S positions' logits) or n > 0 (the last min(n, S) positions')
         - output: ModelOutput(logits (B, S, V), aux {name: scalar} summed over the HyperMoE blocks,
           routing {block ℓ: routing of the S tokens}, past_key_values (each (B, H, P + S, c)) if use_cache)
 
@@ -138,7 +148,7 @@ class HyperMoETransformer(nn.Module):
             raise ValueError(f"tokens must have shape (B, S) with B ≥ 1 and S ≥ 1, got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > c.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds config max_seq_len ({c.max_seq_len})")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = torch.stack(torch.aminmax(tokens)).tolist()  # one host synchronisation
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={c.vocab_size}), got values in [{lo}, {hi}]")
 
@@ -170,7 +180,7 @@ class HyperMoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KeyValues | None = None,
-                use_cache: bool = False) -> ModelOutput:
+                use_cache: bool = False, logits_to_keep: int = 0, aux: bool = True) -> ModelOutput:
         """tokens (B, S): S new tokens after the P cached positions of past_key_values (P = 0 without).
 
         attention_mask (B, P + S), 1 = real token, 0 = padding (Hugging Face's convention; default all 1);
@@ -179,16 +189,18 @@ class HyperMoETransformer(nn.Module):
         < max_seq_len. use_cache: return every block's keys and values of the P + S positions as
         past_key_values, to pass to the next call with its tokens. P + S ≤ max_seq_len (learned positions: a
         longer context cannot be cropped, the cached keys hold their positions). A config with capacity counts
-        tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1)."""
+        tokens per sequence, so it refuses past_key_values and padding (SPEC.md §4.1). logits_to_keep
+        (transformers' meaning): 0 = the logits of all S positions; n > 0 = only the last min(n, S), and ln_f and
+        the head run only for those (generation needs the last one). aux=False: no auxiliary losses (ModelOutput.aux
+        {}; inference needs none)."""
         self.check_tokens(tokens)
+        logits_to_keep = check_logits_to_keep(logits_to_keep)
         c = self.config
         B, S = tokens.shape
         P = 0 if past_key_values is None else self.check_past(past_key_values, B)
         if P + S > c.max_seq_len:
             raise ValueError(f"context of {P} cached + {S} new positions exceeds config max_seq_len ({c.max_seq_len})")
-        if attention_mask is not None:
-            self._check_mask(attention_mask, B, P + S)
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        padded = attention_mask is not None and self._check_mask(attention_mask, B, P + S)  # a 0 in the mask
         if c.capacity is not None and (past_key_values is not None or padded):
             raise ValueError("a config with capacity refuses past_key_values and padding: capacity counts the tokens "
                              "of each sequence, which a cached step or padding changes (SPEC.md §4.1)")
@@ -200,19 +212,30 @@ class HyperMoETransformer(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(B, P + S, dtype=torch.int64, device=tokens.device)
             bias = attention_bias(attention_mask, S, self.token_embed.dtype)  # (B, 1, S, P + S)
+        return self.forward_unchecked(tokens, position_ids, bias, past_key_values, use_cache=use_cache,
+                                      logits_to_keep=logits_to_keep, aux=aux)
+
+    def forward_unchecked(self, tokens: torch.Tensor, position_ids: torch.Tensor, bias: torch.Tensor | None,
+                    past_key_values: KeyValues | None, *, use_cache: bool, logits_to_keep: int,
+                    aux: bool) -> ModelOutput:
+        """forward after its checks, for a caller that built and checked its inputs itself (TorchDecoder: no host
+        synchronisation here): position_ids (B, S), bias (B, 1, S, P + S) from attention_bias or None (causal, no
+        past), past_key_values the (key, value) tuples or one hypermoe.blocks.KVBuffer per block (written in place),
+        logits_to_keep an int ≥ 0."""
         h = self.token_embed[tokens] + self.pos_embed[position_ids]  # (B, S, d)
-        aux: dict[str, torch.Tensor] = {}
+        losses: dict[str, torch.Tensor] = {}
         routing: dict[int, Routing] = {}
         presents = []
         for i, block in enumerate(self.blocks):
-            h, out, present = block(h, bias=bias, past=None if past_key_values is None else past_key_values[i])
+            h, out, present = block(h, bias=bias, past=None if past_key_values is None else past_key_values[i],
+                                    aux=aux)
             presents.append(present)
             if out is not None:
                 routing[block.index] = out.routing
-                aux = {name: aux.get(name, 0) + value for name, value in out.aux.items()}
-        h = self.ln_f(h)  # (B, S, d)
+                losses = {name: losses.get(name, 0) + value for name, value in out.aux.items()}
+        h = self.ln_f(h if logits_to_keep == 0 else h[:, -logits_to_keep:])  # (B, S', d), S' = S or min(n, S)
         head = self.token_embed.t() if self.lm_head is None else self.lm_head.weight  # (d, V)
-        return ModelOutput(h @ head, aux, routing, tuple(presents) if use_cache else None)  # logits (B, S, V)
+        return ModelOutput(h @ head, losses, routing, tuple(presents) if use_cache else None)  # logits (B, S', V)
 
     @staticmethod
     def default_positions(attention_mask: torch.Tensor | None, B: int, P: int, S: int,
@@ -226,7 +249,7 @@ class HyperMoETransformer(nn.Module):
         positions = torch.where(real, real.long().cumsum(-1) - 1, 0)  # (B, P + S)
         return positions[:, P:]  # (B, S)
 
-    def _check_mask(self, attention_mask: torch.Tensor, B: int, L: int) -> None:
+    def _check_mask(self, attention_mask: torch.Tensor, B: int, L: int) -> bool:
         if not isinstance(attention_mask, torch.Tensor):
             raise ValueError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
@@ -236,8 +259,11 @@ class HyperMoETransformer(nn.Module):
         if attention_mask.device != self.token_embed.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, the model's parameters on "
                              f"{self.token_embed.device}")
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        binary, full = torch.stack([((attention_mask == 0) | (attention_mask == 1)).all(),
+                                    attention_mask.all()]).tolist()  # one host synchronisation
+        if not binary:
             raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+        return not full  # padding
 
     def _check_positions(self, position_ids: torch.Tensor, B: int, S: int) -> None:
         P = self.config.max_seq_len
@@ -247,7 +273,7 @@ class HyperMoETransformer(nn.Module):
                              f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
         if tuple(position_ids.shape) != (B, S):
             raise ValueError(f"position_ids must have shape (B, S) = {(B, S)}, got {tuple(position_ids.shape)}")
-        lo, hi = int(position_ids.min()), int(position_ids.max())
+        lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()  # one host synchronisation
         if lo < 0 or hi >= P:
             raise ValueError(f"position ids must be in [0, max_seq_len={P}), got values in [{lo}, {hi}]")
 
@@ -327,42 +353,6 @@ class HyperMoETransformer(nn.Module):
         if kind != "model":
             raise ValueError(f"{Path(path) / ref.io.CONFIG_FILE}: kind is {kind!r}, HyperMoETransformer loads kind 'model'")
         return cls.from_ref(config, params, device=device, dtype=dtype)
-
-
-class TorchDecoder:
-    """The hypermoe.generation.Decoder of a HyperMoETransformer (eval mode): step() runs the new tokens after its
-    KV cache and keeps the cache it returns. use_cache=False keeps the token history instead and recomputes all of
-    it each step (the no-cache baseline, and the only way for a config with capacity)."""
-
-    def __init__(self, model: HyperMoETransformer, *, use_cache: bool = True) -> None:
-        if use_cache and model.config.capacity is not None:
-            raise ValueError("a config with capacity cannot decode with a KV cache (capacity counts the tokens of "
-                             "each sequence); use use_cache=False")
-        self.model, self.use_cache = model, use_cache
-        self._past: KeyValues | None = None  # use_cache: every block's (key, value), each (B, H, P, c)
-        self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # no cache: (ids, positions), each (B, P)
-
-    def begin(self, batch_size: int, max_length: int) -> None:
-        if self.model.training:
-            raise ValueError("the model is in training mode (dropout, router noise): call model.eval() first")
-        if max_length > self.model.config.max_seq_len:
-            raise ValueError(f"max_length {max_length} exceeds config max_seq_len ({self.model.config.max_seq_len})")
-        self._past = self._history = None
-
-    @torch.no_grad()
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        device = self.model.token_embed.device
-        ids, mask, pos = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-                          for a in (input_ids, attention_mask, position_ids))  # (B, S), (B, P + S), (B, S)
-        if self.use_cache:
-            out = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=self._past, use_cache=True)
-            self._past = out.past_key_values
-        else:
-            if self._history is not None:
-                ids, pos = torch.cat([self._history[0], ids], 1), torch.cat([self._history[1], pos], 1)  # (B, P + S)
-            self._history = ids, pos
-            out = self.model(ids, attention_mask=mask, position_ids=pos)
-        return out.logits[:, -1].float().cpu().numpy()  # (B, V)
 
 
 __all__ = ["HyperMoETransformer", "ModelOutput", "TorchDecoder", "attention_bias"]

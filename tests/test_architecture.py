@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ref", "hypermoe", "export", "conformance")
 LIBRARY = ("hypermoe", "hypermoe.layer", "hypermoe.routing", "hypermoe.experts", "hypermoe.hypernetwork",
-           "hypermoe.blocks", "hypermoe.model", "hypermoe.generation", "hypermoe.parallel", "hypermoe.expert_parallel", "hypermoe.hf")
+           "hypermoe.blocks", "hypermoe.model", "hypermoe.decoding", "hypermoe.generation", "hypermoe.parallel",
+           "hypermoe.expert_parallel", "hypermoe.hf")
 TOOLS = ("hypermoe.convert", "hypermoe.train", "hypermoe.bench")
 # rank of each room: a module may import its own room and rooms of a lower rank, nothing else
 # convert sits below the other tools: what it produces (upcycled models) the benchmark builds on, never the reverse

@@ -19,6 +19,7 @@ from export.graph import ExportModelWithPast
 from hypermoe.cli import main
 from ref import io
 from ref import model as ref_model
+from tests.strategies import U32, magnitude, reorder_atol
 
 # both gates, k 1 and 2, tied and untied head, moe_every 1 and 2; max_seq_len 48: 32 greedy steps after 8-token prompts
 CONFIGS = {
@@ -41,22 +42,28 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(model_dirs, tmp_path_factory):
-    """(config name, flavour) → with-past export directory, made by `hypermoe export --with-past` once."""
+    """(config name, flavour, logits) → with-past export directory, made by `hypermoe export --with-past` once
+    (logits None: the default, "last")."""
     root, cache = tmp_path_factory.mktemp("past"), {}
 
-    def export(name, flavour="portable"):
-        if (name, flavour) not in cache:
-            out = root / f"{name}-{flavour}"
-            assert main(["export", str(model_dirs[name]), "--with-past", "-o", str(out), "--flavour", flavour]) == 0
-            cache[name, flavour] = out
-        return cache[name, flavour]
+    def export(name, flavour="portable", logits=None):
+        if (name, flavour, logits) not in cache:
+            out = root / f"{name}-{flavour}-{logits}"
+            more = [] if logits is None else ["--logits", logits]
+            assert main(["export", str(model_dirs[name]), "--with-past", "-o", str(out), "--flavour", flavour,
+                         *more]) == 0
+            cache[name, flavour, logits] = out
+        return cache[name, flavour, logits]
 
     return export
 
 
-def test_interface_names_dtypes_and_dynamic_dims(exports, capsys):
+@pytest.mark.parametrize("logits", [None, "all"])
+def test_interface_names_dtypes_and_dynamic_dims(exports, capsys, logits):
+    """The default (logits "last") outputs logits (batch_size, 1, V); --logits all (batch_size, sequence_length, V);
+    the choice is in the metadata."""
     cfg, _ = CONFIGS["switch-k1-untied-every2"]
-    out = exports("switch-k1-untied-every2")
+    out = exports("switch-k1-untied-every2", logits=logits)
     assert "with past key/values" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "genai_config.json", "model.onnx"]  # no tokenizer
     model = onnx.load(str(out / "model.onnx"))
@@ -65,7 +72,7 @@ def test_interface_names_dtypes_and_dynamic_dims(exports, capsys):
     want_inputs = {"input_ids": (i64, ["batch_size", "sequence_length"]),
                    "attention_mask": (i64, ["batch_size", "total_sequence_length"]),
                    "position_ids": (i64, ["batch_size", "sequence_length"])}
-    want_outputs = {"logits": (f32, ["batch_size", "sequence_length", V])}
+    want_outputs = {"logits": (f32, ["batch_size", "sequence_length" if logits == "all" else 1, V])}
     for i in range(cfg.n_layers):
         for kv in ("key", "value"):
             want_inputs[f"past_key_values.{i}.{kv}"] = (f32, ["batch_size", H, "past_sequence_length", c])
@@ -81,6 +88,7 @@ def test_interface_names_dtypes_and_dynamic_dims(exports, capsys):
     assert [v.name for v in model.graph.output] == list(want_outputs)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["hypermoe.with_past"] == "1" and meta["hypermoe.kind"] == "model"
+    assert meta["hypermoe.logits"] == (logits or "last") == OrtDecoder(out, "cpu").logits
     assert meta["hypermoe.outputs"] == ",".join(want_outputs)
     genai = json.loads((out / "genai_config.json").read_text())
     decoder = genai["model"]["decoder"]
@@ -96,7 +104,7 @@ def test_prefill_with_past_length_0_then_a_chunk_of_several_tokens(exports):
     name = "topk-k2-tied-every1"
     cfg, seed = CONFIGS[name]
     params = ref_model.init_model(cfg, seed=seed)
-    decoder = OrtDecoder(exports(name) / "model.onnx", "cpu")
+    decoder = OrtDecoder(exports(name, logits="all") / "model.onnx", "cpu")
     rng = np.random.default_rng(5)
     margins = verify.layer_margins(cfg, params, "model", "float32")
     ids = verify.inputs_with_margin(margins, (2, 9), rng, verify.MARGIN_FACTOR, vocab_size=cfg.vocab_size)
@@ -119,9 +127,12 @@ def test_prefill_with_past_length_0_then_a_chunk_of_several_tokens(exports):
 # normalize_routing_weights=0 (logits off by ~1.4 before; export/moe_op.py)
 @pytest.mark.parametrize("name, flavour", [("topk-k2-tied-every1", "portable"), ("switch-k1-untied-every2", "portable"),
                                            ("switch-k1-untied-every2", "sparse"), ("topk-k2-tied-every1", "fused"),
-                                           ("switch-k1-untied-every2", "fused")])
+                                           ("switch-k1-untied-every2", "fused"), ("topk-k2-tied-every1", "all"),
+                                           ("switch-k1-untied-every2", "all")])
 def test_verify_passes(exports, name, flavour):
-    report = verify.verify(exports(name, flavour), provider="cpu", shapes=((2, 16), (1, 1), (3, 7)))
+    """Each flavour with the default logits "last" (the last positions compared), and "all" in the portable one."""
+    export = exports(name, logits="all") if flavour == "all" else exports(name, flavour)
+    report = verify.verify(export, provider="cpu", shapes=((2, 16), (1, 1), (3, 7)))
     text = "\n".join(report.lines())
     assert report.ok, text
     decode, greedy = report.past_checks
@@ -196,6 +207,7 @@ def test_bad_inputs_are_one_line_errors(model_dirs, exports, tmp_path, capsys):
         err = error(str(tmp_path / kind), "--with-past", "-o", str(tmp_path / "o"))
         assert f"a saved {kind} has no attention" in err
     assert "capacity counts the tokens" in error(str(tmp_path / "capacity"), "--with-past", "-o", str(tmp_path / "o"))
+    assert "--logits chooses a --with-past export's" in error(str(model_dir), "--logits", "last", "-o", str(tmp_path / "o"))
     assert "eos_token_id" in error(str(model_dir), "--with-past", "-o", str(tmp_path / "o"), "--eos-token-id", "999")
     assert not (tmp_path / "o").exists()  # nothing left behind by a refused export
 
@@ -209,7 +221,46 @@ def test_bad_inputs_are_one_line_errors(model_dirs, exports, tmp_path, capsys):
     with pytest.raises(ValueError, match="routing outputs"):
         cfg = CONFIGS["topk-k2-tied-every1"][0]
         exporter.build_module(cfg, ref_model.init_model(cfg), "model", routing_outputs=True, with_past=True)
+    with pytest.raises(ValueError, match="logits must be one of last, all"):
+        exporter.build_module(cfg, ref_model.init_model(cfg), "model", with_past=True, logits="first")
+    with pytest.raises(ValueError, match="needs with_past"):
+        exporter.build_module(cfg, ref_model.init_model(cfg), "model", logits="last")
     with pytest.raises(ValueError, match="max_seq_len"):
         small = ref.tiny_config(max_seq_len=6)
         exporter.export_model(tmp_path / "small", small, ref_model.init_model(small), kind="model", with_past=True)
 
+
+
+def test_last_logits_are_each_rows_last_real_token(exports):
+    """logits "last" on a prefill: a left-padded row's last position, a right-padded row's last real token (how
+    onnxruntime-genai 0.18 pads prompts), a row of padding only its last position; equal to the "all" export's
+    logits there (the same graph up to the final norm: ln_f and the head on 1 row instead of S, the reorder bound
+    relative to the logits) and within ref's bound of ref there."""
+    name = "topk-k2-tied-every1"
+    cfg, seed = CONFIGS[name]
+    params = ref_model.init_model(cfg, seed=seed)
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=np.int64)
+    rng = np.random.default_rng(3)
+    margins = verify.layer_margins(cfg, params, "model", "float32")
+    ids = verify.inputs_with_margin(margins, mask.shape, rng, verify.MARGIN_FACTOR, vocab_size=cfg.vocab_size)
+    want = verify.expected(cfg, params, "model", ids, "float32", attention_mask=mask)
+    positions = ref_model.default_positions(mask)
+    got = {}
+    for logits in ("last", "all"):
+        decoder = OrtDecoder(exports(name, logits=logits), "cpu")
+        decoder.begin(3, 6)
+        got[logits] = decoder.step(ids, mask, positions, all_positions=True)
+    last = np.array([5, 2, 5])  # each row's last real token
+    assert got["last"].shape == (3, 1, cfg.vocab_size)
+    rows = got["all"][np.arange(3), last]  # (B, V)
+    np.testing.assert_allclose(got["last"][:, 0], rows, rtol=0, atol=reorder_atol(magnitude(rows), U32))
+    np.testing.assert_allclose(got["last"][:, 0], want.values["logits"][np.arange(3), last], rtol=0,
+                               atol=want.bounds["logits"])
+    only_padding = np.array([[0, 0, 0]])
+    decoder = OrtDecoder(exports(name), "cpu")
+    decoder.begin(1, 3)
+    nothing = decoder.step(ids[:1, :3], only_padding, np.zeros((1, 3), dtype=np.int64), all_positions=True)
+    decoder = OrtDecoder(exports(name, logits="all"), "cpu")
+    decoder.begin(1, 3)
+    everything = decoder.step(ids[:1, :3], only_padding, np.zeros((1, 3), dtype=np.int64), all_positions=True)
+    np.testing.assert_allclose(nothing[:, 0], everything[:, -1], rtol=0, atol=reorder_atol(magnitude(everything), U32))

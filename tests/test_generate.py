@@ -184,8 +184,9 @@ def check_step_logits(lm, decoder):
 
 
 def test_all_positions_option(lm):
-    """step(..., all_positions=True) (what verify compares) returns every new position's logits (B, S, V): its last
-    position is exactly the default step's (B, V), on the prefill and on a decode step's refilled buffer."""
+    """step(..., all_positions=True) (what verify compares) returns every position's logits the graph computes
+    ((B, 1, V) from this export, logits "last"; tests/test_export_past.py runs an "all" one): its last position is
+    exactly the default step's (B, V), on the prefill and on a decode step's refilled buffer."""
     cfg = lm[0]
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 6))
     mask, positions = np.ones_like(ids), np.broadcast_to(np.arange(6), (2, 6))
@@ -195,7 +196,7 @@ def test_all_positions_option(lm):
     for a, b in ((0, 4), (4, 5), (5, 6)):  # prefill of 4, then two one-token steps
         want = last.step(ids[:, a:b], mask[:, :b], positions[:, a:b])  # (B, V)
         got = full.step(ids[:, a:b], mask[:, :b], positions[:, a:b], all_positions=True)  # (B, S, V)
-        assert got.shape == (2, b - a, cfg.vocab_size) and got.dtype == np.float32
+        assert full.logits == "last" and got.shape == (2, 1, cfg.vocab_size) and got.dtype == np.float32
         assert np.array_equal(got[:, -1], want)
     assert full.cache_shapes == last.cache_shapes == [(2, cfg.n_heads, 6, cfg.d_model // cfg.n_heads)] * (2 * cfg.n_layers)
     kept = got.copy()

@@ -307,7 +307,7 @@ def test_torch_decoder_refusals_and_capacity_without_cache():
     assert routed and gap > 2 * (TORCH_RTOL + U32)
     result = generate(decoder, prompt, max_new_tokens=4)
     assert isinstance(result, GenerationResult) and result.tokens == want.tolist()
-    with pytest.raises(ValueError, match="capacity refuses past_key_values and padding"):
+    with pytest.raises(ValueError, match="a config with capacity refuses padding"):
         generate(decoder, [[1, 2, 3], [4]], max_new_tokens=2)
 
 

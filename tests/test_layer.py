@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import ref
+import hypermoe.layer as layer_module
 from hypermoe.layer import MAX_TABLE_SETS, HyperMoELayer, HyperNetwork, params_from_ref, params_to_ref
 from tests.strategies import (
     U32, U64, cases, configs, inputs_with_margin, layer_magnitude, magnitude, reorder_atol,
@@ -57,11 +58,19 @@ def check_against_ref(out, expected, tol, what=""):
 
 
 def run_modes(layer, x, layer_index=0, **kw) -> list:
-    """The layer's paths: inference (cached adapters), autograd recording (adapters per set present), the
-    decode path (weights gathered per assignment, forced here for every T), cached or not.
+    """The layer's paths: inference (cached adapters; the sorted dispatch, and the CPU's few-token dispatch forced
+    here for every T), autograd recording (adapters per set present), the decode path (weights gathered per
+    assignment, forced here for every T), cached or not.
     A list, not a generator: a generator suspended inside `no_grad` would leak the grad mode into its caller."""
-    with torch.no_grad():
-        cached = layer(x, layer_index, **kw)
+    few_tokens = layer_module.FEW_TOKENS_CPU
+    try:
+        with torch.no_grad():
+            layer_module.FEW_TOKENS_CPU = 0
+            cached = layer(x, layer_index, **kw)
+            layer_module.FEW_TOKENS_CPU = 10**9
+            few = layer(x, layer_index, **kw) if x.device.type == "cpu" else cached
+    finally:
+        layer_module.FEW_TOKENS_CPU = few_tokens
     grouped = layer(x, layer_index, **kw)
     small, layer.small_tokens = layer.small_tokens, 10**9
     try:
@@ -70,7 +79,8 @@ def run_modes(layer, x, layer_index=0, **kw) -> list:
             gathered_cached = layer(x, layer_index, **kw)
     finally:
         layer.small_tokens = small
-    return [("cached", cached), ("grouped", grouped), ("gathered", gathered), ("gathered-cached", gathered_cached)]
+    return [("cached", cached), ("few", few), ("grouped", grouped), ("gathered", gathered),
+            ("gathered-cached", gathered_cached)]
 
 
 # ---------------------------------------------------------------------------------------------
