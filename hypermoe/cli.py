@@ -19,7 +19,7 @@ import ref
 
 # modules that provide a `register(subparsers)`; listed in the order `--help` shows them
 COMMAND_MODULES = ["hypermoe.cli", "hypermoe.convert.cli", "hypermoe.train.cli", "hypermoe.bench.cli", "conformance.cli",
-                   "export.cli"]
+                   "export.cli", "export.cli_generate"]
 
 
 def _version() -> str:

@@ -40,10 +40,10 @@ MODULES = modules()
 
 
 def room(name: str) -> str:
-    """The room a module belongs to: a package's `cli` (and `__main__`) module is a command, wherever it lives."""
+    """The room a module belongs to: a package's `cli` (`cli_*`, `__main__`) module is a command, wherever it lives."""
     if name.startswith("scripts."):
         return "scripts"
-    if name.endswith((".cli", ".__main__")):
+    if name.endswith((".cli", ".__main__")) or name.rpartition(".")[2].startswith("cli_"):
         return "commands"
     for tool in TOOLS:
         if name == tool or name.startswith(tool + "."):

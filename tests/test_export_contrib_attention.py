@@ -107,7 +107,7 @@ def contrib(lm, tmp_path_factory):
     """tests/test_generate.py's `lm` (2 blocks, d 16, 2 heads: c 8) exported again with --attention contrib."""
     cfg, params, model_dir, _ = lm
     out = tmp_path_factory.mktemp("contrib") / "export"
-    assert main(["export", str(model_dir), "--with-past", "--attention", "contrib", "-o", str(out),
+    assert main(["export", str(model_dir), "--with-past", "--attention", "contrib", "--logits", "all", "-o", str(out),
                  "--eos-token-id", str(EOS_ID), "--pad-token-id", "0"]) == 0
     return out
 
@@ -151,13 +151,16 @@ def test_decode_writes_the_one_buffer_in_place(contrib):
 @given(st.integers(1, 3), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(["portable", "fused", "sparse"]),
        st.integers(1, 3), st.data())
 def test_decode_steps_equal_a_full_pass(tmp_path_factory, H, c, n_layers, flavour, B, data):
-    """Random small models, any flavour: a left-padded prefill (drawn lengths) then one-token steps through
-    OrtDecoder equal ref's one full pass (float64) within the full pass's bound, routing margins ≥ MARGIN_FACTOR ε."""
+    """Random small models, any flavour, logits of every position or of the last: a left-padded prefill (drawn
+    lengths) then one-token steps through OrtDecoder equal ref's one full pass (float64) within the full pass's bound,
+    routing margins ≥ MARGIN_FACTOR ε. ("last": the prefill's row is each sequence's last prompt position, which
+    OrtDecoder's right-padding for the shared buffer moved: the graph must pick each row's last real token.)"""
     cfg = tiny_config(d_model=H * c, n_heads=H, n_layers=n_layers, vocab_size=40, max_seq_len=24,
                       gate=data.draw(st.sampled_from(["topk", "switch"])), top_k=1)
     params = ref_model.init_model(cfg, seed=data.draw(st.integers(0, 99)))
     out = tmp_path_factory.mktemp("hyp") / "export"
-    export_model(out, cfg, params, kind="model", with_past=True, attention="contrib", flavour=flavour)
+    logits = data.draw(st.sampled_from(["all", "last"]))
+    export_model(out, cfg, params, kind="model", with_past=True, attention="contrib", flavour=flavour, logits=logits)
     S0, total = data.draw(st.integers(1, 6)), data.draw(st.integers(7, 12))
     lengths = data.draw(st.lists(st.integers(1, S0), min_size=B, max_size=B))
     mask = np.ones((B, total), dtype=np.int64)  # (B, L)
@@ -170,7 +173,11 @@ def test_decode_steps_equal_a_full_pass(tmp_path_factory, H, c, n_layers, flavou
     steps = [decoder.step(ids[:, :S0], mask[:, :S0], positions[:, :S0], all_positions=True)]
     for t in range(S0, total):
         steps.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], all_positions=True))
-    got, real = np.concatenate(steps, axis=1), mask != 0  # (B, L, V)
+    got, real = np.concatenate(steps, axis=1), mask != 0  # (B, L, V) | (B, L - S0 + 1, V)
+    if logits == "last":  # the positions computed: S0 - 1 (the prefill's last, real in every row), then each step's
+        real = np.zeros_like(real)
+        real[:, S0 - 1:] = True
+        got = np.concatenate([np.zeros((B, S0 - 1, got.shape[2]), got.dtype), got], axis=1)  # (B, L, V)
     c = compare("logits", got[real], want.values["logits"][real], want.bounds["logits"])
     assert c.ok, f"max abs {c.max_abs:.3g} > bound {c.bound:.3g}"
     assert np.all(want.margins[real] >= MARGIN_FACTOR)
