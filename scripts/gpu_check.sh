@@ -67,6 +67,34 @@ rm -rf "$onnx_tmp"
 #     vs torch (gated on the top-2 gap), float16/bfloat16 exports, the last-position cudaMemcpy2D
 check generate_cuda_tests "$PY" -m pytest tests/test_generate_cuda.py -q -rA -s -p no:cacheprovider --junitxml="$out/generate_cuda_tests.xml"
 
+# --- issue 21's serving variants on onnxruntime CUDA, each exported then verified with --provider cuda (fails loudly
+#     where the installed build lacks a kernel): the shared-buffer GroupQueryAttention (float32 and float16: the
+#     CUDA kernel may take 16-bit only), int4 weights (MatMulNBits, sparse flavour; QMoE, fused flavour, float32
+#     input: CUDA QMoE may want float16/bfloat16 input), int8 weights; a 4-block model of d 256 (head width 64)
+serve_tmp=$(mktemp -d)
+"$PY" - "$serve_tmp/model" <<'EOF'
+import sys
+from ref import io
+from ref.config import HyperMoEConfig
+from ref.model import init_model
+cfg = HyperMoEConfig(d_model=256, d_ff=1024, n_heads=4, n_layers=4, vocab_size=512, max_seq_len=256, top_k=1,
+                     d_expert_embed=64, d_process=64, d_hyper=64, d_generator=64, d_adapter=32)
+io.save_dir(sys.argv[1], cfg, init_model(cfg, seed=0), "model")
+EOF
+hm() { "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+serve_variant() {  # serve_variant NAME EXPORT-OPTIONS...: export, then verify on CUDA
+    local name=$1
+    shift
+    hm export "$serve_tmp/model" --with-past -o "$serve_tmp/$name" "$@" && hm verify "$serve_tmp/$name" --provider cuda
+}
+check serve_contrib_fp32 serve_variant contrib32 --attention contrib --flavour sparse
+check serve_contrib_fp16 serve_variant contrib16 --attention contrib --flavour sparse --dtype float16
+check serve_int4_sparse serve_variant int4s --quantize int4 --flavour sparse
+check serve_int4_fused serve_variant int4f --quantize int4 --flavour fused
+check serve_int8_sparse serve_variant int8s --quantize int8 --flavour sparse
+check serve_int4_acc4_contrib serve_variant int4c --quantize int4 --accuracy-level 4 --attention contrib --flavour sparse
+rm -rf "$serve_tmp"
+
 # --- expert parallelism on NCCL (hypermoe/parallel.py, one process per GPU): the layer against the single process
 #     (float64; outputs, aux losses, every gradient) on 1, 2 and 4 GPUs as present, and `hypermoe train
 #     --expert-parallel 2 --device cuda` under torchrun vs the single-process run, resume, checkpoint conversion
