@@ -216,8 +216,12 @@ class OrtDecoder:
                 io.bind_ortvalue_output(name, past)  # the same buffer: written in place
             else:
                 io.bind_output(name, device, device_id)  # onnxruntime allocates (B, H, P + S, c) on the device
+        run = None
+        if S > 1 and device == "cpu":  # a prompt's activations (B·S tokens) are not kept in the CPU arena for the
+            run = ort.RunOptions()  # one-token steps after it (seen: 7 sessions holding B 8 × 991-token prefill
+            run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")  # peaks ran out of 24 GB)
         try:
-            self.session.run_with_iobinding(io)
+            self.session.run_with_iobinding(io, run)
         except Exception as err:  # onnxruntime's own Fail/InvalidArgument classes
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"onnxruntime run failed at {self._seen} cached + {S} new positions: {message}") from None

@@ -88,9 +88,10 @@ class Options:
 
     device: str = "cpu"  # "cpu" | "cuda" (torch on that device, onnxruntime's CUDA provider)
     threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads (None: torch's)
-    # one ort-<export> backend each (() none): float32, the shared-buffer attention, exact int4 (accuracy level 0),
-    # int8 and int4 with int8 activations (level 4), and the fastest combination
-    exports: tuple[str, ...] = ("sparse", "sparse:contrib", "sparse:int4", "sparse:int8:acc4", "sparse:int4:acc4",
+    # one ort-<export> backend each (() none): float32, the shared-buffer attention, int8 and int4 with int8
+    # activations (level 4: the fast CPU path; level 0's exact int4 is no faster than float32 per token, docs/quantize.md),
+    # and the fastest combination
+    exports: tuple[str, ...] = ("sparse", "sparse:contrib", "sparse:int8:acc4", "sparse:int4:acc4",
                                 "sparse:int4:acc4:contrib")
     torch_backends: tuple[str, ...] = TORCH_BACKENDS
     dense: bool = True  # the hf-gpt2 row (transformers' dense GPT2LMHeadModel), the base of every ratio
