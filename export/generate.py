@@ -30,7 +30,7 @@ from export import shared_buffer
 from export.text import (  # noqa: F401 (re-exported: defined here before the split)
     BYTE_VOCAB, MAX_TOKENIZER_BYTES, TOKENIZER_FILE, ByteTokenizer, FileTokenizer, encode_prompt, model_tokenizer, parse_ids,
 )
-from ref import model as ref_model
+from hypermoe.generation import check_step
 
 GENAI_CONFIG_FILE, DEFAULT_ONNX_FILE = "genai_config.json", "model.onnx"
 MAX_CONFIG_BYTES = 1 << 20  # a genai_config.json is a few kB; a bigger one is not ours
@@ -237,25 +237,8 @@ class OrtDecoder:
         return _last_position(values[0], self.logits_type)  # (B, V) float32
 
     def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The step's arrays as contiguous int64, after the checks the graph would fail on obscurely or not at
-        all (an id ≥ V or a position ≥ max_seq_len would read another row of a table or fail in Gather)."""
-        cfg, B, P = self.config, self._batch, self._seen
-        arrays = []
-        for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu" or a.ndim != 2:
-                raise ValueError(f"{name} must be a 2-D integer numpy array, got "
-                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-            arrays.append(np.ascontiguousarray(a, dtype=np.int64))
-        ids, mask, positions = arrays
-        if ids.shape[0] != B:
-            raise ValueError(f"input_ids must have begin()'s batch size {B}, got shape {ids.shape}")
-        ref_model.check_tokens(cfg, ids)  # (B, S), S ≥ 1, ids in [0, V)
-        S = ids.shape[1]
-        if P + S > self._max_length:
-            raise ValueError(f"{P} cached + {S} new positions exceed begin()'s max_length {self._max_length}")
-        ref_model.check_attention_mask(cfg, ids, mask, past=P)  # (B, P + S), values 0/1
-        ref_model.check_positions(cfg, ids, positions)  # (B, S), in [0, max_seq_len)
-        return ids, mask, positions
+        return check_step(self.config, input_ids, attention_mask, position_ids, batch=self._batch, past=self._seen,
+                          max_length=self._max_length)
 
 
 def _all_positions(value, onnx_type: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ref import model as ref_model
+from hypermoe.generation import check_step
 from hypermoe.blocks import KVBuffer, attention_bias
 
 
@@ -73,27 +73,8 @@ class TorchDecoder:
         return out.logits[:, -1].float().cpu().numpy()  # (B, V)
 
     def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The step's arrays as contiguous int64 after ref.model's checks (ids in [0, V), mask 0/1 of width P + S,
-        positions in [0, max_seq_len)), and begin()'s batch size and max_length."""
-        cfg, B, P = self.model.config, self._batch, self._seen
-        if not B:
-            raise ValueError("call begin(batch_size, max_length) before step()")
-        arrays = []
-        for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if not isinstance(a, np.ndarray) or a.dtype.kind not in "iub" or a.ndim != 2:
-                raise ValueError(f"{name} must be a 2-D integer numpy array, got "
-                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-            arrays.append(np.array(a, dtype=np.int64, order="C"))  # a copy: writable, as torch.from_numpy wants
-        ids, mask, positions = arrays
-        if ids.shape[0] != B:
-            raise ValueError(f"input_ids must have begin()'s batch size {B}, got shape {ids.shape}")
-        ref_model.check_tokens(cfg, ids)  # (B, S), S ≥ 1, ids in [0, V)
-        S = ids.shape[1]
-        if P + S > self._max_length:
-            raise ValueError(f"{P} cached + {S} new positions exceed begin()'s max_length {self._max_length}")
-        ref_model.check_attention_mask(cfg, ids, mask, past=P)  # (B, P + S), values 0/1; capacity: no padding
-        ref_model.check_positions(cfg, ids, positions)  # (B, S), in [0, max_seq_len)
-        return ids, mask, positions
+        return check_step(self.model.config, input_ids, attention_mask, position_ids, batch=self._batch, past=self._seen,
+                          max_length=self._max_length)
 
 
 __all__ = ["TorchDecoder"]

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ref import model as ref_model
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -207,3 +209,29 @@ def generate(decoder: Decoder, prompts: Sequence[Sequence[int]], *, max_new_toke
 
 
 __all__ = ["Decoder", "GenerationResult", "Sampling", "generate", "left_pad", "next_tokens", "token_probabilities"]
+
+
+def check_step(cfg, input_ids, attention_mask, position_ids, *, batch: int, past: int,
+               max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Decoder step's inputs (input_ids (B, S), attention_mask (B, P + S), position_ids (B, S)) as writable
+    C-contiguous int64 copies, after ref.model's checks (ids in [0, V), mask 0/1 of width P + S, positions in
+    [0, max_seq_len)) and begin()'s batch size and max_length: the one check of TorchDecoder and OrtDecoder."""
+    if not batch:
+        raise ValueError("call begin(batch_size, max_length) before step()")
+    arrays = []
+    for name, a in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "iub" or a.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D integer numpy array, got "
+                             f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+        arrays.append(np.array(a, dtype=np.int64, order="C"))  # a copy: writable, as torch.from_numpy wants
+    ids, mask, positions = arrays
+    if ids.shape[0] != batch:
+        raise ValueError(f"input_ids must have begin()'s batch size {batch}, got shape {ids.shape}")
+    ref_model.check_tokens(cfg, ids)  # (B, S), S ≥ 1, ids in [0, V)
+    S = ids.shape[1]
+    if past + S > max_length:
+        raise ValueError(f"{past} cached + {S} new positions exceed begin()'s max_length {max_length}")
+    ref_model.check_attention_mask(cfg, ids, mask, past=past)  # (B, P + S), values 0/1; capacity: no padding
+    ref_model.check_positions(cfg, ids, positions)  # (B, S), in [0, max_seq_len)
+    return ids, mask, positions
+
