@@ -45,10 +45,10 @@ def register(subparsers) -> None:
                    "1024 positions, N=8, k=1) upcycled from transformers' dense GPT2LMHeadModel of that shape: "
                    "prefill (prompt 128, 1024) and decode (batch 1, 8; context 128, 1024) tokens/s of transformers' "
                    "dense model (hf-gpt2, the base of every ratio), onnxruntime on each --exports graph, torch with "
-                   "its KV cache and torch recomputing, side by side (hypermoe/bench/generation.py). Takes ≈ 25 min "
-                   "on 2 quiet cores with the three default exports (≈ 2 min each), --quick (a narrower 4-block "
-                   "model) a few minutes; peaks at ≈ 13 GB of memory during an export and needs 2 GB of temporary "
-                   "disk per export (deleted after the run); uses --quick, --device, --threads, --config, --seed, "
+                   "its KV cache and torch recomputing, side by side (hypermoe/bench/generation.py). Takes ≈ 23 min "
+                   "on 2 quiet cores with the five default exports (≈ 2 min each), --quick (a narrower 4-block model) "
+                   "≈ 7 min; peaks at ≈ 15 GB of memory and needs 2 GB of temporary disk per fp32 export (deleted "
+                   "after the run); uses --quick, --device, --threads, --config, --seed, "
                    "--json, --markdown, --force, --exports, --no-dense")
     p.add_argument("--exports", nargs="+", metavar="EXPORT",
                    help="--generation: the with-past exports, one onnxruntime row each, as FLAVOUR[:fp16|:bf16]"

@@ -83,8 +83,8 @@ def quick_config() -> HyperMoEConfig:
 
 @dataclass
 class Options:
-    """What one run covers. The defaults are the full run (7.1 min on 2 quiet cores, 109 s of it the export;
-    ≈ 13 GB peak memory during the export); `quick()` is --quick."""
+    """What one run covers. The defaults are the full run (23 min on 2 quiet cores, ≈ 10 of them the five exports;
+    ≈ 15 GB peak memory); `quick()` is --quick."""
 
     device: str = "cpu"  # "cpu" | "cuda" (torch on that device, onnxruntime's CUDA provider)
     threads: int | None = None  # torch intra-op threads and onnxruntime intra_op_num_threads (None: torch's)
