@@ -70,29 +70,32 @@ check generate_cuda_tests "$PY" -m pytest tests/test_generate_cuda.py -q -rA -s 
 # --- issue 21's serving variants on onnxruntime CUDA, each exported then verified with --provider cuda (fails loudly
 #     where the installed build lacks a kernel): the shared-buffer GroupQueryAttention (float32 and float16: the
 #     CUDA kernel may take 16-bit only), int4 weights (MatMulNBits, sparse flavour; QMoE, fused flavour, float32
-#     input: CUDA QMoE may want float16/bfloat16 input), int8 weights; a 4-block model of d 256 (head width 64)
+#     input: CUDA QMoE may want float16/bfloat16 input), int8 weights; a 4-block model of d 256 (head width 64), and
+#     for float16 ref.tiny_config (d 16: at d 256 verify's float16 routing-error bound leaves no drawable margin on CPU)
 serve_tmp=$(mktemp -d)
-"$PY" - "$serve_tmp/model" <<'EOF'
+"$PY" - "$serve_tmp" <<'EOF'
 import sys
-from ref import io
+from ref import io, tiny_config
 from ref.config import HyperMoEConfig
 from ref.model import init_model
 cfg = HyperMoEConfig(d_model=256, d_ff=1024, n_heads=4, n_layers=4, vocab_size=512, max_seq_len=256, top_k=1,
                      d_expert_embed=64, d_process=64, d_hyper=64, d_generator=64, d_adapter=32)
-io.save_dir(sys.argv[1], cfg, init_model(cfg, seed=0), "model")
+io.save_dir(sys.argv[1] + "/model", cfg, init_model(cfg, seed=0), "model")
+tiny = tiny_config(max_seq_len=48, vocab_size=64)
+io.save_dir(sys.argv[1] + "/tiny", tiny, init_model(tiny, seed=0), "model")
 EOF
 hm() { "$PY" -c "import sys; from hypermoe.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
-serve_variant() {  # serve_variant NAME EXPORT-OPTIONS...: export, then verify on CUDA
-    local name=$1
-    shift
-    hm export "$serve_tmp/model" --with-past -o "$serve_tmp/$name" "$@" && hm verify "$serve_tmp/$name" --provider cuda
+serve_variant() {  # serve_variant MODEL NAME EXPORT-OPTIONS...: export, then verify on CUDA
+    local model=$1 name=$2
+    shift 2
+    hm export "$serve_tmp/$model" --with-past -o "$serve_tmp/$name" "$@" && hm verify "$serve_tmp/$name" --provider cuda
 }
-check serve_contrib_fp32 serve_variant contrib32 --attention contrib --flavour sparse
-check serve_contrib_fp16 serve_variant contrib16 --attention contrib --flavour sparse --dtype float16
-check serve_int4_sparse serve_variant int4s --quantize int4 --flavour sparse
-check serve_int4_fused serve_variant int4f --quantize int4 --flavour fused
-check serve_int8_sparse serve_variant int8s --quantize int8 --flavour sparse
-check serve_int4_acc4_contrib serve_variant int4c --quantize int4 --accuracy-level 4 --attention contrib --flavour sparse
+check serve_contrib_fp32 serve_variant model contrib32 --attention contrib --flavour sparse
+check serve_contrib_fp16 serve_variant tiny contrib16 --attention contrib --flavour sparse --dtype float16
+check serve_int4_sparse serve_variant model int4s --quantize int4 --flavour sparse
+check serve_int4_fused serve_variant model int4f --quantize int4 --flavour fused
+check serve_int8_sparse serve_variant model int8s --quantize int8 --flavour sparse
+check serve_int4_acc4_contrib serve_variant model int4c --quantize int4 --accuracy-level 4 --attention contrib --flavour sparse
 rm -rf "$serve_tmp"
 
 # --- expert parallelism on NCCL (hypermoe/parallel.py, one process per GPU): the layer against the single process
