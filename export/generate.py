@@ -148,7 +148,7 @@ class OrtDecoder:
             raise ValueError(f"{path}: unsupported past/logits types {have_in[self.past_inputs[0]].type}, "
                              f"{have_out['logits'].type}")
         self._binding = self.session.io_binding()
-        self._batch = 0
+        self._batch = self._max_length = self._seen = 0  # begin() sets them; step() before it is refused
         self.shared_buffer = shared_buffer.is_shared(meta)  # past and present one max_length buffer
 
     def begin(self, batch_size: int, max_length: int) -> None:
@@ -183,9 +183,8 @@ class OrtDecoder:
         "last"."""
         import onnxruntime as ort
 
-        if not self._batch:
-            raise ValueError("call begin(batch_size, max_length) before step()")
-        ids, mask, positions = self._check_step(input_ids, attention_mask, position_ids)
+        ids, mask, positions = check_step(self.config, input_ids, attention_mask, position_ids, batch=self._batch,
+                                          past=self._seen, max_length=self._max_length)
         B, S = ids.shape
         pad = None  # a shared buffer's prefill goes right-padded (shared_buffer.align_prefill); later steps checked
         if self.shared_buffer and self._seen == 0:
@@ -235,10 +234,6 @@ class OrtDecoder:
         if all_positions:
             return _all_positions(values[0], self.logits_type)  # (B, S, V) float32
         return _last_position(values[0], self.logits_type)  # (B, V) float32
-
-    def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return check_step(self.config, input_ids, attention_mask, position_ids, batch=self._batch, past=self._seen,
-                          max_length=self._max_length)
 
 
 def _all_positions(value, onnx_type: int) -> np.ndarray:

@@ -52,7 +52,8 @@ class TorchDecoder:
     @torch.no_grad()
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """input_ids (B, S), attention_mask (B, P + S), position_ids (B, S) → the last position's logits (B, V)."""
-        ids, mask, pos = self._check_step(input_ids, attention_mask, position_ids)
+        ids, mask, pos = check_step(self.model.config, input_ids, attention_mask, position_ids, batch=self._batch,
+                                    past=self._seen, max_length=self._max_length)
         model, S = self.model, ids.shape[1]
         device, dtype = model.token_embed.device, model.token_embed.dtype
         ids_t, mask_t, pos_t = (torch.from_numpy(a).to(device) for a in (ids, mask, pos))  # (B, S), (B, P + S), (B, S)
@@ -71,10 +72,6 @@ class TorchDecoder:
             out = model.forward_unchecked(ids_t, pos_t, bias, None, use_cache=False, logits_to_keep=1, aux=False)
         self._seen += S
         return out.logits[:, -1].float().cpu().numpy()  # (B, V)
-
-    def _check_step(self, input_ids, attention_mask, position_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return check_step(self.model.config, input_ids, attention_mask, position_ids, batch=self._batch, past=self._seen,
-                          max_length=self._max_length)
 
 
 __all__ = ["TorchDecoder"]
